@@ -1,0 +1,137 @@
+//! The `kinlink` command line: `serve` (the default), `token`, `config check`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config, ConfigError, LogFormat};
+
+/// kinlink: signaling relay and TURN/STUN server for families of devices.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// TOML configuration file (layered over the defaults, under KINLINK_* environment variables).
+    #[arg(short, long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override any key, e.g. `--set signal.max_frame_bytes=32768` (repeatable; wins over file and env).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE", value_parser = parse_set)]
+    pub set: Vec<(String, String)>,
+    /// Shorthand for `--set data_dir=DIR`.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<String>,
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (the default).
+    Serve {
+        /// Shorthand for `--set http.listen=ADDR`.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Shorthand for `--set metrics.listen=ADDR`.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<String>,
+    },
+    /// Print a device token signed with the server's token secret.
+    Token {
+        /// Family id.
+        #[arg(long)]
+        family: String,
+        /// User id.
+        #[arg(long)]
+        user: String,
+        /// Device id.
+        #[arg(long)]
+        device: String,
+        /// Lifetime: seconds, or a number with s, m, h or d (e.g. 30d).
+        #[arg(long, default_value = "30d", value_parser = parse_duration_secs)]
+        ttl: u64,
+    },
+    /// Configuration tools.
+    Config {
+        /// What to do with the configuration.
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+/// `kinlink config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Validate the configuration and print the effective values, secrets redacted.
+    Check,
+}
+
+fn parse_set(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}` is not KEY=VALUE"))?;
+    Ok((k.trim().to_string(), v.to_string()))
+}
+
+/// Parses `90`, `90s`, `15m`, `12h`, `30d` into seconds.
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        Some('d') => (&s[..s.len() - 1], 86_400),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 3600, 90m, 12h or 30d"))?;
+    match n.checked_mul(mult) {
+        Some(0) | None => Err(format!("`{s}` must be a positive duration")),
+        Some(secs) => Ok(secs),
+    }
+}
+
+impl Cli {
+    /// Loads the configuration with this command line's overrides applied last.
+    pub fn load_config(&self) -> Result<Config, ConfigError> {
+        let mut overrides = Vec::new();
+        if let Some(dir) = &self.data_dir {
+            overrides.push(("data_dir".to_string(), dir.clone()));
+        }
+        if let Some(Command::Serve { listen, metrics_listen }) = &self.command {
+            if let Some(l) = listen {
+                overrides.push(("http.listen".into(), l.clone()));
+            }
+            if let Some(m) = metrics_listen {
+                overrides.push(("metrics.listen".into(), m.clone()));
+            }
+        }
+        overrides.extend(self.set.iter().cloned());
+        config::load(self.config.as_deref(), &overrides)
+    }
+}
+
+/// Installs the tracing subscriber for `log.*`. `RUST_LOG`, when set, wins over `log.level`.
+pub fn init_logging(cfg: &Config) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| f.parse::<tracing_subscriber::EnvFilter>().ok())
+        .unwrap_or_else(|| cfg.log.level.parse().unwrap_or_else(|_| "info".into()));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_secs("30d"), Ok(30 * 86_400));
+        assert_eq!(parse_duration_secs("90"), Ok(90));
+        assert_eq!(parse_duration_secs("15m"), Ok(900));
+        assert!(parse_duration_secs("0").is_err());
+        assert!(parse_duration_secs("soon").is_err());
+        assert!(parse_duration_secs("99999999999999999d").is_err());
+    }
+}

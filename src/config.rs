@@ -1,0 +1,487 @@
+//! Layered configuration: built-in defaults, then an optional TOML file, then `KINLINK_`
+//! environment variables (nested keys joined with `__`), then command-line overrides.
+//!
+//! Unknown keys are an error and every error names the key it is about, so a typo in a
+//! file or a variable fails start-up instead of being silently ignored.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A configuration error; the message always names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file, environment or overrides could not be read or merged.
+    #[error("{0}")]
+    Source(String),
+    /// A key has a value of the wrong type or an unknown name.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// Dotted key path, e.g. `signal.max_frame_bytes`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, message: impl Into<String>) -> Self {
+        ConfigError::Invalid { key: key.to_string(), message: message.into() }
+    }
+}
+
+/// A secret string. `Debug` and `Serialize` never show its value, so printing the effective
+/// configuration or logging a struct that holds one cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret bytes, for keying a MAC.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+/// The whole configuration. Every limit has a default; see `deploy/kinlink.example.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where generated secrets are kept (created 0700, files 0600).
+    pub data_dir: PathBuf,
+    /// The public HTTP + WebSocket listener.
+    pub http: HttpConfig,
+    /// The Prometheus listener.
+    pub metrics: MetricsConfig,
+    /// Device token verification.
+    pub auth: AuthConfig,
+    /// TURN credentials and the ICE servers handed to devices.
+    pub turn: TurnConfig,
+    /// Signaling limits.
+    pub signal: SignalConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Draining on SIGTERM.
+    pub shutdown: ShutdownConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./kinlink-data"),
+            http: HttpConfig::default(),
+            metrics: MetricsConfig::default(),
+            auth: AuthConfig::default(),
+            turn: TurnConfig::default(),
+            signal: SignalConfig::default(),
+            log: LogConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+/// `http.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the HTTP + WebSocket listener.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: ([0, 0, 0, 0], 8080).into() }
+    }
+}
+
+/// `metrics.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the metrics listener; the empty string serves `/metrics` on `http.listen`.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: "0.0.0.0:9090".into() }
+    }
+}
+
+impl MetricsConfig {
+    /// The separate metrics listener, if one is configured.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        // Validated at load time, so a parse failure here cannot happen.
+        (!self.listen.is_empty()).then(|| self.listen.parse().ok()).flatten()
+    }
+}
+
+/// `auth.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 key for device tokens. Generated into `data_dir` when unset.
+    pub token_secret: Option<Secret>,
+    /// Clock skew tolerated on `exp`/`nbf`, in seconds.
+    pub token_leeway_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { token_secret: None, token_leeway_secs: 60 }
+    }
+}
+
+/// `turn.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// Whether kinlink advertises (and, with the TURN server, runs) its own STUN/TURN.
+    pub enabled: bool,
+    /// Shared secret for TURN REST credentials (coturn's `static-auth-secret`).
+    pub secret: Option<Secret>,
+    /// TURN realm.
+    pub realm: String,
+    /// Host name or IP put in the ICE URLs; empty means the Host header of the request.
+    pub public_host: String,
+    /// Lifetime of the TURN credentials handed to a device.
+    pub credential_ttl_secs: u64,
+    /// UDP listener for STUN/TURN (its port goes in `turn:...?transport=udp`).
+    pub udp_listen: SocketAddr,
+    /// TCP listener for STUN/TURN (its port goes in `turn:...?transport=tcp`).
+    pub tcp_listen: SocketAddr,
+    /// TLS listener (`turns:`); used only when `tls_cert` and `tls_key` are set.
+    pub tls_listen: SocketAddr,
+    /// PEM certificate chain for `turns:`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `turns:`.
+    pub tls_key: Option<PathBuf>,
+    /// Explicit ICE URLs (e.g. an external coturn sharing `turn.secret`); replaces the derived ones.
+    pub urls: Vec<String>,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        TurnConfig {
+            enabled: true,
+            secret: None,
+            realm: "kinlink".into(),
+            public_host: String::new(),
+            credential_ttl_secs: 86_400,
+            udp_listen: ([0, 0, 0, 0], 3478).into(),
+            tcp_listen: ([0, 0, 0, 0], 3478).into(),
+            tls_listen: ([0, 0, 0, 0], 5349).into(),
+            tls_cert: None,
+            tls_key: None,
+            urls: Vec::new(),
+        }
+    }
+}
+
+impl TurnConfig {
+    /// True when both TLS files are configured.
+    pub fn tls_enabled(&self) -> bool {
+        self.tls_cert.is_some() && self.tls_key.is_some()
+    }
+}
+
+/// `signal.*`: every limit of the signaling relay.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignalConfig {
+    /// Largest accepted text frame; larger ones get `too-large`.
+    pub max_frame_bytes: usize,
+    /// Frames past this many bytes are not even buffered: `too-large`, then close 1009.
+    pub hard_max_frame_bytes: usize,
+    /// Sustained messages per second per connection (token bucket refill).
+    pub rate_per_sec: f64,
+    /// Token bucket size: the burst a connection may send at once.
+    pub rate_burst: u32,
+    /// Rate-limited messages in a row before the connection is closed (4429).
+    pub rate_strikes: u32,
+    /// Devices one family may have online at once.
+    pub max_devices_per_family: usize,
+    /// Registered devices on this node; past it `register` gets `server-full`.
+    pub max_devices: usize,
+    /// Open WebSocket connections; past it the upgrade is answered 503.
+    pub max_connections: usize,
+    /// Seconds a connection has to send `register`.
+    pub register_timeout_secs: u64,
+    /// Seconds between server pings.
+    pub ping_interval_secs: u64,
+    /// Unanswered pings before the connection is dropped.
+    pub max_missed_pongs: u32,
+    /// Seconds without any application message (either way) before closing; 0 disables.
+    pub idle_timeout_secs: u64,
+    /// Messages queued for one device before further ones are refused with `rate-limited`.
+    pub outbound_queue: usize,
+    /// Seconds a write to a client may block before the connection is dropped.
+    pub write_timeout_secs: u64,
+}
+
+impl Default for SignalConfig {
+    fn default() -> Self {
+        SignalConfig {
+            max_frame_bytes: 64 * 1024,
+            hard_max_frame_bytes: 256 * 1024,
+            rate_per_sec: 50.0,
+            rate_burst: 200,
+            rate_strikes: 100,
+            max_devices_per_family: 32,
+            max_devices: 100_000,
+            max_connections: 100_000,
+            register_timeout_secs: 10,
+            ping_interval_secs: 25,
+            max_missed_pongs: 2,
+            idle_timeout_secs: 3600,
+            outbound_queue: 256,
+            write_timeout_secs: 10,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `log.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter: `info`, `debug`, `kinlink=debug,tower=warn`, ...
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+/// `shutdown.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Seconds to wait for devices to leave after SIGTERM before exiting anyway.
+    pub grace_secs: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { grace_secs: 10 }
+    }
+}
+
+/// Keys whose environment-variable form is a comma-separated list.
+const LIST_KEYS: &[&str] = &["turn.urls"];
+
+/// Loads the configuration: defaults, then `file`, then the process environment, then
+/// `overrides` (`key`, `value`) pairs from the command line.
+pub fn load(file: Option<&Path>, overrides: &[(String, String)]) -> Result<Config, ConfigError> {
+    load_with_env(file, overrides, std::env::vars())
+}
+
+/// [`load`] with an explicit environment, for tests.
+pub fn load_with_env(
+    file: Option<&Path>,
+    overrides: &[(String, String)],
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let mut builder = config::Config::builder();
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigError::Source(format!("config file {} does not exist", path.display())));
+        }
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+    }
+    let env_map: config::Map<String, String> =
+        env.into_iter().filter(|(k, _)| k.starts_with("KINLINK_")).collect();
+    let mut environment = config::Environment::with_prefix("KINLINK")
+        .prefix_separator("_")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",")
+        .source(Some(env_map));
+    for key in LIST_KEYS {
+        environment = environment.with_list_parse_key(key);
+    }
+    builder = builder.add_source(environment);
+    for (key, value) in overrides {
+        builder = builder
+            .set_override(key.as_str(), value.as_str())
+            .map_err(|e| ConfigError::invalid(key, e.to_string()))?;
+    }
+    let merged = builder.build().map_err(|e| ConfigError::Source(e.to_string()))?;
+    let cfg: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
+        let key = e.path().to_string();
+        let message = e.into_inner().to_string();
+        if key == "." {
+            ConfigError::Source(message)
+        } else {
+            ConfigError::Invalid { key, message }
+        }
+    })?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+impl Config {
+    /// Cross-field and range checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.signal;
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::invalid(
+                "metrics.listen",
+                format!("`{}` is not an address like 0.0.0.0:9090 (or \"\" to share http.listen)", self.metrics.listen),
+            ));
+        }
+        let positive: [(&str, u64); 10] = [
+            ("signal.max_frame_bytes", s.max_frame_bytes as u64),
+            ("signal.rate_burst", s.rate_burst as u64),
+            ("signal.rate_strikes", s.rate_strikes as u64),
+            ("signal.max_devices_per_family", s.max_devices_per_family as u64),
+            ("signal.max_devices", s.max_devices as u64),
+            ("signal.max_connections", s.max_connections as u64),
+            ("signal.register_timeout_secs", s.register_timeout_secs),
+            ("signal.ping_interval_secs", s.ping_interval_secs),
+            ("signal.outbound_queue", s.outbound_queue as u64),
+            ("signal.write_timeout_secs", s.write_timeout_secs),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be greater than 0"));
+            }
+        }
+        if s.hard_max_frame_bytes < s.max_frame_bytes {
+            return Err(ConfigError::invalid(
+                "signal.hard_max_frame_bytes",
+                "must be at least signal.max_frame_bytes",
+            ));
+        }
+        if !(s.rate_per_sec.is_finite() && s.rate_per_sec > 0.0) {
+            return Err(ConfigError::invalid("signal.rate_per_sec", "must be a positive number"));
+        }
+        if s.max_missed_pongs == 0 {
+            return Err(ConfigError::invalid("signal.max_missed_pongs", "must be greater than 0"));
+        }
+        if self.turn.credential_ttl_secs < 60 {
+            return Err(ConfigError::invalid("turn.credential_ttl_secs", "must be at least 60"));
+        }
+        if self.turn.tls_cert.is_some() != self.turn.tls_key.is_some() {
+            return Err(ConfigError::invalid("turn.tls_cert", "turn.tls_cert and turn.tls_key go together"));
+        }
+        for (key, secret) in [("auth.token_secret", &self.auth.token_secret), ("turn.secret", &self.turn.secret)] {
+            if let Some(secret) = secret {
+                if secret.expose().len() < 16 {
+                    return Err(ConfigError::invalid(key, "must be at least 16 characters"));
+                }
+            }
+        }
+        for url in &self.turn.urls {
+            if !(url.starts_with("stun:") || url.starts_with("turn:") || url.starts_with("turns:")) {
+                return Err(ConfigError::invalid("turn.urls", format!("`{url}` is not a stun:, turn: or turns: URL")));
+            }
+        }
+        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+            return Err(ConfigError::invalid("log.level", format!("`{}` is not a log filter", self.log.level)));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, with secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_load_with_nothing_set() {
+        let cfg = load_with_env(None, &[], env(&[])).unwrap();
+        assert_eq!(cfg.http.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(cfg.metrics.listen, "0.0.0.0:9090");
+        assert_eq!(cfg.signal.max_frame_bytes, 65536);
+    }
+
+    #[test]
+    fn env_then_overrides_win_in_order() {
+        let cfg = load_with_env(
+            None,
+            &[("signal.rate_burst".into(), "7".into())],
+            env(&[
+                ("KINLINK_HTTP__LISTEN", "127.0.0.1:1234"),
+                ("KINLINK_SIGNAL__RATE_BURST", "5"),
+                ("KINLINK_TURN__URLS", "stun:a:1,turn:b:2"),
+                ("KINLINK_TURN__SECRET", "0123456789abcdef0123"),
+                ("OTHER_VAR", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.http.listen.to_string(), "127.0.0.1:1234");
+        assert_eq!(cfg.signal.rate_burst, 7);
+        assert_eq!(cfg.turn.urls, vec!["stun:a:1", "turn:b:2"]);
+        assert_eq!(cfg.turn.secret.unwrap().expose(), "0123456789abcdef0123");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = load_with_env(None, &[], env(&[("KINLINK_SIGNAL__MAX_FRAME_BYTES", "lots")])).unwrap_err();
+        assert!(err.to_string().contains("signal.max_frame_bytes"), "{err}");
+        let err = load_with_env(None, &[], env(&[("KINLINK_SIGNAL__NO_SUCH_KEY", "1")])).unwrap_err();
+        assert!(err.to_string().contains("signal") && err.to_string().contains("no_such_key"), "{err}");
+        let err = load_with_env(None, &[], env(&[("KINLINK_HTTP__LISTEN", "nowhere")])).unwrap_err();
+        assert!(err.to_string().contains("http.listen"), "{err}");
+        let err = load_with_env(None, &[], env(&[("KINLINK_AUTH__TOKEN_SECRET", "short")])).unwrap_err();
+        assert!(err.to_string().contains("auth.token_secret"), "{err}");
+        let err = load_with_env(None, &[], env(&[("KINLINK_METRICS__LISTEN", "x")])).unwrap_err();
+        assert!(err.to_string().contains("metrics.listen"), "{err}");
+    }
+
+    #[test]
+    fn redacted_output_hides_secrets() {
+        let mut cfg = Config::default();
+        cfg.auth.token_secret = Some(Secret::new("supersecretvalue-123"));
+        let text = cfg.to_redacted_toml();
+        assert!(!text.contains("supersecretvalue"));
+        assert!(text.contains("<redacted>"));
+        assert!(!format!("{cfg:?}").contains("supersecretvalue"));
+    }
+}

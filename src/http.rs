@@ -1,0 +1,171 @@
+//! HTTP routes: the `/signal` WebSocket upgrade, `GET /v1/ice-servers`, health, readiness and
+//! metrics. `app` and `metrics_app` are plain routers, so tests can also call them directly.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio::sync::{watch, Semaphore};
+
+use crate::auth;
+use crate::signal::protocol::{ErrorCode, ServerMsg};
+use crate::signal::session::SessionEnv;
+
+/// Shared state of the HTTP side.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+/// What [`AppState`] holds.
+pub struct Shared {
+    /// Everything a signaling session needs.
+    pub env: Arc<SessionEnv>,
+    /// One permit per open WebSocket (`signal.max_connections`).
+    pub connections: Arc<Semaphore>,
+    /// Flips to true when the server starts draining.
+    pub draining: watch::Receiver<bool>,
+    /// True once listeners are bound, false while draining.
+    pub ready: AtomicBool,
+    next_session: AtomicU64,
+}
+
+impl AppState {
+    /// New state; `ready` starts false until the server has bound its listeners.
+    pub fn new(env: Arc<SessionEnv>, draining: watch::Receiver<bool>) -> Self {
+        let connections = Arc::new(Semaphore::new(env.limits.max_connections));
+        AppState(Arc::new(Shared {
+            env,
+            connections,
+            draining,
+            ready: AtomicBool::new(false),
+            next_session: AtomicU64::new(1),
+        }))
+    }
+
+    /// The shared parts.
+    pub fn shared(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The public router: `/signal`, `/v1/ice-servers`, `/healthz`, `/readyz`, plus `/metrics`
+/// when `with_metrics` (no separate metrics listener).
+pub fn app(state: AppState, with_metrics: bool) -> Router {
+    let mut router = Router::new()
+        .route("/signal", get(signal))
+        .route("/v1/ice-servers", get(ice_servers))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz));
+    if with_metrics {
+        router = router.route("/metrics", get(metrics));
+    }
+    router.with_state(state)
+}
+
+/// The metrics listener's router: `/metrics`, `/healthz`, `/readyz`.
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    let s = st.shared();
+    if s.ready.load(Ordering::Relaxed) && !*s.draining.borrow() {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.shared().env.metrics.render()).into_response()
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn host(headers: &HeaderMap) -> Option<String> {
+    headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
+}
+
+fn json_error(status: StatusCode, code: ErrorCode, message: &str) -> Response {
+    let body = ServerMsg::Error { code, message, reference: None }.to_text();
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn signal(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let s = st.shared();
+    let metrics = &s.env.metrics;
+    if *s.draining.borrow() {
+        metrics.signal_upgrades_rejected.with_label_values(&["shutting_down"]).inc();
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::ShuttingDown, "server is shutting down");
+    }
+    let Ok(permit) = s.connections.clone().try_acquire_owned() else {
+        metrics.signal_upgrades_rejected.with_label_values(&["server_full"]).inc();
+        tracing::warn!(limit = s.env.limits.max_connections, "connection refused: signal.max_connections reached");
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::ServerFull, "too many connections");
+    };
+    let token = bearer(&headers).map(str::to_string).or(query.token);
+    let host = host(&headers);
+    let id = s.next_session.fetch_add(1, Ordering::Relaxed);
+    let env = s.env.clone();
+    let draining = s.draining.clone();
+    let hard_max = env.limits.hard_max_frame_bytes;
+    upgrade
+        .max_message_size(hard_max)
+        .max_frame_size(hard_max)
+        // Small buffers: most connections idle, and 20k of them must fit in little memory.
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| async move {
+            crate::signal::ws::drive(socket, env, id, token, host, draining).await;
+            drop(permit);
+        })
+}
+
+async fn ice_servers(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    let env = &st.shared().env;
+    let verified = match bearer(&headers) {
+        None => Err(auth::AuthError::Missing),
+        Some(token) => env.verifier.verify(token),
+    };
+    let claims = match verified {
+        Ok(claims) => claims,
+        Err(e) => {
+            env.metrics.auth_failures.with_label_values(&[e.reason()]).inc();
+            env.metrics.http_ice_servers.with_label_values(&["401"]).inc();
+            let mut resp = json_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &e.to_string());
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+    };
+    env.metrics.http_ice_servers.with_label_values(&["200"]).inc();
+    let ice = env.ice.block(&claims.fam, &claims.dev, host(&headers).as_deref(), auth::unix_now());
+    let body = serde_json::json!({ "iceServers": ice, "iceServersTtl": env.ice.ttl_secs() });
+    ([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response()
+}

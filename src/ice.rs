@@ -1,0 +1,126 @@
+//! The `iceServers` block handed to devices: STUN and TURN URLs from config, with TURN REST
+//! credentials minted for the device (see [`crate::auth::turn_credential`]).
+
+use crate::auth::{self, TurnCredential};
+use crate::config::{Secret, TurnConfig};
+use crate::signal::protocol::IceServer;
+
+/// Builds ICE server blocks.
+#[derive(Debug, Clone)]
+pub struct IceConfig {
+    turn: TurnConfig,
+    secret: Secret,
+}
+
+impl IceConfig {
+    /// From the TURN section; `turn.secret` must have been resolved.
+    pub fn new(turn: &TurnConfig) -> Self {
+        let secret = turn.secret.clone().expect("turn.secret is resolved before start-up");
+        IceConfig { turn: turn.clone(), secret }
+    }
+
+    /// Lifetime of the credentials in a block.
+    pub fn ttl_secs(&self) -> u64 {
+        self.turn.credential_ttl_secs
+    }
+
+    /// The block for one device. `request_host` is the Host header the device used, the
+    /// fallback when `turn.public_host` is not configured (a self-hoster reaching kinlink at
+    /// `myhost:8080` then gets `turn:myhost:3478`).
+    pub fn block(&self, family: &str, device: &str, request_host: Option<&str>, now_unix: u64) -> Vec<IceServer> {
+        let cred = auth::turn_credential(&self.secret, family, device, self.turn.credential_ttl_secs, now_unix);
+        if !self.turn.urls.is_empty() {
+            return self.explicit_block(cred);
+        }
+        if !self.turn.enabled {
+            return Vec::new();
+        }
+        let host = if self.turn.public_host.is_empty() {
+            request_host.map(strip_port).unwrap_or("localhost")
+        } else {
+            self.turn.public_host.as_str()
+        };
+        let host = bracket_v6(host);
+        let udp = self.turn.udp_listen.port();
+        let tcp = self.turn.tcp_listen.port();
+        let mut turn_urls = vec![format!("turn:{host}:{udp}?transport=udp"), format!("turn:{host}:{tcp}?transport=tcp")];
+        if self.turn.tls_enabled() {
+            turn_urls.push(format!("turns:{host}:{}?transport=tcp", self.turn.tls_listen.port()));
+        }
+        vec![
+            IceServer { urls: vec![format!("stun:{host}:{udp}")], username: None, credential: None },
+            IceServer { urls: turn_urls, username: Some(cred.username), credential: Some(cred.credential) },
+        ]
+    }
+
+    fn explicit_block(&self, cred: TurnCredential) -> Vec<IceServer> {
+        let (stun, turn): (Vec<String>, Vec<String>) = self.turn.urls.iter().cloned().partition(|u| u.starts_with("stun:"));
+        let mut block = Vec::new();
+        if !stun.is_empty() {
+            block.push(IceServer { urls: stun, username: None, credential: None });
+        }
+        if !turn.is_empty() {
+            block.push(IceServer { urls: turn, username: Some(cred.username), credential: Some(cred.credential) });
+        }
+        block
+    }
+}
+
+/// `host:port`, `[v6]:port` or a bare host, to the host alone.
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        // More than one colon and no brackets: a bare IPv6 address.
+        Some((h, _)) if !h.contains(':') => h,
+        _ => host,
+    }
+}
+
+fn bracket_v6(host: &str) -> std::borrow::Cow<'_, str> {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]").into()
+    } else {
+        host.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> TurnConfig {
+        TurnConfig { secret: Some(Secret::new("turn-secret-0123456789")), ..TurnConfig::default() }
+    }
+
+    #[test]
+    fn derived_urls_use_public_host_or_request_host() {
+        let ice = IceConfig::new(&cfg());
+        let b = ice.block("f", "d", Some("example.org:8080"), 1000);
+        assert_eq!(b[0].urls, vec!["stun:example.org:3478"]);
+        assert_eq!(b[1].urls, vec!["turn:example.org:3478?transport=udp", "turn:example.org:3478?transport=tcp"]);
+        assert_eq!(b[1].username.as_deref(), Some("87400:f:d"));
+        let b = ice.block("f", "d", Some("[::1]:8080"), 1000);
+        assert_eq!(b[0].urls, vec!["stun:[::1]:3478"]);
+
+        let mut c = cfg();
+        c.public_host = "turn.example.org".into();
+        c.tls_cert = Some("c.pem".into());
+        c.tls_key = Some("k.pem".into());
+        let b = IceConfig::new(&c).block("f", "d", Some("ignored"), 1000);
+        assert_eq!(b[1].urls[2], "turns:turn.example.org:5349?transport=tcp");
+    }
+
+    #[test]
+    fn explicit_urls_and_disabled() {
+        let mut c = cfg();
+        c.urls = vec!["stun:s:1".into(), "turn:t:2?transport=udp".into()];
+        let b = IceConfig::new(&c).block("f", "d", None, 0);
+        assert_eq!(b.len(), 2);
+        assert!(b[0].username.is_none() && b[1].username.is_some());
+        let mut c = cfg();
+        c.enabled = false;
+        assert!(IceConfig::new(&c).block("f", "d", None, 0).is_empty());
+    }
+}

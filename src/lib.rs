@@ -1,0 +1,30 @@
+//! kinlink: a WebSocket signaling relay and (soon) an embedded TURN/STUN server for the
+//! devices of a family, with family-scoped credentials and Prometheus metrics.
+//!
+//! # Layout
+//! - [`config`]: layered configuration (defaults, TOML, `KINLINK_` env, flags); errors name the key.
+//! - [`secrets`]: secrets generated once into the data directory when not configured.
+//! - [`auth`]: device tokens (HS256 JWT) and TURN REST credentials.
+//! - [`ice`]: the `iceServers` block handed to devices.
+//! - [`signal`]: the relay: [`signal::protocol`] (wire format), [`signal::session`] (rules,
+//!   sans-IO), [`signal::hub`] (who is online, routing), [`signal::ws`] (the tokio driver).
+//! - [`http`]: the axum routers.
+//! - [`metrics`]: every exported metric.
+//! - [`server`]: binds the listeners and runs until shutdown, draining gracefully.
+//! - [`cli`]: the `kinlink` command line.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod ice;
+pub mod metrics;
+pub mod secrets;
+pub mod server;
+pub mod signal;
+
+pub use config::Config;
+pub use server::{run, Server};

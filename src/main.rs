@@ -1,0 +1,84 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use kinlink::cli::{init_logging, Cli, Command, ConfigAction};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut config = match cli.load_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kinlink: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Some(Command::Config { action: ConfigAction::Check }) => {
+            println!("# configuration is valid; effective values (secrets redacted):");
+            print!("{}", config.to_redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Some(Command::Token { family, user, device, ttl }) => {
+            for (name, id) in [("--family", &family), ("--user", &user), ("--device", &device)] {
+                if !kinlink::auth::valid_id(id) {
+                    eprintln!("kinlink: {name}: ids are 1-{} printable ASCII characters without spaces or ':'", kinlink::auth::MAX_ID_BYTES);
+                    return ExitCode::from(2);
+                }
+            }
+            if let Err(e) = kinlink::secrets::resolve(&mut config) {
+                eprintln!("kinlink: {e}");
+                return ExitCode::FAILURE;
+            }
+            let secret = config.auth.token_secret.as_ref().expect("resolved above");
+            println!("{}", kinlink::auth::mint_token(secret, &family, &user, &device, ttl, kinlink::auth::unix_now()));
+            ExitCode::SUCCESS
+        }
+        Some(Command::Serve { .. }) | None => serve(config),
+    }
+}
+
+fn serve(config: kinlink::Config) -> ExitCode {
+    init_logging(&config);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kinlink: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let server = kinlink::Server::bind(config).await?;
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = first_tx.send(());
+            shutdown_signal().await;
+            tracing::warn!("second shutdown signal: exiting now");
+            std::process::exit(130);
+        });
+        server.run(async move { let _ = first_rx.await; }).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("kinlink: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

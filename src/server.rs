@@ -1,0 +1,130 @@
+//! Start-up and shutdown: bind the listeners, serve, and on the shutdown signal drain:
+//! `/readyz` turns 503, the public listener stops accepting, every device is told
+//! `shutting-down` and closed with 1001, and the process waits for them up to
+//! `shutdown.grace_secs`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::TokenVerifier;
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::ice::IceConfig;
+use crate::metrics::Metrics;
+use crate::signal::hub::{Hub, HubLimits, LocalHub};
+use crate::signal::session::SessionEnv;
+
+/// A server with its listeners bound, ready to [`Server::run`].
+pub struct Server {
+    config: Config,
+    http: TcpListener,
+    metrics: Option<TcpListener>,
+    state: AppState,
+    drain: watch::Sender<bool>,
+}
+
+impl Server {
+    /// Binds the listeners. Unset secrets are taken from (or generated into) `data_dir`.
+    pub async fn bind(mut config: Config) -> anyhow::Result<Server> {
+        for key in crate::secrets::resolve(&mut config)? {
+            tracing::warn!(key, data_dir = %config.data_dir.display(), "secret not configured: using one generated in the data directory; set it explicitly in production");
+        }
+        let metrics = Arc::new(Metrics::new());
+        let hub: Arc<dyn Hub> = Arc::new(LocalHub::new(
+            HubLimits {
+                max_devices_per_family: config.signal.max_devices_per_family,
+                max_devices: config.signal.max_devices,
+            },
+            metrics.clone(),
+        ));
+        let token_secret = config.auth.token_secret.as_ref().context("auth.token_secret is resolved")?;
+        let env = Arc::new(SessionEnv {
+            limits: config.signal.clone(),
+            verifier: TokenVerifier::new(token_secret, config.auth.token_leeway_secs),
+            token_leeway: Duration::from_secs(config.auth.token_leeway_secs),
+            ice: IceConfig::new(&config.turn),
+            hub,
+            metrics,
+        });
+        let (drain, draining) = watch::channel(false);
+        let state = AppState::new(env, draining);
+        let http = TcpListener::bind(config.http.listen).await.with_context(|| format!("http.listen: cannot bind {}", config.http.listen))?;
+        let metrics = match config.metrics.listen_addr() {
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("metrics.listen: cannot bind {addr}"))?),
+            None => None,
+        };
+        Ok(Server { config, http, metrics, state, drain })
+    }
+
+    /// The bound public address (useful with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr().expect("bound listener has an address")
+    }
+
+    /// The bound metrics address, when metrics have their own listener.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|l| l.local_addr().expect("bound listener has an address"))
+    }
+
+    /// Serves until `shutdown` completes, then drains.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let Server { config, http, metrics, state, drain } = self;
+        let separate_metrics = metrics.is_some();
+        let mut draining = drain.subscribe();
+        let public = axum::serve(http, http::app(state.clone(), !separate_metrics))
+            .with_graceful_shutdown(async move {
+                let _ = draining.wait_for(|d| *d).await;
+            });
+        let public = tokio::spawn(async move { public.await });
+        let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics_task = metrics.map(|listener| {
+            let serve = axum::serve(listener, http::metrics_app(state.clone())).with_graceful_shutdown(async move {
+                let _ = metrics_stopped.await;
+            });
+            tokio::spawn(async move { serve.await })
+        });
+        let shared = state.shared();
+        shared.ready.store(true, Ordering::Relaxed);
+        tracing::info!(
+            http = %config.http.listen,
+            metrics = %config.metrics.listen,
+            version = env!("CARGO_PKG_VERSION"),
+            "kinlink serving"
+        );
+
+        shutdown.await;
+        let open = shared.env.metrics.signal_connections.get();
+        tracing::info!(open_connections = open, grace_secs = config.shutdown.grace_secs, "shutting down: draining");
+        shared.ready.store(false, Ordering::Relaxed);
+        let _ = drain.send(true);
+        let all = u32::try_from(config.signal.max_connections).unwrap_or(u32::MAX);
+        let grace = Duration::from_secs(config.shutdown.grace_secs);
+        match tokio::time::timeout(grace, shared.connections.acquire_many(all)).await {
+            Ok(_) => tracing::info!("all devices disconnected"),
+            Err(_) => tracing::warn!(
+                remaining = shared.env.metrics.signal_connections.get(),
+                "shutdown grace expired with devices still connected"
+            ),
+        }
+        // The public listener has stopped accepting; plain HTTP requests still in flight get
+        // what is left of the grace period.
+        let _ = tokio::time::timeout(Duration::from_secs(1), public).await;
+        let _ = metrics_stop.send(());
+        if let Some(task) = metrics_task {
+            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+        }
+        Ok(())
+    }
+}
+
+/// Binds and serves `config` until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    Server::bind(config).await?.run(shutdown).await
+}

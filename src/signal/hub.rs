@@ -1,0 +1,275 @@
+//! Who is online, and delivery between devices of one family.
+//!
+//! Sessions only ever talk to the [`Hub`] trait: joining, leaving and delivering. Presence
+//! notifications (`device-online`/`device-offline`) are the hub's job, because with several
+//! replicas (Redis) they have to fan out across nodes. [`LocalHub`] is the single-node
+//! implementation: one short, never-awaited mutex section per call.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::mpsc;
+
+use super::protocol::{CloseCode, DeviceInfo, ServerMsg};
+use crate::metrics::Metrics;
+
+/// Identifies one WebSocket connection, so a late `leave` from a replaced connection is ignored.
+pub type SessionId = u64;
+
+/// What a session's writer receives from the hub.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A text frame; `relayed_at` is set for relayed messages so the writer can observe latency.
+    Text {
+        /// The frame.
+        text: Utf8Bytes,
+        /// When the sender's frame was accepted, for `kinlink_signal_relay_latency_seconds`.
+        relayed_at: Option<Instant>,
+    },
+    /// Close the connection (a newer connection took over this device).
+    Close(CloseCode),
+}
+
+/// A registered device, as the hub keeps it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Family id.
+    pub family: Arc<str>,
+    /// Device id.
+    pub device: Arc<str>,
+    /// User id.
+    pub user: Arc<str>,
+    /// The connection.
+    pub session: SessionId,
+    /// Its outbound queue.
+    pub tx: mpsc::Sender<Outbound>,
+}
+
+/// Why a device could not join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    /// `signal.max_devices_per_family` reached.
+    #[error("family has the maximum number of devices online")]
+    FamilyFull,
+    /// `signal.max_devices` reached on this node.
+    #[error("server has the maximum number of devices online")]
+    ServerFull,
+}
+
+/// Why a message could not be delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DeliverError {
+    /// The target is not online in the sender's family (or does not exist at all: the two
+    /// are indistinguishable on purpose, so other families cannot be probed).
+    #[error("device is not online")]
+    Offline,
+    /// The target's queue is full: it is not reading.
+    #[error("device is not keeping up")]
+    QueueFull,
+}
+
+/// Routing of signaling messages between devices of a family.
+pub trait Hub: Send + Sync + 'static {
+    /// Registers `member`, replacing an older connection of the same device (which receives
+    /// [`Outbound::Close`] with [`CloseCode::Replaced`]). The family's other devices receive
+    /// `device-online`. Returns the family's other online devices.
+    fn join(&self, member: Member) -> Result<Vec<DeviceInfo>, JoinError>;
+    /// Removes the device if `session` is still its connection; the family then receives
+    /// `device-offline`.
+    fn leave(&self, family: &str, device: &str, session: SessionId);
+    /// Queues `text` for `to_device` of `family`, without waiting.
+    fn deliver(&self, family: &str, to_device: &str, text: Utf8Bytes, relayed_at: Instant) -> Result<(), DeliverError>;
+}
+
+/// Limits the hub enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct HubLimits {
+    /// Devices per family.
+    pub max_devices_per_family: usize,
+    /// Devices on this node.
+    pub max_devices: usize,
+}
+
+/// Single-node hub.
+pub struct LocalHub {
+    limits: HubLimits,
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    // Families are small (tens of devices), so a Vec scan beats a map per family.
+    families: HashMap<Arc<str>, Vec<Member>>,
+    devices: usize,
+}
+
+impl LocalHub {
+    /// An empty hub.
+    pub fn new(limits: HubLimits, metrics: Arc<Metrics>) -> Self {
+        LocalHub { limits, metrics, state: Mutex::new(State::default()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than losing presence entirely, so recover instead of cascading.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish_gauges(&self, state: &State) {
+        self.metrics.signal_devices.set(state.devices as i64);
+        self.metrics.signal_families.set(state.families.len() as i64);
+    }
+}
+
+/// Best-effort presence fan-out: a device whose queue is full misses the notification (it is
+/// already failing to keep up, and will see the truth in `registered` when it reconnects).
+fn notify(members: &[Member], skip_device: &str, text: &Utf8Bytes) {
+    for m in members.iter().filter(|m| &*m.device != skip_device) {
+        if m.tx.try_send(Outbound::Text { text: text.clone(), relayed_at: None }).is_err() {
+            tracing::debug!(family_size = members.len(), "presence notification dropped: queue full");
+        }
+    }
+}
+
+impl Hub for LocalHub {
+    fn join(&self, member: Member) -> Result<Vec<DeviceInfo>, JoinError> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let existing = state.families.get(&member.family);
+        let replacing = existing.and_then(|f| f.iter().position(|m| m.device == member.device));
+        if replacing.is_none() {
+            if existing.map_or(0, Vec::len) >= self.limits.max_devices_per_family {
+                return Err(JoinError::FamilyFull);
+            }
+            if state.devices >= self.limits.max_devices {
+                return Err(JoinError::ServerFull);
+            }
+        }
+        let family = state.families.entry(member.family.clone()).or_default();
+        let online = ServerMsg::DeviceOnline { family_id: &member.family, device_id: &member.device, user_id: &member.user };
+        let online: Utf8Bytes = online.to_text().into();
+        notify(family, &member.device, &online);
+        let others =
+            family.iter().filter(|m| m.device != member.device).map(|m| DeviceInfo { device_id: m.device.to_string(), user_id: m.user.to_string() }).collect();
+        match replacing {
+            Some(i) => {
+                let old = std::mem::replace(&mut family[i], member);
+                // The old connection's queue may be full; dropping its sender ends it anyway.
+                let _ = old.tx.try_send(Outbound::Close(CloseCode::Replaced));
+            }
+            None => {
+                family.push(member);
+                state.devices += 1;
+            }
+        }
+        self.publish_gauges(state);
+        Ok(others)
+    }
+
+    fn leave(&self, family_id: &str, device: &str, session: SessionId) {
+        let mut state = self.lock();
+        let Some(family) = state.families.get_mut(family_id) else { return };
+        let Some(i) = family.iter().position(|m| &*m.device == device && m.session == session) else { return };
+        family.swap_remove(i);
+        if family.is_empty() {
+            state.families.remove(family_id);
+        } else {
+            let offline: Utf8Bytes = ServerMsg::DeviceOffline { family_id, device_id: device }.to_text().into();
+            notify(family, device, &offline);
+        }
+        state.devices -= 1;
+        self.publish_gauges(&state);
+    }
+
+    fn deliver(&self, family: &str, to_device: &str, text: Utf8Bytes, relayed_at: Instant) -> Result<(), DeliverError> {
+        let state = self.lock();
+        let target = state.families.get(family).and_then(|f| f.iter().find(|m| &*m.device == to_device));
+        let Some(target) = target else { return Err(DeliverError::Offline) };
+        target.tx.try_send(Outbound::Text { text, relayed_at: Some(relayed_at) }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => DeliverError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => DeliverError::Offline,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(per_family: usize, total: usize) -> LocalHub {
+        LocalHub::new(HubLimits { max_devices_per_family: per_family, max_devices: total }, Arc::new(Metrics::new()))
+    }
+
+    fn member(f: &str, d: &str, session: SessionId) -> (Member, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(4);
+        (Member { family: f.into(), device: d.into(), user: format!("u-{d}").into(), session, tx }, rx)
+    }
+
+    fn text(rx: &mut mpsc::Receiver<Outbound>) -> String {
+        match rx.try_recv() {
+            Ok(Outbound::Text { text, .. }) => text.to_string(),
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn presence_and_delivery_stay_within_the_family() {
+        let h = hub(8, 100);
+        let (a, mut ra) = member("f1", "a", 1);
+        let (b, mut rb) = member("f1", "b", 2);
+        let (x, mut rx) = member("f2", "a", 3);
+        assert!(h.join(a).unwrap().is_empty());
+        assert_eq!(h.join(b).unwrap(), vec![DeviceInfo { device_id: "a".into(), user_id: "u-a".into() }]);
+        assert!(text(&mut ra).contains(r#""type":"device-online","familyId":"f1","deviceId":"b""#));
+        assert!(h.join(x).unwrap().is_empty(), "another family's devices are invisible");
+        h.deliver("f1", "b", "hi".into(), Instant::now()).unwrap();
+        assert_eq!(text(&mut rb), "hi");
+        assert_eq!(h.deliver("f2", "b", "x".into(), Instant::now()), Err(DeliverError::Offline));
+        assert!(rx.try_recv().is_err());
+        h.leave("f1", "b", 2);
+        assert!(text(&mut ra).contains(r#""type":"device-offline","familyId":"f1","deviceId":"b""#));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn replacement_closes_old_and_has_no_false_offline() {
+        let h = hub(8, 100);
+        let (a, mut ra) = member("f", "a", 1);
+        let (b1, mut rb1) = member("f", "b", 2);
+        let (b2, _rb2) = member("f", "b", 3);
+        h.join(a).unwrap();
+        h.join(b1).unwrap();
+        let _ = text(&mut ra);
+        let others = h.join(b2).unwrap();
+        assert_eq!(others.len(), 1);
+        assert!(matches!(rb1.try_recv(), Ok(Outbound::Close(CloseCode::Replaced))));
+        // The replacement is announced as online again (the device must be re-offered)...
+        assert!(text(&mut ra).contains("device-online"));
+        // ...and the old connection's late leave changes nothing.
+        h.leave("f", "b", 2);
+        assert!(ra.try_recv().is_err());
+        assert!(h.deliver("f", "b", "x".into(), Instant::now()).is_ok());
+    }
+
+    #[test]
+    fn limits_and_full_queues() {
+        let h = hub(2, 3);
+        let (a, _ra) = member("f", "a", 1);
+        let (b, _rb) = member("f", "b", 2);
+        let (c, _rc) = member("f", "c", 3);
+        h.join(a).unwrap();
+        h.join(b).unwrap();
+        assert_eq!(h.join(c).unwrap_err(), JoinError::FamilyFull);
+        let (d, _rd) = member("g", "d", 4);
+        h.join(d).unwrap();
+        let (e, _re) = member("h", "e", 5);
+        assert_eq!(h.join(e).unwrap_err(), JoinError::ServerFull);
+        for _ in 0..4 {
+            h.deliver("g", "d", "x".into(), Instant::now()).unwrap();
+        }
+        assert_eq!(h.deliver("g", "d", "x".into(), Instant::now()), Err(DeliverError::QueueFull));
+    }
+}

@@ -1,0 +1,7 @@
+//! The signaling relay: wire protocol, session rules, routing between devices, and the
+//! WebSocket driver.
+
+pub mod hub;
+pub mod protocol;
+pub mod session;
+pub mod ws;

@@ -1,0 +1,639 @@
+//! One signaling connection's rules, without IO: registration, authorization, relaying, the
+//! rate limit and every timer. The WebSocket driver ([`super::ws`]) feeds it frames and the
+//! clock and writes out what [`Session::poll_output`] returns; unit tests do the same with
+//! strings and made-up instants.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::Utf8Bytes;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use super::hub::{DeliverError, Hub, JoinError, Member, Outbound, SessionId};
+use super::protocol::{self, ClientMsg, CloseCode, ErrorCode, RelayKind, ServerMsg};
+use crate::auth::{self, AuthError, TokenVerifier};
+use crate::config::SignalConfig;
+use crate::ice::IceConfig;
+use crate::metrics::Metrics;
+
+/// What every session shares.
+pub struct SessionEnv {
+    /// Limits.
+    pub limits: SignalConfig,
+    /// Device token verifier.
+    pub verifier: TokenVerifier,
+    /// Leeway applied to token expiry while connected.
+    pub token_leeway: Duration,
+    /// ICE server blocks.
+    pub ice: IceConfig,
+    /// Routing.
+    pub hub: Arc<dyn Hub>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// What the driver must do next.
+#[derive(Debug, PartialEq)]
+pub enum Output {
+    /// Write a text frame.
+    Text(Utf8Bytes),
+    /// Write a ping.
+    Ping,
+    /// Write a close frame and stop.
+    Close(CloseCode),
+}
+
+struct Registered {
+    family: Arc<str>,
+    device: Arc<str>,
+    user: Arc<str>,
+    /// When the token stops being valid (plus leeway).
+    token_expires: Instant,
+    /// When to push fresh ICE credentials.
+    ice_refresh: Instant,
+}
+
+/// The state of one connection.
+pub struct Session {
+    id: SessionId,
+    env: Arc<SessionEnv>,
+    /// Token from the upgrade request (`Authorization: Bearer` or `?token=`).
+    upgrade_token: Option<String>,
+    /// Host header of the upgrade, for ICE URLs.
+    host: Option<String>,
+    /// Handed to the hub at registration.
+    tx: Option<mpsc::Sender<Outbound>>,
+    registered: Option<Registered>,
+    register_deadline: Instant,
+    tokens: f64,
+    last_refill: Instant,
+    strikes: u32,
+    last_activity: Instant,
+    next_ping: Instant,
+    missed_pongs: u32,
+    closed: bool,
+    out: VecDeque<Output>,
+}
+
+impl Session {
+    /// A new, unregistered connection at `now`.
+    pub fn new(
+        id: SessionId,
+        env: Arc<SessionEnv>,
+        tx: mpsc::Sender<Outbound>,
+        upgrade_token: Option<String>,
+        host: Option<String>,
+        now: Instant,
+    ) -> Self {
+        let l = &env.limits;
+        Session {
+            id,
+            upgrade_token,
+            host,
+            tx: Some(tx),
+            registered: None,
+            register_deadline: now + Duration::from_secs(l.register_timeout_secs),
+            tokens: l.rate_burst as f64,
+            last_refill: now,
+            strikes: 0,
+            last_activity: now,
+            next_ping: now + Duration::from_secs(l.ping_interval_secs),
+            missed_pongs: 0,
+            closed: false,
+            out: VecDeque::new(),
+            env,
+        }
+    }
+
+    /// The next thing to write, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// True once a close has been queued; the driver stops reading.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// True once registered: the driver then also reads the hub queue.
+    pub fn is_registered(&self) -> bool {
+        self.registered.is_some()
+    }
+
+    /// When [`Session::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Instant {
+        let mut t = self.next_ping;
+        match &self.registered {
+            None => t = t.min(self.register_deadline),
+            Some(r) => t = t.min(r.token_expires).min(r.ice_refresh),
+        }
+        if let Some(idle) = self.idle_deadline() {
+            t = t.min(idle);
+        }
+        t
+    }
+
+    fn idle_deadline(&self) -> Option<Instant> {
+        let secs = self.env.limits.idle_timeout_secs;
+        (secs > 0).then(|| self.last_activity + Duration::from_secs(secs))
+    }
+
+    /// Timers: register deadline, heartbeat, idle, token expiry, ICE refresh.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.closed {
+            return;
+        }
+        if self.registered.is_none() && now >= self.register_deadline {
+            self.error(ErrorCode::NotRegistered, "no register within the deadline", None);
+            return self.close(CloseCode::RegisterTimeout);
+        }
+        if self.idle_deadline().is_some_and(|d| now >= d) {
+            return self.close(CloseCode::Normal);
+        }
+        if let Some(r) = &self.registered {
+            if now >= r.token_expires {
+                self.error(ErrorCode::Unauthorized, "token expired", None);
+                return self.close(CloseCode::Unauthorized);
+            }
+        }
+        if now >= self.next_ping {
+            if self.missed_pongs >= self.env.limits.max_missed_pongs {
+                return self.close(CloseCode::HeartbeatTimeout);
+            }
+            self.missed_pongs += 1;
+            self.next_ping = now + Duration::from_secs(self.env.limits.ping_interval_secs);
+            self.out.push_back(Output::Ping);
+        }
+        if self.registered.as_ref().is_some_and(|r| now >= r.ice_refresh) {
+            self.push_ice_servers(now);
+        }
+    }
+
+    /// A pong arrived.
+    pub fn handle_pong(&mut self) {
+        self.missed_pongs = 0;
+    }
+
+    /// Something was delivered to this device by the hub and written out.
+    pub fn handle_delivered(&mut self, now: Instant) {
+        self.last_activity = now;
+    }
+
+    /// The server is draining: tell the client to reconnect elsewhere.
+    pub fn handle_shutdown(&mut self) {
+        if !self.closed {
+            self.error(ErrorCode::ShuttingDown, "server is shutting down; reconnect", None);
+            self.close(CloseCode::GoingAway);
+        }
+    }
+
+    /// A frame larger than the transport accepts at all: the rest of it cannot be skipped,
+    /// so the connection ends.
+    pub fn handle_oversize(&mut self) {
+        let max = self.env.limits.hard_max_frame_bytes;
+        self.error(ErrorCode::TooLarge, &format!("frame exceeds {max} bytes"), None);
+        self.close(CloseCode::TooBig);
+    }
+
+    /// A binary frame: accepted when it is UTF-8 JSON, like a text frame.
+    pub fn handle_binary(&mut self, now: Instant, bytes: &[u8]) {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => self.handle_text(now, text),
+            Err(_) if self.admit(now) => self.error(ErrorCode::BadMessage, "binary frame is not UTF-8 JSON", None),
+            Err(_) => {}
+        }
+    }
+
+    /// A text frame from the client.
+    pub fn handle_text(&mut self, now: Instant, text: &str) {
+        if !self.admit(now) {
+            return;
+        }
+        let max = self.env.limits.max_frame_bytes;
+        if text.len() > max {
+            return self.error(ErrorCode::TooLarge, &format!("message exceeds {max} bytes; dropped"), None);
+        }
+        match protocol::parse(text) {
+            Err(e) => self.error(e.code, &e.message, e.reference),
+            Ok(ClientMsg::Register { family_id, user_id, device_id, token }) => {
+                self.register(now, &family_id, &user_id, &device_id, token.as_deref())
+            }
+            Ok(ClientMsg::Relay { kind, to_device_id, family_id, payload }) => {
+                self.relay(now, kind, &to_device_id, family_id.as_deref(), payload)
+            }
+        }
+    }
+
+    /// The connection is gone: leave the hub.
+    pub fn finish(&mut self) {
+        if let Some(r) = self.registered.take() {
+            self.env.hub.leave(&r.family, &r.device, self.id);
+        }
+    }
+
+    /// Applies the rate limit to one incoming frame; false when it must be dropped (the
+    /// client has then been told, or the connection closed).
+    fn admit(&mut self, now: Instant) -> bool {
+        if self.closed {
+            return false;
+        }
+        if !self.take_token(now) {
+            self.strikes += 1;
+            if self.strikes > self.env.limits.rate_strikes {
+                self.error(ErrorCode::RateLimited, "message rate exceeded repeatedly", None);
+                self.close(CloseCode::RateLimited);
+            } else {
+                self.error(ErrorCode::RateLimited, "message rate exceeded; message dropped", None);
+            }
+            return false;
+        }
+        self.strikes = 0;
+        self.last_activity = now;
+        true
+    }
+
+    fn take_token(&mut self, now: Instant) -> bool {
+        let l = &self.env.limits;
+        let elapsed = now.saturating_duration_since(self.last_refill).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * l.rate_per_sec).min(l.rate_burst as f64);
+        self.last_refill = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn register(&mut self, now: Instant, family: &str, user: &str, device: &str, token: Option<&str>) {
+        if self.registered.is_some() {
+            return self.error(ErrorCode::AlreadyRegistered, "this connection is already registered", None);
+        }
+        let token = token.or(self.upgrade_token.as_deref()).unwrap_or("");
+        let claims = match self.env.verifier.verify(token) {
+            Ok(c) => c,
+            Err(e) => return self.auth_failed(e),
+        };
+        if claims.fam != family {
+            return self.auth_failed(AuthError::FamilyMismatch);
+        }
+        if claims.sub != user || claims.dev != device {
+            return self.auth_failed(AuthError::ClaimsMismatch);
+        }
+        let Some(tx) = self.tx.take() else { return };
+        let member = Member { family: family.into(), device: device.into(), user: user.into(), session: self.id, tx };
+        let reg = Registered {
+            family: member.family.clone(),
+            device: member.device.clone(),
+            user: member.user.clone(),
+            token_expires: now + Duration::from_secs((claims.exp + self.env.token_leeway.as_secs()).saturating_sub(auth::unix_now())),
+            ice_refresh: now,
+        };
+        match self.env.hub.join(member) {
+            Ok(devices) => {
+                self.env.metrics.signal_registrations.inc();
+                let ttl = self.env.ice.ttl_secs();
+                let ice = self.env.ice.block(family, device, self.host.as_deref(), auth::unix_now());
+                let msg = ServerMsg::Registered { device_id: device, devices: &devices, ice_servers: &ice, ice_servers_ttl: ttl };
+                self.send(msg);
+                self.registered = Some(Registered { ice_refresh: now + refresh_after(ttl), ..reg });
+                tracing::info!(session = self.id, "device registered");
+            }
+            Err(e) => {
+                let code = match e {
+                    JoinError::FamilyFull => ErrorCode::FamilyFull,
+                    JoinError::ServerFull => ErrorCode::ServerFull,
+                };
+                tracing::warn!(session = self.id, error = %e, "registration refused");
+                self.error(code, &e.to_string(), None);
+                self.close(CloseCode::TryAgainLater);
+            }
+        }
+    }
+
+    fn auth_failed(&mut self, e: AuthError) {
+        self.env.metrics.auth_failures.with_label_values(&[e.reason()]).inc();
+        tracing::info!(session = self.id, reason = e.reason(), "registration refused");
+        let (code, close) = match e {
+            AuthError::FamilyMismatch => (ErrorCode::FamilyMismatch, CloseCode::FamilyMismatch),
+            _ => (ErrorCode::Unauthorized, CloseCode::Unauthorized),
+        };
+        self.error(code, &e.to_string(), None);
+        self.close(close);
+    }
+
+    fn relay(&mut self, now: Instant, kind: RelayKind, to: &str, family: Option<&str>, payload: &RawValue) {
+        let Some(r) = &self.registered else {
+            return self.error(ErrorCode::NotRegistered, "register first", None);
+        };
+        let (own_family, own_device) = (r.family.clone(), r.device.clone());
+        if family.is_some_and(|f| f != &*own_family) {
+            return self.error(ErrorCode::FamilyMismatch, "familyId is not this device's family", None);
+        }
+        if to == &*own_device {
+            return self.error(ErrorCode::BadMessage, "toDeviceId is this device", None);
+        }
+        let text = protocol::relayed_text(kind, &own_family, &own_device, &r.user, to, payload);
+        match self.env.hub.deliver(&own_family, to, text.into(), now) {
+            Ok(()) => self.env.metrics.signal_relayed.with_label_values(&[kind.as_str()]).inc(),
+            Err(DeliverError::Offline) => self.error(ErrorCode::PeerOffline, &format!("{} is not online", Shown(to)), None),
+            Err(DeliverError::QueueFull) => self.error(ErrorCode::RateLimited, "target device is not keeping up; dropped", None),
+        }
+    }
+
+    fn push_ice_servers(&mut self, now: Instant) {
+        let Some(r) = &mut self.registered else { return };
+        let ttl = self.env.ice.ttl_secs();
+        r.ice_refresh = now + refresh_after(ttl);
+        let ice = self.env.ice.block(&r.family, &r.device, self.host.as_deref(), auth::unix_now());
+        self.env.metrics.signal_ice_refreshes.inc();
+        self.send(ServerMsg::IceServers { ice_servers: &ice, ice_servers_ttl: ttl });
+    }
+
+    fn send(&mut self, msg: ServerMsg<'_>) {
+        self.out.push_back(Output::Text(msg.to_text().into()));
+    }
+
+    fn error(&mut self, code: ErrorCode, message: &str, reference: Option<&RawValue>) {
+        self.env.metrics.signal_errors.with_label_values(&[code.as_str()]).inc();
+        self.send(ServerMsg::Error { code, message, reference });
+    }
+
+    fn close(&mut self, code: CloseCode) {
+        self.closed = true;
+        self.out.push_back(Output::Close(code));
+    }
+}
+
+/// Push fresh credentials once three quarters of their lifetime has passed.
+fn refresh_after(ttl_secs: u64) -> Duration {
+    Duration::from_secs(ttl_secs * 3 / 4)
+}
+
+/// An id echoed in an error message, cut short so an error never amplifies a large input.
+struct Shown<'a>(&'a str);
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cut: String = self.0.chars().take(64).collect();
+        write!(f, "`{cut}`")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Secret, TurnConfig};
+    use crate::signal::hub::{HubLimits, LocalHub};
+
+    const SECRET: &str = "unit-test-secret-0123456789";
+
+    fn env_with(limits: SignalConfig) -> Arc<SessionEnv> {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(LocalHub::new(
+            HubLimits { max_devices_per_family: limits.max_devices_per_family, max_devices: limits.max_devices },
+            metrics.clone(),
+        ));
+        let turn = TurnConfig { secret: Some(Secret::new("turn-secret-0123456789")), ..TurnConfig::default() };
+        Arc::new(SessionEnv {
+            verifier: TokenVerifier::new(&Secret::new(SECRET), 0),
+            token_leeway: Duration::ZERO,
+            ice: IceConfig::new(&turn),
+            hub,
+            metrics,
+            limits,
+        })
+    }
+
+    fn token(f: &str, u: &str, d: &str) -> String {
+        auth::mint_token(&Secret::new(SECRET), f, u, d, 3600, auth::unix_now())
+    }
+
+    struct Dev {
+        s: Session,
+        rx: mpsc::Receiver<Outbound>,
+    }
+
+    impl Dev {
+        fn new(env: &Arc<SessionEnv>, id: SessionId, now: Instant) -> Dev {
+            let (tx, rx) = mpsc::channel(8);
+            Dev { s: Session::new(id, env.clone(), tx, None, Some("h:1".into()), now), rx }
+        }
+        fn register(env: &Arc<SessionEnv>, id: SessionId, f: &str, d: &str, now: Instant) -> Dev {
+            let mut dev = Dev::new(env, id, now);
+            let t = token(f, "u", d);
+            dev.s.handle_text(now, &format!(r#"{{"type":"register","familyId":"{f}","userId":"u","deviceId":"{d}","token":"{t}"}}"#));
+            assert!(dev.next_text().starts_with(r#"{"type":"registered""#));
+            dev
+        }
+        fn next_text(&mut self) -> String {
+            match self.s.poll_output() {
+                Some(Output::Text(t)) => t.to_string(),
+                other => panic!("expected text, got {other:?}"),
+            }
+        }
+        fn next_error(&mut self) -> String {
+            let t = self.next_text();
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            assert_eq!(v["type"], "error", "{t}");
+            v["code"].as_str().unwrap().to_string()
+        }
+        fn hub_text(&mut self) -> String {
+            match self.rx.try_recv() {
+                Ok(Outbound::Text { text, .. }) => text.to_string(),
+                other => panic!("expected hub text, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn register_then_relay_within_family() {
+        let env = env_with(SignalConfig::default());
+        let now = Instant::now();
+        let mut a = Dev::register(&env, 1, "fam", "a", now);
+        let mut b = Dev::register(&env, 2, "fam", "b", now);
+        assert!(a.hub_text().contains("device-online"));
+        b.s.handle_text(now, r#"{"type":"offer","toDeviceId":"a","sdp":{"type":"offer","sdp":"v=0"}}"#);
+        assert!(b.s.poll_output().is_none(), "a relayed message gets no reply");
+        let got = a.hub_text();
+        assert!(got.contains(r#""fromDeviceId":"b""#) && got.contains(r#""sdp":{"type":"offer","sdp":"v=0"}"#), "{got}");
+        b.s.handle_text(now, r#"{"type":"answer","toDeviceId":"zzz","sdp":"x"}"#);
+        assert_eq!(b.next_error(), "peer-offline");
+        b.s.handle_text(now, r#"{"type":"answer","familyId":"other","toDeviceId":"a","sdp":"x"}"#);
+        assert_eq!(b.next_error(), "family-mismatch");
+        assert!(!b.s.is_closed(), "a family mismatch in a relay keeps the connection");
+        b.s.handle_text(now, r#"{"type":"register","familyId":"fam","userId":"u","deviceId":"b"}"#);
+        assert_eq!(b.next_error(), "already-registered");
+        b.s.finish();
+        assert!(a.hub_text().contains("device-offline"));
+    }
+
+    #[test]
+    fn other_families_are_unreachable() {
+        let env = env_with(SignalConfig::default());
+        let now = Instant::now();
+        let mut a = Dev::register(&env, 1, "fam", "a", now);
+        let mut x = Dev::register(&env, 2, "evil", "x", now);
+        x.s.handle_text(now, r#"{"type":"offer","familyId":"fam","toDeviceId":"a","sdp":"x"}"#);
+        assert_eq!(x.next_error(), "family-mismatch");
+        x.s.handle_text(now, r#"{"type":"offer","toDeviceId":"a","sdp":"x"}"#);
+        assert_eq!(x.next_error(), "peer-offline");
+        assert!(a.rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn auth_failures_close_with_44xx() {
+        let env = env_with(SignalConfig::default());
+        let now = Instant::now();
+        let cases = [
+            (r#"{"type":"register","familyId":"f","userId":"u","deviceId":"d"}"#.to_string(), "unauthorized", CloseCode::Unauthorized),
+            (
+                format!(r#"{{"type":"register","familyId":"g","userId":"u","deviceId":"d","token":"{}"}}"#, token("f", "u", "d")),
+                "family-mismatch",
+                CloseCode::FamilyMismatch,
+            ),
+            (
+                format!(r#"{{"type":"register","familyId":"f","userId":"u","deviceId":"e","token":"{}"}}"#, token("f", "u", "d")),
+                "unauthorized",
+                CloseCode::Unauthorized,
+            ),
+        ];
+        for (i, (frame, code, close)) in cases.into_iter().enumerate() {
+            let mut d = Dev::new(&env, i as u64, now);
+            d.s.handle_text(now, &frame);
+            assert_eq!(d.next_error(), code);
+            assert_eq!(d.s.poll_output(), Some(Output::Close(close)));
+            assert!(d.s.is_closed());
+        }
+        assert_eq!(env.metrics.auth_failures.with_label_values(&["missing"]).get(), 1);
+        assert_eq!(env.metrics.auth_failures.with_label_values(&["family_mismatch"]).get(), 1);
+        assert_eq!(env.metrics.auth_failures.with_label_values(&["claims_mismatch"]).get(), 1);
+    }
+
+    #[test]
+    fn upgrade_token_is_used_when_register_has_none() {
+        let env = env_with(SignalConfig::default());
+        let now = Instant::now();
+        let (tx, _rx) = mpsc::channel(8);
+        let mut s = Session::new(1, env, tx, Some(token("f", "u", "d")), None, now);
+        s.handle_text(now, r#"{"type":"register","familyId":"f","userId":"u","deviceId":"d"}"#);
+        assert!(matches!(s.poll_output(), Some(Output::Text(t)) if t.as_str().starts_with(r#"{"type":"registered""#)));
+    }
+
+    #[test]
+    fn bad_input_keeps_the_connection() {
+        let env = env_with(SignalConfig { max_frame_bytes: 100, ..SignalConfig::default() });
+        let now = Instant::now();
+        let mut d = Dev::new(&env, 1, now);
+        for (frame, code) in [
+            ("not json", "bad-message"),
+            (r#"{"type":"teleport"}"#, "bad-message"),
+            (r#"{"type":"offer","toDeviceId":"x","sdp":"y"}"#, "not-registered"),
+        ] {
+            d.s.handle_text(now, frame);
+            assert_eq!(d.next_error(), code);
+        }
+        d.s.handle_text(now, &"x".repeat(101));
+        assert_eq!(d.next_error(), "too-large");
+        assert!(!d.s.is_closed());
+    }
+
+    #[test]
+    fn flood_is_rate_limited_then_closed() {
+        let limits = SignalConfig { rate_per_sec: 10.0, rate_burst: 5, rate_strikes: 3, ..SignalConfig::default() };
+        let env = env_with(limits);
+        let now = Instant::now();
+        let mut d = Dev::new(&env, 1, now);
+        for _ in 0..5 {
+            d.s.handle_text(now, "{}");
+            assert_eq!(d.next_error(), "bad-message");
+        }
+        for _ in 0..3 {
+            d.s.handle_text(now, "{}");
+            assert_eq!(d.next_error(), "rate-limited");
+        }
+        // Time refills the bucket: 100 ms at 10/s is one more message.
+        d.s.handle_text(now + Duration::from_millis(100), "{}");
+        assert_eq!(d.next_error(), "bad-message");
+        for _ in 0..3 {
+            d.s.handle_text(now + Duration::from_millis(100), "{}");
+            assert_eq!(d.next_error(), "rate-limited");
+        }
+        d.s.handle_text(now + Duration::from_millis(100), "{}");
+        assert_eq!(d.next_error(), "rate-limited");
+        assert_eq!(d.s.poll_output(), Some(Output::Close(CloseCode::RateLimited)));
+    }
+
+    #[test]
+    fn timers_without_sleeping() {
+        let limits = SignalConfig {
+            register_timeout_secs: 5,
+            ping_interval_secs: 10,
+            max_missed_pongs: 2,
+            idle_timeout_secs: 100,
+            ..SignalConfig::default()
+        };
+        let env = env_with(limits);
+        let t0 = Instant::now();
+        // Register deadline.
+        let mut d = Dev::new(&env, 1, t0);
+        assert_eq!(d.s.poll_timeout(), t0 + Duration::from_secs(5));
+        d.s.handle_timeout(t0 + Duration::from_secs(5));
+        assert_eq!(d.next_error(), "not-registered");
+        assert_eq!(d.s.poll_output(), Some(Output::Close(CloseCode::RegisterTimeout)));
+        // Heartbeat: two unanswered pings, then the third tick drops the connection.
+        let mut d = Dev::register(&env, 2, "f", "a", t0);
+        let t = t0 + Duration::from_secs(10);
+        assert_eq!(d.s.poll_timeout(), t);
+        d.s.handle_timeout(t);
+        assert_eq!(d.s.poll_output(), Some(Output::Ping));
+        d.s.handle_pong();
+        d.s.handle_timeout(t + Duration::from_secs(10));
+        assert_eq!(d.s.poll_output(), Some(Output::Ping));
+        d.s.handle_timeout(t + Duration::from_secs(20));
+        assert_eq!(d.s.poll_output(), Some(Output::Ping));
+        d.s.handle_timeout(t + Duration::from_secs(30));
+        assert_eq!(d.s.poll_output(), Some(Output::Close(CloseCode::HeartbeatTimeout)));
+        // Idle.
+        let mut d = Dev::register(&env, 3, "g", "a", t0);
+        d.s.handle_pong();
+        d.s.handle_timeout(t0 + Duration::from_secs(100));
+        assert_eq!(d.s.poll_output(), Some(Output::Close(CloseCode::Normal)));
+    }
+
+    #[test]
+    fn ice_credentials_are_pushed_before_expiry() {
+        let env = env_with(SignalConfig { ping_interval_secs: 1_000_000, idle_timeout_secs: 0, ..SignalConfig::default() });
+        let t0 = Instant::now();
+        let mut d = Dev::register(&env, 1, "f", "a", t0);
+        let refresh = t0 + Duration::from_secs(86_400 * 3 / 4);
+        assert_eq!(d.s.poll_timeout(), refresh.min(t0 + Duration::from_secs(3600)));
+        d.s.handle_timeout(t0 + Duration::from_secs(3599));
+        assert!(d.s.poll_output().is_none());
+        // The token (1 h) expires before the refresh is due: the device is told and closed.
+        d.s.handle_timeout(t0 + Duration::from_secs(3600));
+        assert_eq!(d.next_error(), "unauthorized");
+        assert_eq!(d.s.poll_output(), Some(Output::Close(CloseCode::Unauthorized)));
+    }
+
+    #[test]
+    fn ice_refresh_with_long_token() {
+        let env = env_with(SignalConfig { ping_interval_secs: 1_000_000, idle_timeout_secs: 0, ..SignalConfig::default() });
+        let t0 = Instant::now();
+        let (tx, _rx) = mpsc::channel(8);
+        let long = auth::mint_token(&Secret::new(SECRET), "f", "u", "a", 10 * 86_400, auth::unix_now());
+        let mut s = Session::new(1, env.clone(), tx, Some(long), None, t0);
+        s.handle_text(t0, r#"{"type":"register","familyId":"f","userId":"u","deviceId":"a"}"#);
+        assert!(s.poll_output().is_some());
+        let refresh = t0 + Duration::from_secs(86_400 * 3 / 4);
+        assert_eq!(s.poll_timeout(), refresh);
+        s.handle_timeout(refresh);
+        match s.poll_output() {
+            Some(Output::Text(t)) => assert!(t.as_str().starts_with(r#"{"type":"ice-servers","iceServers":[{"urls""#), "{t}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(env.metrics.signal_ice_refreshes.get(), 1);
+    }
+}

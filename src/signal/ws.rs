@@ -1,0 +1,134 @@
+//! The thin tokio driver around [`Session`]: read a frame, hand it over, write what comes out.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use tokio::sync::{mpsc, watch};
+
+use super::hub::{Outbound, SessionId};
+use super::protocol::CloseCode;
+use super::session::{Output, Session, SessionEnv};
+
+/// Why the write side gave up.
+enum WriteError {
+    Timeout,
+    Io,
+}
+
+/// Drives one upgraded connection until it closes.
+pub async fn drive(
+    mut socket: WebSocket,
+    env: Arc<SessionEnv>,
+    id: SessionId,
+    token: Option<String>,
+    host: Option<String>,
+    mut draining: watch::Receiver<bool>,
+) {
+    let metrics = env.metrics.clone();
+    metrics.signal_connections.inc();
+    metrics.signal_connections_accepted.inc();
+    let write_timeout = Duration::from_secs(env.limits.write_timeout_secs);
+    let (tx, mut rx) = mpsc::channel(env.limits.outbound_queue);
+    let mut session = Session::new(id, env, tx, token, host, Instant::now());
+    let mut drain_seen = false;
+    if *draining.borrow_and_update() {
+        session.handle_shutdown();
+    }
+
+    let reason: &'static str = 'conn: loop {
+        while let Some(out) = session.poll_output() {
+            let msg = match out {
+                Output::Text(t) => Message::Text(t),
+                Output::Ping => Message::Ping(Default::default()),
+                Output::Close(code) => {
+                    let _ = write(&mut socket, close_message(code), write_timeout).await;
+                    break 'conn code.reason();
+                }
+            };
+            if let Err(e) = write(&mut socket, msg, write_timeout).await {
+                break 'conn e.reason();
+            }
+        }
+        let deadline = tokio::time::Instant::from_std(session.poll_timeout());
+        tokio::select! {
+            msg = socket.recv() => match msg {
+                None | Some(Ok(Message::Close(_))) => break 'conn "client",
+                Some(Ok(Message::Text(t))) => session.handle_text(Instant::now(), t.as_str()),
+                Some(Ok(Message::Binary(b))) => session.handle_binary(Instant::now(), &b),
+                Some(Ok(Message::Pong(_))) => session.handle_pong(),
+                // Pings are answered by the WebSocket layer itself.
+                Some(Ok(Message::Ping(_))) => {}
+                Some(Err(e)) if is_too_big(&e) => session.handle_oversize(),
+                Some(Err(_)) => break 'conn "error",
+            },
+            out = rx.recv(), if session.is_registered() => match out {
+                Some(Outbound::Text { text, relayed_at }) => {
+                    if let Err(e) = write(&mut socket, Message::Text(text), write_timeout).await {
+                        break 'conn e.reason();
+                    }
+                    let now = Instant::now();
+                    if let Some(at) = relayed_at {
+                        metrics.signal_relay_latency.observe(now.saturating_duration_since(at).as_secs_f64());
+                    }
+                    session.handle_delivered(now);
+                }
+                // The hub dropped us: a newer connection registered this device.
+                Some(Outbound::Close(code)) => {
+                    let _ = write(&mut socket, close_message(code), write_timeout).await;
+                    break 'conn code.reason();
+                }
+                None => {
+                    let _ = write(&mut socket, close_message(CloseCode::Replaced), write_timeout).await;
+                    break 'conn CloseCode::Replaced.reason();
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => session.handle_timeout(Instant::now()),
+            _ = draining.changed(), if !drain_seen => {
+                drain_seen = true;
+                session.handle_shutdown();
+            }
+        }
+    };
+    session.finish();
+    metrics.signal_connections.dec();
+    metrics.signal_connections_closed.with_label_values(&[reason]).inc();
+    tracing::debug!(session = id, reason, "connection closed");
+}
+
+impl WriteError {
+    fn reason(&self) -> &'static str {
+        match self {
+            WriteError::Timeout => "write_timeout",
+            WriteError::Io => "error",
+        }
+    }
+}
+
+async fn write(socket: &mut WebSocket, msg: Message, timeout: Duration) -> Result<(), WriteError> {
+    match tokio::time::timeout(timeout, socket.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(WriteError::Io),
+        Err(_) => Err(WriteError::Timeout),
+    }
+}
+
+fn close_message(code: CloseCode) -> Message {
+    Message::Close(Some(CloseFrame { code: code.code(), reason: code.reason().into() }))
+}
+
+/// Whether a read error is the transport refusing a frame over `signal.hard_max_frame_bytes`.
+fn is_too_big(e: &axum::Error) -> bool {
+    use std::error::Error;
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let mut source: Option<&(dyn Error + 'static)> = e.source();
+    while let Some(s) = source {
+        if let Some(ws) = s.downcast_ref::<WsError>() {
+            return matches!(ws, WsError::Capacity(_));
+        }
+        source = s.source();
+    }
+    // Fall back on the message if the error type is from another tungstenite version.
+    let text = e.to_string();
+    text.contains("Space limit exceeded") || text.contains("too long") || text.contains("too big")
+}
