@@ -77,6 +77,8 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         let Server { config, http, metrics, state, drain } = self;
         let separate_metrics = metrics.is_some();
+        let http_addr = http.local_addr()?;
+        let metrics_addr = metrics.as_ref().map(TcpListener::local_addr).transpose()?;
         let mut draining = drain.subscribe();
         let public = axum::serve(http, http::app(state.clone(), !separate_metrics))
             .with_graceful_shutdown(async move {
@@ -93,8 +95,8 @@ impl Server {
         let shared = state.shared();
         shared.ready.store(true, Ordering::Relaxed);
         tracing::info!(
-            http = %config.http.listen,
-            metrics = %config.metrics.listen,
+            http = %http_addr,
+            metrics = %metrics_addr.map_or_else(|| "on http".to_string(), |a| a.to_string()),
             version = env!("CARGO_PKG_VERSION"),
             "kinlink serving"
         );

@@ -42,7 +42,7 @@ pub async fn drive(
                 Output::Text(t) => Message::Text(t),
                 Output::Ping => Message::Ping(Default::default()),
                 Output::Close(code) => {
-                    let _ = write(&mut socket, close_message(code), write_timeout).await;
+                    close(&mut socket, code, write_timeout).await;
                     break 'conn code.reason();
                 }
             };
@@ -75,11 +75,11 @@ pub async fn drive(
                 }
                 // The hub dropped us: a newer connection registered this device.
                 Some(Outbound::Close(code)) => {
-                    let _ = write(&mut socket, close_message(code), write_timeout).await;
+                    close(&mut socket, code, write_timeout).await;
                     break 'conn code.reason();
                 }
                 None => {
-                    let _ = write(&mut socket, close_message(CloseCode::Replaced), write_timeout).await;
+                    close(&mut socket, CloseCode::Replaced, write_timeout).await;
                     break 'conn CloseCode::Replaced.reason();
                 }
             },
@@ -113,8 +113,26 @@ async fn write(socket: &mut WebSocket, msg: Message, timeout: Duration) -> Resul
     }
 }
 
-fn close_message(code: CloseCode) -> Message {
-    Message::Close(Some(CloseFrame { code: code.code(), reason: code.reason().into() }))
+/// How long a server-initiated close waits for the client's close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Sends a close frame, then reads until the client answers with its own (the closing
+/// handshake). Dropping the socket with unread client data would make the kernel send a
+/// RST, and the client would lose the error and close frame we just wrote.
+async fn close(socket: &mut WebSocket, code: CloseCode, write_timeout: Duration) {
+    let frame = Message::Close(Some(CloseFrame { code: code.code(), reason: code.reason().into() }));
+    if write(socket, frame, write_timeout).await.is_err() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + CLOSE_LINGER;
+    // Bounded: after a framing error each read consumes input or ends the stream, but never
+    // trust that with an unbounded loop.
+    for _ in 0..1024 {
+        match tokio::time::timeout_at(deadline, socket.recv()).await {
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Err(_) => return,
+            Ok(Some(_)) => continue,
+        }
+    }
 }
 
 /// Whether a read error is the transport refusing a frame over `signal.hard_max_frame_bytes`.

@@ -1,0 +1,178 @@
+//! Test harness: a kinlink server on 127.0.0.1:0 in this process, and WebSocket clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use kinlink::config::{Config, Secret};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const TOKEN_SECRET: &str = "integration-token-secret-0123456789";
+pub const TURN_SECRET: &str = "integration-turn-secret-0123456789";
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub struct TestServer {
+    pub http: SocketAddr,
+    pub metrics: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    pub task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+pub fn test_config() -> Config {
+    let mut cfg = Config::default();
+    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.metrics.listen = "127.0.0.1:0".into();
+    cfg.auth.token_secret = Some(Secret::new(TOKEN_SECRET));
+    cfg.auth.token_leeway_secs = 0;
+    cfg.turn.secret = Some(Secret::new(TURN_SECRET));
+    cfg.data_dir = std::env::temp_dir().join("kinlink-test-unused");
+    cfg
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::with(|_| {}).await
+    }
+
+    pub async fn with(edit: impl FnOnce(&mut Config)) -> TestServer {
+        let mut cfg = test_config();
+        edit(&mut cfg);
+        cfg.validate().expect("test config is valid");
+        let server = kinlink::Server::bind(cfg).await.expect("bind");
+        let http = server.http_addr();
+        let metrics = server.metrics_addr().expect("separate metrics listener");
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        TestServer { http, metrics, shutdown: Some(tx), task: Some(task) }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/signal", self.http)
+    }
+
+    /// Starts draining; returns the server task to await.
+    pub fn begin_shutdown(&mut self) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        let _ = self.shutdown.take().unwrap().send(());
+        self.task.take().unwrap()
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.metrics)).await.unwrap().text().await.unwrap()
+    }
+
+    /// Waits until a sample reaches `want` (metrics of a closing connection move only after
+    /// its closing handshake); panics with the last value after 5 s.
+    pub async fn wait_metric(&self, sample: &str, want: f64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let v = self.metric(sample).await;
+            if v == want {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{sample} = {v}, want {want}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Value of one sample line, e.g. `kinlink_signal_errors_total{code="peer-offline"}`.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self.metrics_text().await;
+        metric_value(&text, sample).unwrap_or_else(|| panic!("{sample} not in /metrics"))
+    }
+}
+
+pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse().unwrap()))
+}
+
+pub fn token(family: &str, user: &str, device: &str) -> String {
+    token_ttl(family, user, device, 3600)
+}
+
+pub fn token_ttl(family: &str, user: &str, device: &str, ttl: u64) -> String {
+    kinlink::auth::mint_token(&Secret::new(TOKEN_SECRET), family, user, device, ttl, kinlink::auth::unix_now())
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await.expect("connect timeout").expect("connect");
+        Client { ws }
+    }
+
+    /// Connects and registers with the token in `register`; returns the client and `registered`.
+    pub async fn register(server: &TestServer, family: &str, user: &str, device: &str) -> (Client, Value) {
+        let mut c = Client::connect(&server.ws_url()).await;
+        c.send(json!({"type":"register","familyId":family,"userId":user,"deviceId":device,"token":token(family,user,device)})).await;
+        let reg = c.recv().await;
+        assert_eq!(reg["type"], "registered", "{reg}");
+        (c, reg)
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).await.expect("send");
+    }
+
+    pub async fn send_raw(&mut self, text: &str) {
+        self.ws.send(Message::text(text.to_string())).await.expect("send");
+    }
+
+    /// Next JSON text message (pings are skipped).
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("recv timeout").expect("stream ended").expect("ws error");
+            match msg {
+                Message::Text(t) => return serde_json::from_str(&t).expect("server sends JSON"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected text, got {other:?}"),
+            }
+        }
+    }
+
+    /// Next message must be `error` with `code`.
+    pub async fn expect_error(&mut self, code: &str) -> Value {
+        let v = self.recv().await;
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["code"], code, "{v}");
+        v
+    }
+
+    /// Reads until the server closes; returns the close code.
+    pub async fn expect_close(&mut self) -> u16 {
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next()).await.expect("close timeout") {
+                Some(Ok(Message::Close(frame))) => {
+                    // Complete the closing handshake as a real client does.
+                    let _ = self.ws.flush().await;
+                    return frame.map_or(u16::from(CloseCode::Status), |f| u16::from(f.code));
+                }
+                Some(Ok(Message::Text(t))) => panic!("expected close, got text {t}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("expected close frame, got error {e}"),
+                None => panic!("stream ended without close frame"),
+            }
+        }
+    }
+
+    /// Nothing arrives within `d`.
+    pub async fn expect_silence(&mut self, d: Duration) {
+        loop {
+            match tokio::time::timeout(d, self.ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(Message::Ping(_)))) => continue,
+                Ok(other) => panic!("expected silence, got {other:?}"),
+            }
+        }
+    }
+}
