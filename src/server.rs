@@ -36,6 +36,7 @@ impl Server {
         for key in crate::secrets::resolve(&mut config)? {
             tracing::warn!(key, data_dir = %config.data_dir.display(), "secret not configured: using one generated in the data directory; set it explicitly in production");
         }
+        raise_nofile_limit(config.signal.max_connections);
         let metrics = Arc::new(Metrics::new());
         let hub: Arc<dyn Hub> = Arc::new(LocalHub::new(
             HubLimits {
@@ -123,6 +124,20 @@ impl Server {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
         }
         Ok(())
+    }
+}
+
+/// Each connection is a file descriptor: raise the soft limit to the hard one (as coturn
+/// does) and say so when even that is below `signal.max_connections`.
+fn raise_nofile_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < max_connections as u64 + 64 => tracing::warn!(
+            limit,
+            max_connections,
+            "open-file limit is below signal.max_connections: raise LimitNOFILE / ulimit -n"
+        ),
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
     }
 }
 

@@ -40,6 +40,7 @@ struct Running {
 
 /// Starts `kinlink serve` on port 0 with JSON logs and reads the bound addresses from them.
 fn serve(data_dir: &Path, extra: &[&str]) -> Running {
+    #[allow(clippy::zombie_processes)] // waited for by `Running`'s Drop
     let mut child = bin()
         .args(["--data-dir", data_dir.to_str().unwrap(), "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
         .args(["--set", "log.format=json"])
@@ -65,6 +66,14 @@ fn serve(data_dir: &Path, extra: &[&str]) -> Running {
             let metrics = v["fields"]["metrics"].as_str().unwrap().parse().unwrap();
             return Running { child, http, metrics, log: rx, startup };
         }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // A failed assertion must not leave a server behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -197,7 +206,8 @@ fn config_check_prints_redacted_config_and_names_bad_keys() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("max_devices_per_family = 12") && text.contains("rate_burst = 9"), "{text}");
 
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         (&[], &[("KINLINK_SIGNAL__MAX_FRAME_BYTES", "big")], "signal.max_frame_bytes"),
         (&[], &[("KINLINK_HTTP__LISTEN", "not-an-address")], "http.listen"),
         (&[], &[("KINLINK_SIGNAL__TYPO_KEY", "1")], "typo_key"),

@@ -1,0 +1,311 @@
+//! Signaling benchmark: starts a release `kinlink` binary, opens N registered devices in
+//! families of 4 from several 127.x.y.z source addresses, then measures
+//! - connections held and server RSS per idle connection (from /proc),
+//! - registration rate,
+//! - offer relay latency (client send to target receive) at a fixed message rate,
+//!   with the server's own `kinlink_signal_relay_latency_seconds` alongside.
+//!
+//! Traffic goes to loopback only; every loop is bounded in count and time.
+//!
+//! ```text
+//! cargo build --release && cargo run --release --example signal_bench -- --devices 19900 --rate 10000 --seconds 10
+//! ```
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+const SECRET: &str = "bench-token-secret-0123456789abcdef";
+const PER_SOURCE_IP: usize = 10_000;
+
+struct Args {
+    devices: usize,
+    rate: u64,
+    seconds: u64,
+    concurrency: usize,
+    bin: String,
+}
+
+fn args() -> Args {
+    let mut a = Args { devices: 2000, rate: 10_000, seconds: 10, concurrency: 256, bin: "target/release/kinlink".into() };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        match k.as_str() {
+            "--devices" => a.devices = v.parse().unwrap(),
+            "--rate" => a.rate = v.parse().unwrap(),
+            "--seconds" => a.seconds = v.parse().unwrap(),
+            "--concurrency" => a.concurrency = v.parse().unwrap(),
+            "--bin" => a.bin = v,
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    assert!(a.devices >= 4 && a.devices % 4 == 0, "--devices must be a multiple of 4");
+    assert!(a.seconds <= 300, "--seconds is bounded to 300");
+    a
+}
+
+struct Server {
+    child: Child,
+    http: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(bin: &str, devices: usize) -> Server {
+    let data = std::env::temp_dir().join(format!("kinlink-bench-{}", std::process::id()));
+    let mut child = Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()])
+        .args(["--set", "log.format=json", "--set", "log.level=warn,kinlink::server=info"])
+        .args(["--set", &format!("signal.max_connections={}", devices + 100)])
+        .args(["--set", &format!("signal.max_devices={}", devices + 100)])
+        .env("KINLINK_AUTH__TOKEN_SECRET", SECRET)
+        .env("KINLINK_TURN__SECRET", "bench-turn-secret-0123456789")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kinlink (build it first: cargo build --release)");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("warn") || line.contains("ERROR") {
+                eprintln!("server: {line}");
+            }
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(10)).expect("server starts");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["fields"]["message"] == "kinlink serving" {
+            return Server {
+                child,
+                http: v["fields"]["http"].as_str().unwrap().parse().unwrap(),
+                metrics: v["fields"]["metrics"].as_str().unwrap().parse().unwrap(),
+            };
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).unwrap().parse().unwrap()
+}
+
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+type Sink = SplitSink<WebSocketStream<TcpStream>, Message>;
+
+async fn connect(i: usize, server: SocketAddr) -> (Sink, futures_util::stream::SplitStream<WebSocketStream<TcpStream>>) {
+    let ip = Ipv4Addr::new(127, 0, 1 + (i / PER_SOURCE_IP) as u8, 1);
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind((ip, 0).into()).unwrap();
+    let stream = sock.connect(server).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+    let url = format!("ws://{server}/signal");
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await.unwrap();
+    let (mut sink, mut stream) = ws.split();
+    let fam = format!("fam{}", i / 4);
+    let dev = format!("dev{i}");
+    let token = kinlink::auth::mint_token(&kinlink::config::Secret::new(SECRET), &fam, "u", &dev, 3600, kinlink::auth::unix_now());
+    let reg = serde_json::json!({"type":"register","familyId":fam,"userId":"u","deviceId":dev,"token":token});
+    sink.send(Message::text(reg.to_string())).await.unwrap();
+    loop {
+        match stream.next().await {
+            Some(Ok(Message::Text(t))) if t.contains(r#""type":"registered""#) => break,
+            Some(Ok(Message::Text(t))) if t.contains(r#""type":"error""#) => panic!("register failed: {t}"),
+            Some(Ok(_)) => continue,
+            other => panic!("connection {i} failed: {other:?}"),
+        }
+    }
+    (sink, stream)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx] as f64 / 1000.0
+}
+
+fn histogram_quantile(metrics: &str, q: f64) -> f64 {
+    let mut buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("kinlink_signal_relay_latency_seconds_bucket{le=\""))
+        .map(|l| {
+            let (le, rest) = l.split_once("\"}").unwrap();
+            (if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() }, rest.trim().parse().unwrap())
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let target = q * total;
+    let mut prev = (0.0, 0.0);
+    for (le, count) in buckets {
+        if count >= target {
+            if le.is_infinite() {
+                return prev.0;
+            }
+            let frac = if count > prev.1 { (target - prev.1) / (count - prev.1) } else { 0.0 };
+            return prev.0 + (le - prev.0) * frac;
+        }
+        prev = (le, count);
+    }
+    f64::NAN
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::main]
+async fn main() {
+    let a = args();
+    let server = start_server(&a.bin, a.devices);
+    let pid = server.child.id();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_before = rss_kib(pid);
+    println!("devices={} families={} rate={}/s seconds={}", a.devices, a.devices / 4, a.rate, a.seconds);
+    println!("server rss before: {rss_before} KiB");
+
+    // Register everyone, `concurrency` at a time.
+    let t0 = Instant::now();
+    let epoch = Instant::now();
+    let latencies: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::with_capacity((a.rate * a.seconds) as usize)));
+    let received = Arc::new(AtomicU64::new(0));
+    let mut sinks: Vec<Option<Arc<tokio::sync::Mutex<Sink>>>> = (0..a.devices).map(|_| None).collect();
+    let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency));
+    let mut joins = Vec::with_capacity(a.devices);
+    for i in 0..a.devices {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        let http = server.http;
+        joins.push(tokio::spawn(async move {
+            let r = connect(i, http).await;
+            drop(permit);
+            r
+        }));
+    }
+    for (i, j) in joins.into_iter().enumerate() {
+        let (sink, mut stream) = j.await.unwrap();
+        sinks[i] = Some(Arc::new(tokio::sync::Mutex::new(sink)));
+        let lat = latencies.clone();
+        let received = received.clone();
+        // Reader: records the latency carried in relayed offers; answers pings implicitly.
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = stream.next().await {
+                if let Message::Text(t) = msg {
+                    if let Some(pos) = t.find(r#""sdp":"t"#) {
+                        let rest = &t[pos + 8..];
+                        let end = rest.find('"').unwrap();
+                        let sent: u64 = rest[..end].parse().unwrap();
+                        let now = epoch.elapsed().as_micros() as u64;
+                        lat.lock().unwrap().push(now.saturating_sub(sent));
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+    }
+    let reg_secs = t0.elapsed().as_secs_f64();
+    println!("registered {} devices in {:.2} s: {:.0} registrations/s", a.devices, reg_secs, a.devices as f64 / reg_secs);
+    // Let allocator and kernel settle, then read RSS with everyone idle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = rss_kib(pid);
+    let metrics = scrape(server.metrics).await;
+    let held = kinlink_metric(&metrics, "kinlink_signal_connections");
+    println!("connections held: {held}");
+    println!(
+        "server rss after: {rss_after} KiB; per idle connection: {:.2} KiB",
+        (rss_after - rss_before) as f64 / a.devices as f64
+    );
+
+    // Relay: `rate` offers per second spread over all devices, each to the next device of its family.
+    latencies.lock().unwrap().clear();
+    let cpu0 = cpu_secs(pid);
+    let total = a.rate * a.seconds;
+    let tick = Duration::from_millis(1);
+    let mut sent = 0u64;
+    let mut next = 0usize;
+    let start = Instant::now();
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let deadline = start + Duration::from_secs(a.seconds + 5);
+    while sent < total && Instant::now() < deadline {
+        interval.tick().await;
+        let due = ((start.elapsed().as_secs_f64() * a.rate as f64) as u64).min(total);
+        while sent < due {
+            let i = next % a.devices;
+            next += 1;
+            let to = (i / 4) * 4 + (i + 1) % 4;
+            let now = epoch.elapsed().as_micros() as u64;
+            let frame = format!(r#"{{"type":"offer","toDeviceId":"dev{to}","sdp":"t{now}"}}"#);
+            let sink = sinks[i].as_ref().unwrap().clone();
+            // Each device sends rarely; a spawned send keeps the pacing loop from stalling.
+            tokio::spawn(async move {
+                let _ = sink.lock().await.send(Message::text(frame)).await;
+            });
+            sent += 1;
+        }
+    }
+    let send_secs = start.elapsed().as_secs_f64();
+    let wait_until = Instant::now() + Duration::from_secs(5);
+    while received.load(Ordering::Relaxed) < sent && Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cpu = cpu_secs(pid) - cpu0;
+    let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
+    lat.sort_unstable();
+    let metrics = scrape(server.metrics).await;
+    println!(
+        "relayed {} of {} offers in {:.2} s ({:.0}/s); lost {}",
+        lat.len(),
+        sent,
+        send_secs,
+        sent as f64 / send_secs,
+        sent - lat.len() as u64
+    );
+    println!(
+        "client-observed latency: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        percentile(&lat, 0.50),
+        percentile(&lat, 0.99),
+        percentile(&lat, 1.0)
+    );
+    println!(
+        "server relay latency (accept to write): p50 {:.3} ms, p99 {:.3} ms",
+        histogram_quantile(&metrics, 0.50) * 1000.0,
+        histogram_quantile(&metrics, 0.99) * 1000.0
+    );
+    println!("server cpu during relay: {:.2} s ({:.1} us per message)", cpu, cpu * 1e6 / sent as f64);
+}
+
+fn kinlink_metric(text: &str, name: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' '))).map_or(f64::NAN, |v| v.trim().parse().unwrap())
+}
