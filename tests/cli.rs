@@ -239,3 +239,36 @@ fn token_command_rejects_bad_ids() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--family"));
 }
+
+/// deploy/kinlink.example.toml loads, and mentions every key the configuration has.
+#[test]
+fn example_config_covers_every_key() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kinlink.example.toml");
+    let cfg = kinlink::config::load_with_env(Some(&example), &[], Vec::new()).expect("example loads");
+    let text = std::fs::read_to_string(&example).unwrap();
+    let mut full = cfg.clone();
+    full.auth.token_secret = Some(kinlink::config::Secret::new("x".repeat(16)));
+    full.turn.secret = full.auth.token_secret.clone();
+    full.turn.tls_cert = Some("c".into());
+    full.turn.tls_key = Some("k".into());
+    let table: toml::Table = toml::from_str(&full.to_redacted_toml()).unwrap();
+    fn keys(prefix: &str, t: &toml::Table, out: &mut Vec<String>) {
+        for (k, v) in t {
+            match v {
+                toml::Value::Table(inner) => keys(&format!("{prefix}{k}."), inner, out),
+                _ => out.push(format!("{prefix}{k}")),
+            }
+        }
+    }
+    let mut all = Vec::new();
+    keys("", &table, &mut all);
+    assert!(all.len() > 30);
+    for key in all {
+        let leaf = key.rsplit('.').next().unwrap();
+        let documented = text.lines().any(|l| {
+            let l = l.trim_start_matches(['#', ' ']);
+            l.starts_with(&format!("{leaf} =")) || l.starts_with(&format!("{leaf}="))
+        });
+        assert!(documented, "{key} is not in deploy/kinlink.example.toml");
+    }
+}
