@@ -7,8 +7,12 @@
 //!
 //! Traffic goes to loopback only; every loop is bounded in count and time.
 //!
+//! `--server node` runs the same load against the seed app's planned Node `ws` server
+//! (bench/peer/seed-signaling.mjs), the peer BENCHMARKS.md compares with.
+//!
 //! ```text
 //! cargo build --release && cargo run --release --example signal_bench -- --devices 19900 --rate 10000 --seconds 10
+//! bench/signal.sh   # both servers, three rounds each, side by side
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -33,10 +37,11 @@ struct Args {
     seconds: u64,
     concurrency: usize,
     bin: String,
+    server: String,
 }
 
 fn args() -> Args {
-    let mut a = Args { devices: 2000, rate: 10_000, seconds: 10, concurrency: 256, bin: "target/release/kinlink".into() };
+    let mut a = Args { devices: 2000, rate: 10_000, seconds: 10, concurrency: 256, bin: "target/release/kinlink".into(), server: "kinlink".into() };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -46,6 +51,7 @@ fn args() -> Args {
             "--seconds" => a.seconds = v.parse().unwrap(),
             "--concurrency" => a.concurrency = v.parse().unwrap(),
             "--bin" => a.bin = v,
+            "--server" => a.server = v,
             other => panic!("unknown flag {other}"),
         }
     }
@@ -57,7 +63,7 @@ fn args() -> Args {
 struct Server {
     child: Child,
     http: SocketAddr,
-    metrics: SocketAddr,
+    metrics: Option<SocketAddr>,
 }
 
 impl Drop for Server {
@@ -69,6 +75,7 @@ impl Drop for Server {
 
 fn start_server(bin: &str, devices: usize) -> Server {
     let data = std::env::temp_dir().join(format!("kinlink-bench-{}", std::process::id()));
+    #[allow(clippy::zombie_processes)] // `Server`'s Drop kills and waits
     let mut child = Command::new(bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()])
         .args(["--set", "log.format=json", "--set", "log.level=warn,kinlink::server=info"])
@@ -97,10 +104,27 @@ fn start_server(bin: &str, devices: usize) -> Server {
             return Server {
                 child,
                 http: v["fields"]["http"].as_str().unwrap().parse().unwrap(),
-                metrics: v["fields"]["metrics"].as_str().unwrap().parse().unwrap(),
+                metrics: Some(v["fields"]["metrics"].as_str().unwrap().parse().unwrap()),
             };
         }
     }
+}
+
+fn start_node_peer() -> Server {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peer/seed-signaling.mjs");
+    #[allow(clippy::zombie_processes)] // `Server`'s Drop kills and waits
+    let mut child = Command::new("node")
+        .arg(script)
+        .env("TOKEN_SECRET", SECRET)
+        .env("PORT", "0")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("node runs (npm install in bench/peer first)");
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening ").expect("peer prints its address").parse().unwrap();
+    Server { child, http: addr, metrics: None }
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -189,7 +213,12 @@ async fn scrape(addr: SocketAddr) -> String {
 #[tokio::main]
 async fn main() {
     let a = args();
-    let server = start_server(&a.bin, a.devices);
+    let server = match a.server.as_str() {
+        "kinlink" => start_server(&a.bin, a.devices),
+        "node" => start_node_peer(),
+        other => panic!("--server kinlink|node, not {other}"),
+    };
+    println!("server: {}", a.server);
     let pid = server.child.id();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = rss_kib(pid);
@@ -239,9 +268,10 @@ async fn main() {
     // Let allocator and kernel settle, then read RSS with everyone idle.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = rss_kib(pid);
-    let metrics = scrape(server.metrics).await;
-    let held = kinlink_metric(&metrics, "kinlink_signal_connections");
-    println!("connections held: {held}");
+    if let Some(m) = server.metrics {
+        let held = kinlink_metric(&scrape(m).await, "kinlink_signal_connections");
+        println!("connections held (server's gauge): {held}");
+    }
     println!(
         "server rss after: {rss_after} KiB; per idle connection: {:.2} KiB",
         (rss_after - rss_before) as f64 / a.devices as f64
@@ -283,7 +313,6 @@ async fn main() {
     let cpu = cpu_secs(pid) - cpu0;
     let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
     lat.sort_unstable();
-    let metrics = scrape(server.metrics).await;
     println!(
         "relayed {} of {} offers in {:.2} s ({:.0}/s); lost {}",
         lat.len(),
@@ -298,11 +327,14 @@ async fn main() {
         percentile(&lat, 0.99),
         percentile(&lat, 1.0)
     );
-    println!(
-        "server relay latency (accept to write): p50 {:.3} ms, p99 {:.3} ms",
-        histogram_quantile(&metrics, 0.50) * 1000.0,
-        histogram_quantile(&metrics, 0.99) * 1000.0
-    );
+    if let Some(m) = server.metrics {
+        let metrics = scrape(m).await;
+        println!(
+            "server relay latency (accept to write): p50 {:.3} ms, p99 {:.3} ms",
+            histogram_quantile(&metrics, 0.50) * 1000.0,
+            histogram_quantile(&metrics, 0.99) * 1000.0
+        );
+    }
     println!("server cpu during relay: {:.2} s ({:.1} us per message)", cpu, cpu * 1e6 / sent as f64);
 }
 
