@@ -140,7 +140,7 @@ async fn signal(
         .max_message_size(hard_max)
         .max_frame_size(hard_max)
         // Small buffers: most connections idle, and 20k of them must fit in little memory.
-        .read_buffer_size(4096)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
             crate::signal::ws::drive(socket, env, id, token, host, draining).await;

@@ -636,4 +636,47 @@ mod tests {
         }
         assert_eq!(env.metrics.signal_ice_refreshes.get(), 1);
     }
+
+    /// Network input never panics: random bytes and mutations of valid frames, bounded and
+    /// seeded so a failure reproduces.
+    #[test]
+    fn random_and_mutated_frames_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let env = env_with(SignalConfig { rate_burst: 1_000_000, max_frame_bytes: 512, ..SignalConfig::default() });
+        let now = Instant::now();
+        let mut a = Dev::register(&env, 1, "f", "a", now);
+        let mut b = Dev::register(&env, 2, "f", "b", now);
+        let seeds = [
+            r#"{"type":"offer","toDeviceId":"b","sdp":{"type":"offer","sdp":"v=0"},"ref":1}"#.to_string(),
+            r#"{"type":"ice-candidate","familyId":"f","toDeviceId":"b","candidate":null}"#.to_string(),
+            format!(r#"{{"type":"register","familyId":"f","userId":"u","deviceId":"a","token":"{}"}}"#, token("f", "u", "a")),
+            r#"{"type":"answer","toDeviceId":"b","sdp":"\u0000\ud800"}"#.to_string(),
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b696e6c);
+        for i in 0..20_000 {
+            let mut bytes = seeds[i % seeds.len()].clone().into_bytes();
+            match i % 3 {
+                0 => {
+                    let n = rng.gen_range(0..600);
+                    bytes = (0..n).map(|_| rng.gen()).collect();
+                }
+                1 => {
+                    for _ in 0..rng.gen_range(1..8) {
+                        let at = rng.gen_range(0..bytes.len());
+                        bytes[at] = rng.gen();
+                    }
+                }
+                _ => {
+                    let cut = rng.gen_range(0..bytes.len());
+                    bytes.truncate(cut);
+                }
+            }
+            a.s.handle_binary(now, &bytes);
+            while a.s.poll_output().is_some() {}
+            while b.rx.try_recv().is_ok() {}
+            if a.s.is_closed() {
+                a = Dev::register(&env, 10 + i as u64, "f", "a", now);
+            }
+        }
+    }
 }
