@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod secrets;
 pub mod server;
 pub mod signal;
+pub mod turn;
 
 pub use config::Config;
 pub use server::{run, Server};

@@ -42,10 +42,48 @@ pub struct Metrics {
     pub http_ice_servers: IntCounterVec,
     /// `kinlink_build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
+    /// `kinlink_turn_allocations`: open TURN allocations.
+    pub turn_allocations: IntGauge,
+    /// `kinlink_turn_allocations_created_total{transport}`.
+    pub turn_allocations_created: IntCounterVec,
+    /// `kinlink_turn_allocation_duration_seconds`: lifetime of closed allocations.
+    pub turn_allocation_duration: Histogram,
+    /// `kinlink_turn_relayed_bytes_total{direction="client_to_peer"}` (payload bytes).
+    pub turn_bytes_to_peer: IntCounter,
+    /// `kinlink_turn_relayed_bytes_total{direction="peer_to_client"}`.
+    pub turn_bytes_to_client: IntCounter,
+    /// `kinlink_turn_relayed_packets_total{direction="client_to_peer"}`.
+    pub turn_packets_to_peer: IntCounter,
+    /// `kinlink_turn_relayed_packets_total{direction="peer_to_client"}`.
+    pub turn_packets_to_client: IntCounter,
+    /// `kinlink_turn_dropped_packets_total{reason}`: data not relayed.
+    pub turn_dropped: IntCounterVec,
+    /// `kinlink_turn_auth_failures_total{reason}`.
+    pub turn_auth_failures: IntCounterVec,
+    /// `kinlink_turn_permission_denied_total{reason}`: peers refused by the peer policy.
+    pub turn_permission_denied: IntCounterVec,
+    /// `kinlink_turn_quota_rejections_total{scope}`.
+    pub turn_quota_rejections: IntCounterVec,
+    /// `kinlink_turn_binding_requests_total{transport}`: STUN binding requests.
+    pub turn_binding_requests: IntCounterVec,
 }
+
+/// `kinlink_turn_auth_failures_total` reasons.
+pub const TURN_AUTH_REASONS: [&str; 8] =
+    ["malformed", "bad_nonce", "stale_nonce", "wrong_realm", "bad_integrity", "expired", "wrong_credentials", "missing"];
+/// `kinlink_turn_dropped_packets_total` reasons.
+pub const TURN_DROP_REASONS: [&str; 6] = ["malformed", "no_allocation", "no_channel", "no_permission", "bandwidth", "queue_full"];
+/// `kinlink_turn_quota_rejections_total` scopes.
+pub const TURN_QUOTA_SCOPES: [&str; 6] = ["server", "family", "device", "ports", "permissions", "channels"];
 
 /// `kinlink_signal_connections_closed_total` reasons that are not a [`CloseCode`].
 pub const EXTRA_CLOSE_REASONS: [&str; 3] = ["client", "write_timeout", "error"];
+
+fn counter_vec2(r: &Registry, name: &str, help: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), &["direction"]).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -67,6 +105,8 @@ impl Metrics {
             reg(&registry, IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"))
         };
 
+        let bytes = counter_vec2(&registry, "kinlink_turn_relayed_bytes_total", "Payload bytes relayed, by direction.");
+        let packets = counter_vec2(&registry, "kinlink_turn_relayed_packets_total", "Packets relayed, by direction.");
         let m = Metrics {
             signal_connections: gauge("kinlink_signal_connections", "Open signaling WebSocket connections."),
             signal_connections_accepted: counter(
@@ -118,8 +158,64 @@ impl Metrics {
                 IntGaugeVec::new(Opts::new("kinlink_build_info", "Build information; always 1."), &["version"])
                     .expect("valid metric"),
             ),
+            turn_allocations: gauge("kinlink_turn_allocations", "Open TURN allocations."),
+            turn_allocations_created: counter_vec(
+                "kinlink_turn_allocations_created_total",
+                "TURN allocations created, by client transport.",
+                "transport",
+            ),
+            turn_allocation_duration: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("kinlink_turn_allocation_duration_seconds", "Lifetime of closed TURN allocations.")
+                        .buckets(vec![1.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0]),
+                )
+                .expect("valid metric"),
+            ),
+            // Resolved once: the data path must not hash label values per packet.
+            turn_bytes_to_peer: bytes.with_label_values(&["client_to_peer"]),
+            turn_bytes_to_client: bytes.with_label_values(&["peer_to_client"]),
+            turn_packets_to_peer: packets.with_label_values(&["client_to_peer"]),
+            turn_packets_to_client: packets.with_label_values(&["peer_to_client"]),
+            turn_dropped: counter_vec(
+                "kinlink_turn_dropped_packets_total",
+                "Relay data dropped instead of forwarded, by reason.",
+                "reason",
+            ),
+            turn_auth_failures: counter_vec("kinlink_turn_auth_failures_total", "TURN requests refused authentication, by reason.", "reason"),
+            turn_permission_denied: counter_vec(
+                "kinlink_turn_permission_denied_total",
+                "Peer addresses refused by the peer policy, by reason.",
+                "reason",
+            ),
+            turn_quota_rejections: counter_vec(
+                "kinlink_turn_quota_rejections_total",
+                "TURN requests refused for a quota or capacity, by scope.",
+                "scope",
+            ),
+            turn_binding_requests: counter_vec(
+                "kinlink_turn_binding_requests_total",
+                "STUN binding requests answered, by transport.",
+                "transport",
+            ),
             registry: registry.clone(),
         };
+        for t in crate::turn::server::Transport::ALL {
+            m.turn_allocations_created.with_label_values(&[t.as_str()]);
+            m.turn_binding_requests.with_label_values(&[t.as_str()]);
+        }
+        for r in TURN_AUTH_REASONS {
+            m.turn_auth_failures.with_label_values(&[r]);
+        }
+        for r in TURN_DROP_REASONS {
+            m.turn_dropped.with_label_values(&[r]);
+        }
+        for s in TURN_QUOTA_SCOPES {
+            m.turn_quota_rejections.with_label_values(&[s]);
+        }
+        for d in crate::turn::policy::Denied::ALL {
+            m.turn_permission_denied.with_label_values(&[d.reason()]);
+        }
         for reason in ["server_full", "shutting_down"] {
             m.signal_upgrades_rejected.with_label_values(&[reason]);
         }

@@ -1,0 +1,451 @@
+//! The TURN rules with bytes and virtual time: no sockets, no sleeping.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use md5::Digest;
+
+use super::*;
+use crate::auth::turn_credential;
+use crate::turn::policy::PeerPolicy;
+use crate::turn::stun::{attr, method, Builder, Class, Message};
+
+const SECRET: &str = "turn-unit-secret-0123456789";
+const UNIX0: u64 = 1_800_000_000;
+
+fn settings() -> Settings {
+    Settings {
+        secret: Secret::new(SECRET),
+        realm: "kinlink".into(),
+        public_ip: Some("203.0.113.10".parse().unwrap()),
+        max_lifetime: Duration::from_secs(3600),
+        nonce_lifetime: Duration::from_secs(600),
+        family_allocations: 3,
+        device_allocations: 2,
+        total_allocations: 5,
+        permissions_per_allocation: 4,
+        channels_per_allocation: 4,
+        family_bytes_per_sec: 0,
+    }
+}
+
+/// Relay handles are numbers; the binder hands out ports and can run out.
+struct FakeBinder {
+    next: u16,
+    fail: bool,
+}
+
+impl Binder<u16> for FakeBinder {
+    fn bind(&mut self, _t: FiveTuple, _ipv6: bool, even: bool) -> Result<(u16, SocketAddr), BindError> {
+        if self.fail {
+            return Err(BindError("exhausted".into()));
+        }
+        self.next += if even && self.next % 2 == 1 { 1 } else { 0 };
+        let port = self.next;
+        self.next += 1;
+        Ok((port, SocketAddr::from(([0, 0, 0, 0], port))))
+    }
+}
+
+struct Harness {
+    s: TurnServer<u16>,
+    b: FakeBinder,
+    t0: Instant,
+    metrics: Arc<Metrics>,
+}
+
+fn tuple(port: u16) -> FiveTuple {
+    FiveTuple { client: SocketAddr::from(([198, 51, 100, 1], port)), server: "203.0.113.10:3478".parse().unwrap(), transport: Transport::Udp }
+}
+
+fn harness_with(settings: Settings) -> Harness {
+    let metrics = Arc::new(Metrics::new());
+    let policy = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![], vec!["127.0.0.1:3478".parse().unwrap()]);
+    let t0 = Instant::now();
+    Harness { s: TurnServer::new(settings, policy, metrics.clone(), t0, UNIX0), b: FakeBinder { next: 50000, fail: false }, t0, metrics }
+}
+
+fn harness() -> Harness {
+    harness_with(settings())
+}
+
+/// A client's credentials and the nonce it learned.
+#[derive(Clone)]
+struct Creds {
+    username: String,
+    key: Vec<u8>,
+    nonce: Vec<u8>,
+}
+
+fn creds_for(fam: &str, dev: &str, expires_in: i64, secret: &str) -> Creds {
+    let c = turn_credential(&Secret::new(secret), fam, dev, 0, (UNIX0 as i64 + expires_in) as u64);
+    let key = md5::Md5::digest(format!("{}:kinlink:{}", c.username, c.credential).as_bytes()).to_vec();
+    Creds { username: c.username, key, nonce: Vec::new() }
+}
+
+fn tid(n: u8) -> [u8; 12] {
+    [n; 12]
+}
+
+type Attrs<'a> = &'a [(u16, &'a [u8])];
+
+fn request(m: u16, id: [u8; 12], attrs: Attrs, creds: Option<&Creds>, peers: &[SocketAddr]) -> Vec<u8> {
+    let mut b = Builder::new(m, Class::Request, id);
+    for (t, v) in attrs {
+        b.attr(*t, v);
+    }
+    for p in peers {
+        b.xor_addr(attr::XOR_PEER_ADDRESS, *p);
+    }
+    if let Some(c) = creds {
+        b.attr(attr::USERNAME, c.username.as_bytes()).attr(attr::REALM, b"kinlink").attr(attr::NONCE, &c.nonce);
+        b.integrity(&c.key);
+    }
+    b.finish_with_fingerprint()
+}
+
+const UDP: &[u8] = &[17, 0, 0, 0];
+
+impl Harness {
+    fn at(&self, secs: u64) -> Instant {
+        self.t0 + Duration::from_secs(secs)
+    }
+
+    fn send(&mut self, now: Instant, t: FiveTuple, bytes: &[u8]) -> ClientAction<u16> {
+        self.s.handle_client(now, t, bytes, &mut self.b)
+    }
+
+    fn reply(&mut self, now: Instant, t: FiveTuple, bytes: &[u8]) -> Vec<u8> {
+        match self.send(now, t, bytes) {
+            ClientAction::Reply(r) => r,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    /// Allocate with the two-leg challenge; returns the success response.
+    fn allocate(&mut self, now: Instant, t: FiveTuple, creds: &mut Creds, id: u8) -> Vec<u8> {
+        let first = self.reply(now, t, &request(method::ALLOCATE, tid(id), &[(attr::REQUESTED_TRANSPORT, UDP)], None, &[]));
+        let m = Message::parse(&first).unwrap();
+        assert_eq!(code(&m), Some(401));
+        creds.nonce = m.get(attr::NONCE).unwrap().to_vec();
+        assert_eq!(m.get(attr::REALM), Some(&b"kinlink"[..]));
+        self.reply(now, t, &request(method::ALLOCATE, tid(id + 1), &[(attr::REQUESTED_TRANSPORT, UDP)], Some(creds), &[]))
+    }
+}
+
+fn code(m: &Message<'_>) -> Option<u16> {
+    m.get(attr::ERROR_CODE).map(|v| v[2] as u16 * 100 + v[3] as u16)
+}
+
+fn code_of(bytes: &[u8]) -> Option<u16> {
+    code(&Message::parse(bytes).unwrap())
+}
+
+#[test]
+fn binding_answers_the_reflexive_address() {
+    let mut h = harness();
+    let r = h.reply(h.t0, tuple(4000), &request(method::BINDING, tid(1), &[], None, &[]));
+    let m = Message::parse(&r).unwrap();
+    assert_eq!((m.method, m.class), (method::BINDING, Class::Success));
+    let addr = super::super::stun::decode_xor_addr(m.get(attr::XOR_MAPPED_ADDRESS).unwrap(), &m.tid).unwrap();
+    assert_eq!(addr, tuple(4000).client);
+    assert!(m.fingerprint_ok() && m.has_fingerprint());
+    assert_eq!(h.metrics.turn_binding_requests.with_label_values(&["udp"]).get(), 1);
+}
+
+#[test]
+fn allocate_challenge_success_retransmit_and_mismatch() {
+    let mut h = harness();
+    let mut c = creds_for("fam", "dev", 3600, SECRET);
+    let ok = h.allocate(h.t0, tuple(4000), &mut c, 1);
+    let m = Message::parse(&ok).unwrap();
+    assert_eq!(m.class, Class::Success, "{:?}", code(&m));
+    assert!(m.verify_integrity(&c.key), "responses carry integrity with the same key");
+    let relayed = super::super::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap();
+    assert_eq!(relayed, "203.0.113.10:50000".parse().unwrap(), "public IP, relay port");
+    assert_eq!(m.get(attr::LIFETIME), Some(&600u32.to_be_bytes()[..]));
+    // Retransmission of the same transaction: identical answer, no second allocation.
+    let again = h.reply(h.t0, tuple(4000), &request(method::ALLOCATE, tid(2), &[(attr::REQUESTED_TRANSPORT, UDP)], Some(&c), &[]));
+    assert_eq!(again, ok);
+    // A new transaction on the same 5-tuple: 437.
+    let r = h.reply(h.t0, tuple(4000), &request(method::ALLOCATE, tid(3), &[(attr::REQUESTED_TRANSPORT, UDP)], Some(&c), &[]));
+    assert_eq!(code_of(&r), Some(437));
+    assert_eq!(h.s.allocation_count(), 1);
+    assert_eq!(h.metrics.turn_allocations.get(), 1);
+}
+
+#[test]
+fn bad_credentials_get_401_and_no_allocation() {
+    let mut h = harness();
+    for (creds, reason) in [
+        (creds_for("fam", "dev", -10, SECRET), "expired"),
+        (creds_for("fam", "dev", 3600, "some-other-secret-0000"), "bad_integrity"),
+    ] {
+        let mut c = creds;
+        let r = h.allocate(h.t0, tuple(4001), &mut c, 10);
+        assert_eq!(code_of(&r), Some(401), "{reason}");
+        assert!(!Message::parse(&r).unwrap().verify_integrity(&c.key), "no integrity on 401");
+        assert_eq!(h.metrics.turn_auth_failures.with_label_values(&[reason]).get(), 1);
+    }
+    let mut c = creds_for("fam", "dev", 3600, SECRET);
+    c.username = "not-a-rest-username".into();
+    let r = h.allocate(h.t0, tuple(4001), &mut c, 20);
+    assert_eq!(code_of(&r), Some(401));
+    // Missing REALM/NONCE with integrity: 400.
+    let mut b = Builder::new(method::ALLOCATE, Class::Request, tid(30));
+    b.attr(attr::REQUESTED_TRANSPORT, UDP).attr(attr::USERNAME, c.username.as_bytes()).integrity(&c.key);
+    assert_eq!(code_of(&h.reply(h.t0, tuple(4001), &b.finish())), Some(400));
+    assert_eq!(h.s.allocation_count(), 0);
+}
+
+#[test]
+fn nonces_expire_into_438() {
+    let mut h = harness_with(Settings { nonce_lifetime: Duration::from_secs(300), ..settings() });
+    let mut c = creds_for("fam", "dev", 7200, SECRET);
+    h.allocate(h.t0, tuple(4000), &mut c, 1);
+    let later = h.at(301);
+    let r = h.reply(later, tuple(4000), &request(method::REFRESH, tid(5), &[], Some(&c), &[]));
+    let m = Message::parse(&r).unwrap();
+    assert_eq!(code(&m), Some(438));
+    c.nonce = m.get(attr::NONCE).unwrap().to_vec();
+    let r = h.reply(later, tuple(4000), &request(method::REFRESH, tid(6), &[], Some(&c), &[]));
+    assert_eq!(Message::parse(&r).unwrap().class, Class::Success);
+    // A nonce minted for another client IP is refused too.
+    let elsewhere = FiveTuple { client: "198.51.100.2:4000".parse().unwrap(), ..tuple(4000) };
+    let r = h.reply(later, elsewhere, &request(method::REFRESH, tid(7), &[], Some(&c), &[]));
+    assert_eq!(code_of(&r), Some(438));
+}
+
+#[test]
+fn allocate_attribute_rules() {
+    let mut h = harness();
+    let mut c = creds_for("fam", "dev", 3600, SECRET);
+    h.allocate(h.t0, tuple(4000), &mut c, 1); // learn a nonce
+    let t = tuple(4100);
+    let cases: [(Attrs, u16); 6] = [
+        (&[], 400),
+        (&[(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0])], 442),
+        (&[(attr::REQUESTED_TRANSPORT, UDP), (attr::DONT_FRAGMENT, &[])], 420),
+        (&[(attr::REQUESTED_TRANSPORT, UDP), (attr::EVEN_PORT, &[0x80])], 508),
+        (&[(attr::REQUESTED_TRANSPORT, UDP), (attr::RESERVATION_TOKEN, &[1; 8])], 508),
+        (&[(attr::REQUESTED_TRANSPORT, UDP), (attr::REQUESTED_ADDRESS_FAMILY, &[9, 0, 0, 0])], 440),
+    ];
+    for (i, (attrs, want)) in cases.into_iter().enumerate() {
+        let r = h.reply(h.t0, t, &request(method::ALLOCATE, tid(40 + i as u8), attrs, Some(&c), &[]));
+        let m = Message::parse(&r).unwrap();
+        assert_eq!(code(&m), Some(want), "case {i}");
+        if want == 420 {
+            assert_eq!(m.get(attr::UNKNOWN_ATTRIBUTES), Some(&attr::DONT_FRAGMENT.to_be_bytes()[..]));
+        }
+    }
+    // EVEN-PORT without reservation: an even relay port.
+    let r = h.reply(h.t0, t, &request(method::ALLOCATE, tid(60), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::EVEN_PORT, &[0])], Some(&c), &[]));
+    let m = Message::parse(&r).unwrap();
+    let relayed = super::super::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap();
+    assert_eq!(relayed.port() % 2, 0);
+    // Lifetime is clamped to [600, max].
+    let mut c2 = creds_for("fam", "dev2", 3600, SECRET);
+    c2.nonce = c.nonce.clone();
+    let r = h.reply(h.t0, tuple(4200), &request(method::ALLOCATE, tid(61), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::LIFETIME, &99_999u32.to_be_bytes())], Some(&c2), &[]));
+    assert_eq!(Message::parse(&r).unwrap().get(attr::LIFETIME), Some(&3600u32.to_be_bytes()[..]));
+}
+
+#[test]
+fn permissions_policy_send_and_data_indications() {
+    let mut h = harness();
+    let mut c = creds_for("fam", "dev", 3600, SECRET);
+    let t = tuple(4000);
+    h.allocate(h.t0, t, &mut c, 1);
+    let peer: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+    for denied in ["10.0.0.1:9", "[::ffff:169.254.169.254]:80", "127.0.0.1:3478"] {
+        let r = h.reply(h.t0, t, &request(method::CREATE_PERMISSION, tid(10), &[], Some(&c), &[denied.parse().unwrap()]));
+        assert_eq!(code_of(&r), Some(403), "{denied}");
+    }
+    assert_eq!(h.metrics.turn_permission_denied.with_label_values(&["special_range"]).get(), 2);
+    assert_eq!(h.metrics.turn_permission_denied.with_label_values(&["own_port"]).get(), 1);
+    // Without a permission, Send is dropped and peer data too.
+    let mut send = Builder::new(method::SEND, Class::Indication, tid(11));
+    send.xor_addr(attr::XOR_PEER_ADDRESS, peer).attr(attr::DATA, b"hello");
+    let send = send.finish();
+    assert!(matches!(h.send(h.t0, t, &send), ClientAction::None));
+    let mut buf = vec![0u8; PEER_HEADROOM + 64];
+    buf[PEER_HEADROOM..PEER_HEADROOM + 3].copy_from_slice(b"pon");
+    assert!(h.s.handle_peer(h.t0, &t, peer, &mut buf, 3).is_none());
+    // With it, both directions flow.
+    let r = h.reply(h.t0, t, &request(method::CREATE_PERMISSION, tid(12), &[], Some(&c), &[peer]));
+    assert_eq!(Message::parse(&r).unwrap().class, Class::Success);
+    match h.send(h.t0, t, &send) {
+        ClientAction::Relay { relay, peer: p, payload } => {
+            assert_eq!((relay, p), (50000, peer));
+            assert_eq!(&send[payload], b"hello");
+        }
+        other => panic!("{other:?}"),
+    }
+    buf[PEER_HEADROOM..PEER_HEADROOM + 4].copy_from_slice(b"pong");
+    let range = h.s.handle_peer(h.t0, &t, "127.0.0.1:9999".parse().unwrap(), &mut buf, 4).expect("permission is per IP");
+    let m = Message::parse(&buf[range]).unwrap();
+    assert_eq!((m.method, m.class), (method::DATA, Class::Indication));
+    assert_eq!(m.get(attr::DATA), Some(&b"pong"[..]));
+    assert_eq!(m.xor_peer_addresses().next(), Some(Some("127.0.0.1:9999".parse().unwrap())));
+    // Permissions expire after 300 s.
+    assert!(matches!(h.send(h.at(301), t, &send), ClientAction::None));
+    assert_eq!(h.metrics.turn_bytes_to_peer.get(), 5);
+    assert_eq!(h.metrics.turn_packets_to_client.get(), 1);
+}
+
+#[test]
+fn channels_bind_relay_frame_and_expire() {
+    let mut h = harness();
+    let mut c = creds_for("fam", "dev", 3600, SECRET);
+    let t = FiveTuple { transport: Transport::Tcp, ..tuple(4000) };
+    h.allocate(h.t0, t, &mut c, 1);
+    let peer: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+    let bind = |n: u16, p: SocketAddr, id: u8| request(method::CHANNEL_BIND, tid(id), &[(attr::CHANNEL_NUMBER, &[(n >> 8) as u8, n as u8, 0, 0])], Some(&c), &[p]);
+    assert_eq!(code_of(&h.reply(h.t0, t, &bind(0x3FFF, peer, 10))), Some(400));
+    assert_eq!(code_of(&h.reply(h.t0, t, &bind(0x4000, "10.0.0.1:1".parse().unwrap(), 11))), Some(403));
+    assert_eq!(Message::parse(&h.reply(h.t0, t, &bind(0x4000, peer, 12))).unwrap().class, Class::Success);
+    // Rebinding the same pair refreshes; a different pairing is refused.
+    assert_eq!(Message::parse(&h.reply(h.t0, t, &bind(0x4000, peer, 13))).unwrap().class, Class::Success);
+    assert_eq!(code_of(&h.reply(h.t0, t, &bind(0x4001, peer, 14))), Some(400));
+    let frame = [0x40, 0x00, 0x00, 0x03, b'a', b'b', b'c', 0];
+    match h.send(h.t0, t, &frame) {
+        ClientAction::Relay { peer: p, payload, .. } => assert_eq!((p, &frame[payload]), (peer, &b"abc"[..])),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(h.send(h.t0, t, &[0x40, 0x01, 0x00, 0x01, b'x']), ClientAction::None), "unbound channel");
+    // Peer → client over TCP: ChannelData padded to 4.
+    let mut buf = vec![0u8; PEER_HEADROOM + 16];
+    buf[PEER_HEADROOM..PEER_HEADROOM + 5].copy_from_slice(b"hello");
+    let r = h.s.handle_peer(h.t0, &t, peer, &mut buf, 5).unwrap();
+    assert_eq!(&buf[r], &[0x40, 0x00, 0x00, 0x05, b'h', b'e', b'l', b'l', b'o', 0, 0, 0]);
+    // The channel's permission lapses at 300 s unless refreshed, the channel at 600 s.
+    assert!(h.s.handle_peer(h.at(301), &t, peer, &mut buf, 5).is_none());
+    h.s.handle_timeout(h.at(601));
+    assert!(matches!(h.send(h.at(601), t, &frame), ClientAction::None));
+}
+
+#[test]
+fn refresh_deletes_and_allocations_expire() {
+    let mut h = harness();
+    let mut c = creds_for("fam", "dev", 7200, SECRET);
+    let t = tuple(4000);
+    h.allocate(h.t0, t, &mut c, 1);
+    let r = h.reply(h.t0, t, &request(method::REFRESH, tid(5), &[(attr::LIFETIME, &[0; 4])], Some(&c), &[]));
+    let m = Message::parse(&r).unwrap();
+    assert_eq!((m.class, m.get(attr::LIFETIME)), (Class::Success, Some(&[0u8; 4][..])));
+    assert_eq!(h.s.allocation_count(), 0);
+    assert_eq!(code_of(&h.reply(h.t0, t, &request(method::REFRESH, tid(6), &[], Some(&c), &[]))), Some(437));
+    h.allocate(h.t0, t, &mut c, 7);
+    h.s.handle_timeout(h.at(599));
+    assert_eq!(h.s.allocation_count(), 1);
+    h.s.handle_timeout(h.at(600));
+    assert_eq!(h.s.allocation_count(), 0);
+    assert_eq!(h.metrics.turn_allocation_duration.get_sample_count(), 2);
+}
+
+#[test]
+fn quotas_per_device_family_server_and_ports() {
+    let mut h = harness();
+    let mut port = 5000;
+    let mut alloc = |h: &mut Harness, fam: &str, dev: &str| {
+        port += 1;
+        let mut c = creds_for(fam, dev, 3600, SECRET);
+        code_of(&h.allocate(h.t0, tuple(port), &mut c, 1))
+    };
+    assert_eq!(alloc(&mut h, "f", "a"), None);
+    assert_eq!(alloc(&mut h, "f", "a"), None);
+    assert_eq!(alloc(&mut h, "f", "a"), Some(486), "device quota 2");
+    assert_eq!(alloc(&mut h, "f", "b"), None);
+    assert_eq!(alloc(&mut h, "f", "c"), Some(486), "family quota 3");
+    assert_eq!(alloc(&mut h, "g", "a"), None);
+    assert_eq!(alloc(&mut h, "h", "a"), None);
+    assert_eq!(alloc(&mut h, "i", "a"), Some(486), "server quota 5");
+    for scope in ["device", "family", "server"] {
+        assert_eq!(h.metrics.turn_quota_rejections.with_label_values(&[scope]).get(), 1, "{scope}");
+    }
+    let mut h = harness();
+    h.b.fail = true;
+    let mut c = creds_for("f", "a", 3600, SECRET);
+    assert_eq!(code_of(&h.allocate(h.t0, tuple(1), &mut c, 1)), Some(508));
+}
+
+#[test]
+fn other_credentials_on_an_allocation_get_441() {
+    let mut h = harness();
+    let mut c = creds_for("fam", "dev", 3600, SECRET);
+    let t = tuple(4000);
+    h.allocate(h.t0, t, &mut c, 1);
+    let mut other = creds_for("fam", "other", 3600, SECRET);
+    other.nonce = c.nonce.clone();
+    let r = h.reply(h.t0, t, &request(method::REFRESH, tid(9), &[], Some(&other), &[]));
+    assert_eq!(code_of(&r), Some(441));
+}
+
+#[test]
+fn sha256_integrity_is_accepted() {
+    let mut h = harness();
+    let mut c = creds_for("fam", "dev", 3600, SECRET);
+    h.allocate(h.t0, tuple(4000), &mut c, 1); // learns a nonce
+    let cred = turn_credential(&Secret::new(SECRET), "fam", "dev2", 0, UNIX0 + 3600);
+    let key = sha2::Sha256::digest(format!("{}:kinlink:{}", cred.username, cred.credential).as_bytes()).to_vec();
+    let mut b = Builder::new(method::ALLOCATE, Class::Request, tid(50));
+    b.attr(attr::REQUESTED_TRANSPORT, UDP).attr(attr::USERNAME, cred.username.as_bytes()).attr(attr::REALM, b"kinlink");
+    b.attr(attr::NONCE, &c.nonce).integrity_sha256(&key);
+    let r = h.reply(h.t0, tuple(4001), &b.finish_with_fingerprint());
+    let m = Message::parse(&r).unwrap();
+    assert_eq!(m.class, Class::Success, "{:?}", code(&m));
+    assert!(m.verify_integrity_sha256(&key));
+}
+
+#[test]
+fn family_bandwidth_quota_drops_excess() {
+    let mut h = harness_with(Settings { family_bytes_per_sec: 1000, ..settings() });
+    let mut c = creds_for("fam", "dev", 3600, SECRET);
+    let t = tuple(4000);
+    h.allocate(h.t0, t, &mut c, 1);
+    let peer: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+    h.reply(h.t0, t, &request(method::CHANNEL_BIND, tid(3), &[(attr::CHANNEL_NUMBER, &[0x40, 0, 0, 0])], Some(&c), &[peer]));
+    let mut frame = vec![0x40, 0x00, 0x01, 0xF4];
+    frame.extend_from_slice(&[7; 500]);
+    assert!(matches!(h.send(h.t0, t, &frame), ClientAction::Relay { .. }));
+    assert!(matches!(h.send(h.t0, t, &frame), ClientAction::Relay { .. }));
+    assert!(matches!(h.send(h.t0, t, &frame), ClientAction::None), "1000 B/s spent");
+    assert!(matches!(h.send(h.at(1), t, &frame), ClientAction::Relay { .. }), "refilled");
+    assert_eq!(h.metrics.turn_dropped.with_label_values(&["bandwidth"]).get(), 1);
+}
+
+/// Network input never panics: random bytes and mutated valid messages, bounded and seeded.
+#[test]
+fn random_and_mutated_packets_never_panic() {
+    use rand::{Rng, SeedableRng};
+    let mut h = harness();
+    let mut c = creds_for("fam", "dev", 3600, SECRET);
+    let t = tuple(4000);
+    h.allocate(h.t0, t, &mut c, 1);
+    let peer: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+    let seeds = [
+        request(method::CREATE_PERMISSION, tid(3), &[], Some(&c), &[peer]),
+        request(method::CHANNEL_BIND, tid(4), &[(attr::CHANNEL_NUMBER, &[0x40, 0, 0, 0])], Some(&c), &[peer]),
+        request(method::ALLOCATE, tid(5), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::EVEN_PORT, &[0])], Some(&c), &[]),
+        vec![0x40, 0x00, 0x00, 0x04, 1, 2, 3, 4],
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7475726e);
+    let mut buf = vec![0u8; PEER_HEADROOM + 2048];
+    for i in 0..30_000 {
+        let mut bytes = seeds[i % seeds.len()].clone();
+        match i % 3 {
+            0 => bytes = (0..rng.gen_range(0..200)).map(|_| rng.gen()).collect(),
+            1 => {
+                for _ in 0..rng.gen_range(1..6) {
+                    let at = rng.gen_range(0..bytes.len());
+                    bytes[at] = rng.gen();
+                }
+            }
+            _ => bytes.truncate(rng.gen_range(0..bytes.len())),
+        }
+        let _ = h.send(h.t0, t, &bytes);
+        let n = rng.gen_range(0..2048);
+        let _ = h.s.handle_peer(h.t0, &t, peer, &mut buf, n);
+    }
+}
