@@ -66,6 +66,31 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
+/// A listener address, or `"off"` (or `""`) for none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+impl Serialize for Listen {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(a) => s.serialize_str(&a.to_string()),
+            None => s.serialize_str("off"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.trim() {
+            "" | "off" => Ok(Listen(None)),
+            a => a.parse().map(|a| Listen(Some(a))).map_err(|_| {
+                serde::de::Error::custom(format!("`{a}` is not an address like 0.0.0.0:3478, or \"off\""))
+            }),
+        }
+    }
+}
+
 /// The whole configuration. Every limit has a default; see `deploy/kinlink.example.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -169,18 +194,67 @@ pub struct TurnConfig {
     pub public_host: String,
     /// Lifetime of the TURN credentials handed to a device.
     pub credential_ttl_secs: u64,
-    /// UDP listener for STUN/TURN (its port goes in `turn:...?transport=udp`).
-    pub udp_listen: SocketAddr,
-    /// TCP listener for STUN/TURN (its port goes in `turn:...?transport=tcp`).
-    pub tcp_listen: SocketAddr,
-    /// TLS listener (`turns:`); used only when `tls_cert` and `tls_key` are set.
-    pub tls_listen: SocketAddr,
+    /// UDP listener for STUN/TURN (its port goes in `turn:...?transport=udp`), or "off".
+    pub udp_listen: Listen,
+    /// TCP listener for STUN/TURN (its port goes in `turn:...?transport=tcp`), or "off".
+    pub tcp_listen: Listen,
+    /// TLS listener (`turns:`), or "off"; used only when `tls_cert` and `tls_key` are set.
+    pub tls_listen: Listen,
     /// PEM certificate chain for `turns:`.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `turns:`.
     pub tls_key: Option<PathBuf>,
     /// Explicit ICE URLs (e.g. an external coturn sharing `turn.secret`); replaces the derived ones.
     pub urls: Vec<String>,
+    /// IP advertised in XOR-RELAYED-ADDRESS (behind NAT, Kubernetes); empty: the relay socket's.
+    pub public_ip: Option<std::net::IpAddr>,
+    /// Relay port range, `"low-high"`.
+    pub relay_ports: String,
+    /// CIDRs peers may be in even when the defaults deny them (e.g. `10.0.0.0/8` on a LAN).
+    pub allowed_peers: Vec<String>,
+    /// CIDRs peers may never be in; wins over `allowed_peers`.
+    pub denied_peers: Vec<String>,
+    /// Longest allocation lifetime granted, in seconds.
+    pub max_lifetime_secs: u64,
+    /// How long a nonce stays valid, in seconds (then 438 Stale Nonce).
+    pub nonce_lifetime_secs: u64,
+    /// Kernel receive/send buffer for the UDP listener and relay sockets.
+    pub socket_buffer_bytes: usize,
+    /// Open TCP/TLS client connections.
+    pub max_stream_connections: usize,
+    /// Quotas.
+    pub quota: TurnQuota,
+}
+
+/// `turn.quota.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnQuota {
+    /// Allocations one family may hold.
+    pub family_allocations: usize,
+    /// Allocations one device may hold.
+    pub device_allocations: usize,
+    /// Allocations on this server.
+    pub total_allocations: usize,
+    /// Peer IPs one allocation may have permissions for.
+    pub permissions_per_allocation: usize,
+    /// Channels one allocation may bind.
+    pub channels_per_allocation: usize,
+    /// Relayed bytes per second per family (both directions); 0 is unlimited.
+    pub family_bytes_per_sec: u64,
+}
+
+impl Default for TurnQuota {
+    fn default() -> Self {
+        TurnQuota {
+            family_allocations: 32,
+            device_allocations: 8,
+            total_allocations: 10_000,
+            permissions_per_allocation: 64,
+            channels_per_allocation: 64,
+            family_bytes_per_sec: 0,
+        }
+    }
 }
 
 impl Default for TurnConfig {
@@ -191,20 +265,36 @@ impl Default for TurnConfig {
             realm: "kinlink".into(),
             public_host: String::new(),
             credential_ttl_secs: 86_400,
-            udp_listen: ([0, 0, 0, 0], 3478).into(),
-            tcp_listen: ([0, 0, 0, 0], 3478).into(),
-            tls_listen: ([0, 0, 0, 0], 5349).into(),
+            udp_listen: Listen(Some(([0, 0, 0, 0], 3478).into())),
+            tcp_listen: Listen(Some(([0, 0, 0, 0], 3478).into())),
+            tls_listen: Listen(Some(([0, 0, 0, 0], 5349).into())),
             tls_cert: None,
             tls_key: None,
             urls: Vec::new(),
+            public_ip: None,
+            relay_ports: "49152-65535".into(),
+            allowed_peers: Vec::new(),
+            denied_peers: Vec::new(),
+            max_lifetime_secs: 3600,
+            nonce_lifetime_secs: 600,
+            socket_buffer_bytes: 4 * 1024 * 1024,
+            max_stream_connections: 10_000,
+            quota: TurnQuota::default(),
         }
     }
 }
 
 impl TurnConfig {
-    /// True when both TLS files are configured.
+    /// True when both TLS files are configured and the TLS listener is on.
     pub fn tls_enabled(&self) -> bool {
-        self.tls_cert.is_some() && self.tls_key.is_some()
+        self.tls_cert.is_some() && self.tls_key.is_some() && self.tls_listen.0.is_some()
+    }
+
+    /// `relay_ports` as an inclusive range; validated at load time.
+    pub fn relay_port_range(&self) -> Option<(u16, u16)> {
+        let (lo, hi) = self.relay_ports.split_once('-')?;
+        let (lo, hi) = (lo.trim().parse().ok()?, hi.trim().parse().ok()?);
+        (lo <= hi && lo > 0).then_some((lo, hi))
     }
 }
 
@@ -304,7 +394,7 @@ impl Default for ShutdownConfig {
 }
 
 /// Keys whose environment-variable form is a comma-separated list.
-const LIST_KEYS: &[&str] = &["turn.urls"];
+const LIST_KEYS: &[&str] = &["turn.urls", "turn.allowed_peers", "turn.denied_peers"];
 
 /// Loads the configuration: defaults, then `file`, then the process environment, then
 /// `overrides` (`key`, `value`) pairs from the command line.
@@ -338,9 +428,13 @@ pub fn load_with_env(
     }
     builder = builder.add_source(environment);
     for (key, value) in overrides {
-        builder = builder
-            .set_override(key.as_str(), value.as_str())
-            .map_err(|e| ConfigError::invalid(key, e.to_string()))?;
+        builder = if LIST_KEYS.contains(&key.as_str()) {
+            let items: Vec<String> = value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+            builder.set_override(key.as_str(), items)
+        } else {
+            builder.set_override(key.as_str(), value.as_str())
+        }
+        .map_err(|e| ConfigError::invalid(key, e.to_string()))?;
     }
     let merged = builder.build().map_err(|e| ConfigError::Source(e.to_string()))?;
     let cfg: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
@@ -413,6 +507,29 @@ impl Config {
                 return Err(ConfigError::invalid("turn.urls", format!("`{url}` is not a stun:, turn: or turns: URL")));
             }
         }
+        let t = &self.turn;
+        if t.relay_port_range().is_none() {
+            return Err(ConfigError::invalid("turn.relay_ports", format!("`{}` is not a range like 49152-65535", t.relay_ports)));
+        }
+        for (key, list) in [("turn.allowed_peers", &t.allowed_peers), ("turn.denied_peers", &t.denied_peers)] {
+            crate::turn::policy::parse_list(key, list).map_err(|e| ConfigError::invalid(key, e.trim_start_matches(&format!("{key}: ")).to_string()))?;
+        }
+        let q = &t.quota;
+        let turn_positive: [(&str, u64); 8] = [
+            ("turn.max_lifetime_secs", t.max_lifetime_secs),
+            ("turn.nonce_lifetime_secs", t.nonce_lifetime_secs),
+            ("turn.max_stream_connections", t.max_stream_connections as u64),
+            ("turn.quota.family_allocations", q.family_allocations as u64),
+            ("turn.quota.device_allocations", q.device_allocations as u64),
+            ("turn.quota.total_allocations", q.total_allocations as u64),
+            ("turn.quota.permissions_per_allocation", q.permissions_per_allocation as u64),
+            ("turn.quota.channels_per_allocation", q.channels_per_allocation as u64),
+        ];
+        for (key, value) in turn_positive {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be greater than 0"));
+            }
+        }
         if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             return Err(ConfigError::invalid("log.level", format!("`{}` is not a log filter", self.log.level)));
         }
@@ -445,7 +562,7 @@ mod tests {
     fn env_then_overrides_win_in_order() {
         let cfg = load_with_env(
             None,
-            &[("signal.rate_burst".into(), "7".into())],
+            &[("signal.rate_burst".into(), "7".into()), ("turn.denied_peers".into(), "1.2.3.0/24, 5.6.7.8".into())],
             env(&[
                 ("KINLINK_HTTP__LISTEN", "127.0.0.1:1234"),
                 ("KINLINK_SIGNAL__RATE_BURST", "5"),
@@ -458,6 +575,7 @@ mod tests {
         assert_eq!(cfg.http.listen.to_string(), "127.0.0.1:1234");
         assert_eq!(cfg.signal.rate_burst, 7);
         assert_eq!(cfg.turn.urls, vec!["stun:a:1", "turn:b:2"]);
+        assert_eq!(cfg.turn.denied_peers, vec!["1.2.3.0/24", "5.6.7.8"]);
         assert_eq!(cfg.turn.secret.unwrap().expose(), "0123456789abcdef0123");
     }
 
@@ -471,6 +589,12 @@ mod tests {
         assert!(err.to_string().contains("http.listen"), "{err}");
         let err = load_with_env(None, &[], env(&[("KINLINK_AUTH__TOKEN_SECRET", "short")])).unwrap_err();
         assert!(err.to_string().contains("auth.token_secret"), "{err}");
+        let err = load_with_env(None, &[], env(&[("KINLINK_TURN__ALLOWED_PEERS", "10.0.0.0/8,10.0.0.0/99")])).unwrap_err();
+        assert!(err.to_string().starts_with("turn.allowed_peers: `10.0.0.0/99`"), "{err}");
+        let err = load_with_env(None, &[], env(&[("KINLINK_TURN__RELAY_PORTS", "9-1")])).unwrap_err();
+        assert!(err.to_string().contains("turn.relay_ports"), "{err}");
+        let err = load_with_env(None, &[], env(&[("KINLINK_TURN__PUBLIC_IP", "not-an-ip")])).unwrap_err();
+        assert!(err.to_string().contains("turn.public_ip"), "{err}");
         let err = load_with_env(None, &[], env(&[("KINLINK_METRICS__LISTEN", "x")])).unwrap_err();
         assert!(err.to_string().contains("metrics.listen"), "{err}");
     }

@@ -41,16 +41,22 @@ impl IceConfig {
             self.turn.public_host.as_str()
         };
         let host = bracket_v6(host);
-        let udp = self.turn.udp_listen.port();
-        let tcp = self.turn.tcp_listen.port();
-        let mut turn_urls = vec![format!("turn:{host}:{udp}?transport=udp"), format!("turn:{host}:{tcp}?transport=tcp")];
-        if self.turn.tls_enabled() {
-            turn_urls.push(format!("turns:{host}:{}?transport=tcp", self.turn.tls_listen.port()));
+        let mut block = Vec::new();
+        let mut turn_urls = Vec::new();
+        if let Some(udp) = self.turn.udp_listen.0 {
+            block.push(IceServer { urls: vec![format!("stun:{host}:{}", udp.port())], username: None, credential: None });
+            turn_urls.push(format!("turn:{host}:{}?transport=udp", udp.port()));
         }
-        vec![
-            IceServer { urls: vec![format!("stun:{host}:{udp}")], username: None, credential: None },
-            IceServer { urls: turn_urls, username: Some(cred.username), credential: Some(cred.credential) },
-        ]
+        if let Some(tcp) = self.turn.tcp_listen.0 {
+            turn_urls.push(format!("turn:{host}:{}?transport=tcp", tcp.port()));
+        }
+        if let (true, Some(tls)) = (self.turn.tls_enabled(), self.turn.tls_listen.0) {
+            turn_urls.push(format!("turns:{host}:{}?transport=tcp", tls.port()));
+        }
+        if !turn_urls.is_empty() {
+            block.push(IceServer { urls: turn_urls, username: Some(cred.username), credential: Some(cred.credential) });
+        }
+        block
     }
 
     fn explicit_block(&self, cred: TurnCredential) -> Vec<IceServer> {
@@ -122,5 +128,10 @@ mod tests {
         let mut c = cfg();
         c.enabled = false;
         assert!(IceConfig::new(&c).block("f", "d", None, 0).is_empty());
+        let mut c = cfg();
+        c.udp_listen = crate::config::Listen(None);
+        let b = IceConfig::new(&c).block("f", "d", Some("h"), 0);
+        assert_eq!(b.len(), 1, "no STUN without UDP");
+        assert_eq!(b[0].urls, vec!["turn:h:3478?transport=tcp"]);
     }
 }

@@ -14,12 +14,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::TokenVerifier;
-use crate::config::Config;
+use crate::config::{Config, Listen};
 use crate::http::{self, AppState};
 use crate::ice::IceConfig;
 use crate::metrics::Metrics;
 use crate::signal::hub::{Hub, HubLimits, LocalHub};
 use crate::signal::session::SessionEnv;
+use crate::turn::TurnService;
 
 /// A server with its listeners bound, ready to [`Server::run`].
 pub struct Server {
@@ -28,6 +29,7 @@ pub struct Server {
     metrics: Option<TcpListener>,
     state: AppState,
     drain: watch::Sender<bool>,
+    turn: Option<TurnService>,
 }
 
 impl Server {
@@ -45,6 +47,23 @@ impl Server {
             },
             metrics.clone(),
         ));
+        let http = TcpListener::bind(config.http.listen).await.with_context(|| format!("http.listen: cannot bind {}", config.http.listen))?;
+        let metrics_listener = match config.metrics.listen_addr() {
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("metrics.listen: cannot bind {addr}"))?),
+            None => None,
+        };
+        let turn = if config.turn.enabled && config.turn.urls.is_empty() {
+            let mut other_own = vec![http.local_addr()?];
+            other_own.extend(metrics_listener.as_ref().map(TcpListener::local_addr).transpose()?);
+            let service = TurnService::start(&config.turn, metrics.clone(), &other_own).await?;
+            // Advertise the ports actually bound (port 0 in tests).
+            config.turn.udp_listen = Listen(service.udp);
+            config.turn.tcp_listen = Listen(service.tcp);
+            config.turn.tls_listen = Listen(service.tls);
+            Some(service)
+        } else {
+            None
+        };
         let token_secret = config.auth.token_secret.as_ref().context("auth.token_secret is resolved")?;
         let env = Arc::new(SessionEnv {
             limits: config.signal.clone(),
@@ -56,12 +75,7 @@ impl Server {
         });
         let (drain, draining) = watch::channel(false);
         let state = AppState::new(env, draining);
-        let http = TcpListener::bind(config.http.listen).await.with_context(|| format!("http.listen: cannot bind {}", config.http.listen))?;
-        let metrics = match config.metrics.listen_addr() {
-            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("metrics.listen: cannot bind {addr}"))?),
-            None => None,
-        };
-        Ok(Server { config, http, metrics, state, drain })
+        Ok(Server { config, http, metrics: metrics_listener, state, drain, turn })
     }
 
     /// The bound public address (useful with port 0).
@@ -74,9 +88,24 @@ impl Server {
         self.metrics.as_ref().map(|l| l.local_addr().expect("bound listener has an address"))
     }
 
+    /// The bound TURN UDP listener, if TURN runs.
+    pub fn turn_udp_addr(&self) -> Option<SocketAddr> {
+        self.turn.as_ref().and_then(|t| t.udp)
+    }
+
+    /// The bound TURN TCP listener, if TURN runs.
+    pub fn turn_tcp_addr(&self) -> Option<SocketAddr> {
+        self.turn.as_ref().and_then(|t| t.tcp)
+    }
+
+    /// The bound TURN TLS listener, if TURN runs with a certificate.
+    pub fn turn_tls_addr(&self) -> Option<SocketAddr> {
+        self.turn.as_ref().and_then(|t| t.tls)
+    }
+
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let Server { config, http, metrics, state, drain } = self;
+        let Server { config, http, metrics, state, drain, turn } = self;
         let separate_metrics = metrics.is_some();
         let http_addr = http.local_addr()?;
         let metrics_addr = metrics.as_ref().map(TcpListener::local_addr).transpose()?;
@@ -107,14 +136,24 @@ impl Server {
         tracing::info!(open_connections = open, grace_secs = config.shutdown.grace_secs, "shutting down: draining");
         shared.ready.store(false, Ordering::Relaxed);
         let _ = drain.send(true);
+        if let Some(t) = &turn {
+            t.drain();
+        }
         let all = u32::try_from(config.signal.max_connections).unwrap_or(u32::MAX);
         let grace = Duration::from_secs(config.shutdown.grace_secs);
-        match tokio::time::timeout(grace, shared.connections.acquire_many(all)).await {
+        let deadline = tokio::time::Instant::now() + grace;
+        match tokio::time::timeout_at(deadline, shared.connections.acquire_many(all)).await {
             Ok(_) => tracing::info!("all devices disconnected"),
             Err(_) => tracing::warn!(
                 remaining = shared.env.metrics.signal_connections.get(),
                 "shutdown grace expired with devices still connected"
             ),
+        }
+        // Relayed media keeps flowing until its allocations end or the grace runs out.
+        if let Some(t) = &turn {
+            while t.allocations() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
         // The public listener has stopped accepting; plain HTTP requests still in flight get
         // what is left of the grace period.

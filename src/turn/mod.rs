@@ -1,11 +1,167 @@
-//! The embedded STUN/TURN server (RFC 8489, RFC 8656) with TURN REST credentials that the
-//! signaling side hands out.
+//! The embedded STUN/TURN server (RFC 8489, RFC 8656) that accepts the TURN REST credentials
+//! the signaling side hands out.
 //!
 //! - [`stun`]: the wire format (zero-copy parser, builder, integrity, ChannelData).
 //! - [`policy`]: which peer addresses may be relayed to.
 //! - [`server`]: the rules, sans-IO: auth, allocations, permissions, channels, quotas.
-//! - [`udp`], [`tcp`]: the tokio drivers for the client legs; relays are UDP.
+//! - [`relay`]: relay sockets and their peer-reading tasks.
+//! - [`listener`]: the UDP, TCP and TLS client legs.
+//! - [`tls`]: certificates for `turns:`, reloaded on change.
 
+pub mod listener;
 pub mod policy;
+pub mod relay;
 pub mod server;
 pub mod stun;
+pub mod tls;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::config::TurnConfig;
+use crate::metrics::Metrics;
+use listener::Ctx;
+use relay::Core;
+use server::{Settings, TurnServer};
+
+/// The running TURN server.
+pub struct TurnService {
+    /// Bound UDP listener.
+    pub udp: Option<SocketAddr>,
+    /// Bound TCP listener.
+    pub tcp: Option<SocketAddr>,
+    /// Bound TLS listener.
+    pub tls: Option<SocketAddr>,
+    core: Core,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The host's primary IP for a family, found by asking the kernel for a route: `connect()` on
+/// a UDP socket sends nothing.
+fn primary_ip(v6: bool) -> Option<IpAddr> {
+    let socket = std::net::UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" }).ok()?;
+    socket.connect(if v6 { "[2001:db8::1]:9" } else { "192.0.2.1:9" }).ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+impl TurnService {
+    /// Binds the listeners and starts serving. `other_own` are kinlink's other listening
+    /// sockets (HTTP, metrics), which relays may never reach.
+    pub async fn start(cfg: &TurnConfig, metrics: Arc<Metrics>, other_own: &[SocketAddr]) -> anyhow::Result<TurnService> {
+        let secret = cfg.secret.clone().context("turn.secret is resolved")?;
+        let udp = match cfg.udp_listen.0 {
+            Some(addr) => Some(Arc::new(
+                relay::bind_udp(addr, cfg.socket_buffer_bytes).with_context(|| format!("turn.udp_listen: cannot bind {addr}"))?,
+            )),
+            None => None,
+        };
+        let tcp = match cfg.tcp_listen.0 {
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("turn.tcp_listen: cannot bind {addr}"))?),
+            None => None,
+        };
+        let (tls, acceptor) = match (cfg.tls_enabled(), cfg.tls_listen.0, &cfg.tls_cert, &cfg.tls_key) {
+            (true, Some(addr), Some(cert), Some(key)) => {
+                let acceptor = tls::Acceptor::new(cert.clone(), key.clone()).context("turns: certificate")?;
+                let l = TcpListener::bind(addr).await.with_context(|| format!("turn.tls_listen: cannot bind {addr}"))?;
+                (Some(l), Some(acceptor))
+            }
+            _ => (None, None),
+        };
+        let udp_addr = udp.as_ref().map(|s| s.local_addr()).transpose()?;
+        let tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+        let tls_addr = tls.as_ref().map(|l| l.local_addr()).transpose()?;
+
+        // Relays bind on the listener's IP when it is specific, else on the host's primary IP,
+        // so XOR-RELAYED-ADDRESS is always a reachable address even without turn.public_ip.
+        let listen_ip = cfg.udp_listen.0.or(cfg.tcp_listen.0).map(|a| a.ip());
+        let relay_ipv4 = match listen_ip {
+            Some(ip @ IpAddr::V4(v4)) if !v4.is_unspecified() => ip,
+            _ => primary_ip(false).unwrap_or(IpAddr::from([127, 0, 0, 1])),
+        };
+        let relay_ipv6 = match listen_ip {
+            Some(ip @ IpAddr::V6(v6)) if !v6.is_unspecified() => ip,
+            _ => primary_ip(true).unwrap_or(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+        };
+        if cfg.public_ip.is_none() && listen_ip.is_some_and(|ip| ip.is_unspecified()) {
+            tracing::warn!(relay_ip = %relay_ipv4, "turn.public_ip is not set: relayed addresses use this host IP; set it behind NAT");
+        }
+
+        let bound: Vec<SocketAddr> = [udp_addr, tcp_addr, tls_addr].into_iter().flatten().chain(other_own.iter().copied()).collect();
+        let own = listener::own_addresses(&bound, cfg.public_ip);
+        let policy = policy::PeerPolicy::new(
+            policy::parse_list("turn.allowed_peers", &cfg.allowed_peers).map_err(anyhow::Error::msg)?,
+            policy::parse_list("turn.denied_peers", &cfg.denied_peers).map_err(anyhow::Error::msg)?,
+            own,
+        );
+        let q = &cfg.quota;
+        let settings = Settings {
+            secret,
+            realm: cfg.realm.clone(),
+            public_ip: cfg.public_ip,
+            max_lifetime: Duration::from_secs(cfg.max_lifetime_secs),
+            nonce_lifetime: Duration::from_secs(cfg.nonce_lifetime_secs),
+            family_allocations: q.family_allocations,
+            device_allocations: q.device_allocations,
+            total_allocations: q.total_allocations,
+            permissions_per_allocation: q.permissions_per_allocation,
+            channels_per_allocation: q.channels_per_allocation,
+            family_bytes_per_sec: q.family_bytes_per_sec,
+        };
+        let core: Core = Arc::new(Mutex::new(TurnServer::new(settings, policy, metrics.clone(), Instant::now(), crate::auth::unix_now())));
+        let ctx = Ctx {
+            core: core.clone(),
+            ports: cfg.relay_port_range().context("turn.relay_ports is validated")?,
+            relay_ipv4,
+            relay_ipv6,
+            buffer_bytes: cfg.socket_buffer_bytes,
+            metrics,
+        };
+        let limit = Arc::new(Semaphore::new(cfg.max_stream_connections));
+        let mut tasks = Vec::new();
+        if let Some(s) = udp {
+            tasks.push(tokio::spawn(listener::serve_udp(s, ctx.clone())));
+        }
+        if let Some(l) = tcp {
+            tasks.push(tokio::spawn(listener::serve_tcp(l, ctx.clone(), limit.clone(), None)));
+        }
+        if let (Some(l), Some(acceptor)) = (tls, acceptor) {
+            tasks.push(tokio::spawn(acceptor.clone().watch(Duration::from_secs(10))));
+            tasks.push(tokio::spawn(listener::serve_tcp(l, ctx.clone(), limit, Some(acceptor))));
+        }
+        let timer_core = core.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                relay::lock(&timer_core).handle_timeout(Instant::now());
+            }
+        }));
+        tracing::info!(udp = ?udp_addr, tcp = ?tcp_addr, tls = ?tls_addr, relay_ip = %cfg.public_ip.unwrap_or(relay_ipv4), "TURN serving");
+        Ok(TurnService { udp: udp_addr, tcp: tcp_addr, tls: tls_addr, core, tasks })
+    }
+
+    /// Stops granting allocations; existing ones keep relaying until the process exits.
+    pub fn drain(&self) {
+        relay::lock(&self.core).drain();
+    }
+
+    /// Open allocations.
+    pub fn allocations(&self) -> usize {
+        relay::lock(&self.core).allocation_count()
+    }
+}
+
+impl Drop for TurnService {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}

@@ -121,12 +121,27 @@ pub enum ClientAction<R> {
 #[error("no relay port available: {0}")]
 pub struct BindError(pub String);
 
-/// What the driver provides for binding relay sockets.
-pub trait Binder<R> {
-    /// Binds a relay socket for `tuple` (IPv6 when `ipv6`; an even port when `even`).
-    /// Returns the handle and the socket's local address.
-    fn bind(&mut self, tuple: FiveTuple, ipv6: bool, even: bool) -> Result<(R, SocketAddr), BindError>;
+/// Which port a relay socket needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortChoice {
+    /// Any port of the range.
+    Any,
+    /// An even port (EVEN-PORT).
+    Even,
+    /// Exactly this one (the odd half of a reserved pair).
+    Exact(u16),
 }
+
+/// What the driver provides for relay sockets.
+pub trait Binder<R> {
+    /// Binds a relay socket (IPv6 when `ipv6`). Returns the handle and the local address.
+    fn bind(&mut self, ipv6: bool, port: PortChoice) -> Result<(R, SocketAddr), BindError>;
+    /// The relay now belongs to `tuple`'s allocation: start forwarding what peers send.
+    fn start(&mut self, relay: &R, tuple: FiveTuple);
+}
+
+/// How long a port reserved with EVEN-PORT's R bit is held (RFC 8656 suggests about 30 s).
+const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 
 struct Permission {
     ip: IpAddr,
@@ -179,6 +194,8 @@ pub struct TurnServer<R> {
     epoch_unix: u64,
     nonce_key: [u8; 16],
     allocations: HashMap<FiveTuple, Allocation<R>>,
+    /// Odd ports held for a later Allocate with RESERVATION-TOKEN.
+    reservations: HashMap<[u8; 8], (R, SocketAddr, Instant)>,
     families: HashMap<Arc<str>, FamilyUsage>,
     devices: HashMap<(Arc<str>, Arc<str>), usize>,
     draining: bool,
@@ -199,6 +216,7 @@ impl<R: Clone> TurnServer<R> {
             epoch_unix,
             nonce_key,
             allocations: HashMap::new(),
+            reservations: HashMap::new(),
             families: HashMap::new(),
             devices: HashMap::new(),
             draining: false,
@@ -400,6 +418,7 @@ impl<R: Clone> TurnServer<R> {
         for t in expired {
             self.remove(now, &t, "expired");
         }
+        self.reservations.retain(|_, (_, _, expires)| *expires > now);
         for a in self.allocations.values_mut() {
             a.permissions.retain(|p| p.expires > now);
             a.channels.retain(|c| c.expires > now);
@@ -592,20 +611,16 @@ impl<R: Clone> TurnServer<R> {
             Some(v) if v.first() != Some(&17) => return self.error_reply(msg, &a, 442, "Unsupported Transport Protocol"),
             Some(_) => {}
         }
-        let even = match msg.get(attr::EVEN_PORT) {
-            None => false,
-            // Reserving the next port (R bit) is not offered: answered as no capacity for it.
-            Some(v) if v.first().is_some_and(|b| b & 0x80 != 0) => {
-                return self.error_reply(msg, &a, 508, "Insufficient Capacity: port reservation not supported")
-            }
-            Some(_) => true,
+        // EVEN-PORT: `Some(reserve_next)`.
+        let even = msg.get(attr::EVEN_PORT).map(|v| v.first().is_some_and(|b| b & 0x80 != 0));
+        let token = match msg.get(attr::RESERVATION_TOKEN) {
+            Some(_) if even.is_some() => return self.error_reply(msg, &a, 400, "Bad Request: EVEN-PORT with RESERVATION-TOKEN"),
+            Some(v) => match <[u8; 8]>::try_from(v) {
+                Ok(t) => Some(t),
+                Err(_) => return self.error_reply(msg, &a, 400, "Bad Request: RESERVATION-TOKEN"),
+            },
+            None => None,
         };
-        if msg.get(attr::RESERVATION_TOKEN).is_some() {
-            if even {
-                return self.error_reply(msg, &a, 400, "Bad Request: EVEN-PORT with RESERVATION-TOKEN");
-            }
-            return self.error_reply(msg, &a, 508, "Insufficient Capacity: unknown reservation");
-        }
         let ipv6 = match msg.get(attr::REQUESTED_ADDRESS_FAMILY).map(|v| v.first().copied()) {
             None => tuple.client.is_ipv6() && self.settings.public_ip.is_none_or(|ip| ip.is_ipv6()),
             Some(Some(0x01)) => false,
@@ -625,7 +640,26 @@ impl<R: Clone> TurnServer<R> {
         if self.devices.get(&dev_key).copied().unwrap_or(0) >= self.settings.device_allocations {
             return self.quota_reject(msg, &a, "device");
         }
-        let (relay, local) = match binder.bind(tuple, ipv6, even) {
+        let mut reserved_token = None;
+        let bound = match (token, even) {
+            (Some(t), _) => match self.reservations.remove(&t) {
+                Some((r, local, expires)) if expires > now => Ok((r, local)),
+                _ => return self.error_reply(msg, &a, 508, "Insufficient Capacity: no such reservation"),
+            },
+            (None, Some(true)) => match bind_pair(binder, ipv6) {
+                Ok((even, odd)) => {
+                    let mut t = [0u8; 8];
+                    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut t);
+                    self.reservations.insert(t, (odd.0, odd.1, now + RESERVATION_LIFETIME));
+                    reserved_token = Some(t);
+                    Ok(even)
+                }
+                Err(e) => Err(e),
+            },
+            (None, Some(false)) => binder.bind(ipv6, PortChoice::Even),
+            (None, None) => binder.bind(ipv6, PortChoice::Any),
+        };
+        let (relay, local) = match bound {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.turn_quota_rejections.with_label_values(&["ports"]).inc();
@@ -633,11 +667,15 @@ impl<R: Clone> TurnServer<R> {
                 return self.error_reply(msg, &a, 508, "Insufficient Capacity");
             }
         };
+        binder.start(&relay, tuple);
         let relayed = SocketAddr::new(self.settings.public_ip.filter(|ip| ip.is_ipv6() == ipv6).unwrap_or(local.ip()), local.port());
         let lifetime = self.lifetime(msg);
         let mut b = Builder::new(method::ALLOCATE, Class::Success, msg.tid);
         b.xor_addr(attr::XOR_RELAYED_ADDRESS, relayed).u32_attr(attr::LIFETIME, lifetime.as_secs() as u32);
         b.xor_addr(attr::XOR_MAPPED_ADDRESS, tuple.client);
+        if let Some(t) = reserved_token {
+            b.attr(attr::RESERVATION_TOKEN, &t);
+        }
         let reply = self.finish(b, Some((&a.key, a.sha256)));
         let usage = self.families.entry(a.family.clone()).or_insert(FamilyUsage {
             allocations: 0,
@@ -743,7 +781,7 @@ impl<R: Clone> TurnServer<R> {
             Some(v) if v.len() == 4 => u16::from_be_bytes([v[0], v[1]]),
             _ => return self.error_reply(msg, a, 400, "Bad Request: CHANNEL-NUMBER missing"),
         };
-        if !(0x4000..=0x4FFF).contains(&number) {
+        if !super::stun::CHANNELS.contains(&number) {
             return self.error_reply(msg, a, 400, "Bad Request: channel number out of range");
         }
         let Some(Some(peer)) = msg.xor_peer_addresses().next() else {
@@ -777,6 +815,19 @@ impl<R: Clone> TurnServer<R> {
         install_permission(alloc, peer.ip(), now);
         self.finish(Builder::new(method::CHANNEL_BIND, Class::Success, msg.tid), Some((&a.key, a.sha256)))
     }
+}
+
+/// An even port and the odd one above it, for EVEN-PORT with the R bit.
+fn bind_pair<R>(binder: &mut dyn Binder<R>, ipv6: bool) -> Result<((R, SocketAddr), (R, SocketAddr)), BindError> {
+    let mut last = BindError("no free port pair".into());
+    for _ in 0..16 {
+        let even = binder.bind(ipv6, PortChoice::Even)?;
+        match binder.bind(ipv6, PortChoice::Exact(even.1.port().wrapping_add(1))) {
+            Ok(odd) => return Ok((even, odd)),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 fn install_permission<R>(alloc: &mut Allocation<R>, ip: IpAddr, now: Instant) {

@@ -37,15 +37,19 @@ struct FakeBinder {
 }
 
 impl Binder<u16> for FakeBinder {
-    fn bind(&mut self, _t: FiveTuple, _ipv6: bool, even: bool) -> Result<(u16, SocketAddr), BindError> {
+    fn bind(&mut self, _ipv6: bool, choice: PortChoice) -> Result<(u16, SocketAddr), BindError> {
         if self.fail {
             return Err(BindError("exhausted".into()));
         }
-        self.next += if even && self.next % 2 == 1 { 1 } else { 0 };
-        let port = self.next;
-        self.next += 1;
+        let port = match choice {
+            PortChoice::Exact(p) => p,
+            PortChoice::Even => self.next + self.next % 2,
+            PortChoice::Any => self.next,
+        };
+        self.next = self.next.max(port + 1);
         Ok((port, SocketAddr::from(([0, 0, 0, 0], port))))
     }
+    fn start(&mut self, _relay: &u16, _tuple: FiveTuple) {}
 }
 
 struct Harness {
@@ -227,7 +231,7 @@ fn allocate_attribute_rules() {
         (&[], 400),
         (&[(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0])], 442),
         (&[(attr::REQUESTED_TRANSPORT, UDP), (attr::DONT_FRAGMENT, &[])], 420),
-        (&[(attr::REQUESTED_TRANSPORT, UDP), (attr::EVEN_PORT, &[0x80])], 508),
+        (&[(attr::REQUESTED_TRANSPORT, UDP), (attr::EVEN_PORT, &[0x80]), (attr::RESERVATION_TOKEN, &[1; 8])], 400),
         (&[(attr::REQUESTED_TRANSPORT, UDP), (attr::RESERVATION_TOKEN, &[1; 8])], 508),
         (&[(attr::REQUESTED_TRANSPORT, UDP), (attr::REQUESTED_ADDRESS_FAMILY, &[9, 0, 0, 0])], 440),
     ];
@@ -249,6 +253,37 @@ fn allocate_attribute_rules() {
     c2.nonce = c.nonce.clone();
     let r = h.reply(h.t0, tuple(4200), &request(method::ALLOCATE, tid(61), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::LIFETIME, &99_999u32.to_be_bytes())], Some(&c2), &[]));
     assert_eq!(Message::parse(&r).unwrap().get(attr::LIFETIME), Some(&3600u32.to_be_bytes()[..]));
+}
+
+#[test]
+fn even_port_reservation_pairs_rtp_and_rtcp() {
+    let mut h = harness();
+    let mut c = creds_for("fam", "dev", 3600, SECRET);
+    h.allocate(h.t0, tuple(4000), &mut c, 1); // nonce; occupies one port
+    let rtp = h.reply(h.t0, tuple(4001), &request(method::ALLOCATE, tid(10), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::EVEN_PORT, &[0x80])], Some(&c), &[]));
+    let m = Message::parse(&rtp).unwrap();
+    assert_eq!(m.class, Class::Success, "{:?}", code(&m));
+    let port = super::super::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap().port();
+    assert_eq!(port % 2, 0);
+    let token = m.get(attr::RESERVATION_TOKEN).unwrap().to_vec();
+    let mut c2 = creds_for("fam", "dev2", 3600, SECRET);
+    c2.nonce = c.nonce.clone();
+    let rtcp = h.reply(h.t0, tuple(4002), &request(method::ALLOCATE, tid(11), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::RESERVATION_TOKEN, &token)], Some(&c2), &[]));
+    let m = Message::parse(&rtcp).unwrap();
+    assert_eq!(m.class, Class::Success, "{:?}", code(&m));
+    assert_eq!(super::super::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap().port(), port + 1);
+    // A token is good once, and reservations lapse after 30 s.
+    let mut c4 = creds_for("kfam", "dev", 3600, SECRET);
+    c4.nonce = c.nonce.clone();
+    let again = h.reply(h.t0, tuple(4003), &request(method::ALLOCATE, tid(12), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::RESERVATION_TOKEN, &token)], Some(&c4), &[]));
+    assert_eq!(code_of(&again), Some(508));
+    let mut c3 = creds_for("gam", "dev", 3600, SECRET);
+    c3.nonce = c.nonce.clone();
+    let r = h.reply(h.t0, tuple(4010), &request(method::ALLOCATE, tid(20), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::EVEN_PORT, &[0x80])], Some(&c3), &[]));
+    let token = Message::parse(&r).unwrap().get(attr::RESERVATION_TOKEN).unwrap().to_vec();
+    h.s.handle_timeout(h.at(31));
+    let late = h.reply(h.at(31), tuple(4011), &request(method::ALLOCATE, tid(21), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::RESERVATION_TOKEN, &token)], Some(&c3), &[]));
+    assert_eq!(code_of(&late), Some(508));
 }
 
 #[test]

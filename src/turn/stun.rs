@@ -472,6 +472,11 @@ impl Builder {
     }
 }
 
+/// Channel numbers accepted: RFC 5766's 0x4000-0x7FFE. RFC 8656 narrowed new bindings to
+/// 0x4FFF, but deployed clients (coturn's among them) still use the old range, and coturn
+/// accepts it too.
+pub const CHANNELS: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFE;
+
 /// Parses a ChannelData header: `(channel, payload)`.
 pub fn parse_channel_data(buf: &[u8]) -> Option<(u16, &[u8])> {
     if buf.len() < 4 {
@@ -479,7 +484,7 @@ pub fn parse_channel_data(buf: &[u8]) -> Option<(u16, &[u8])> {
     }
     let channel = u16::from_be_bytes([buf[0], buf[1]]);
     let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
-    if !(0x4000..=0x4FFF).contains(&channel) {
+    if !CHANNELS.contains(&channel) {
         return None;
     }
     buf.get(4..4 + len).map(|p| (channel, p))
@@ -564,7 +569,8 @@ mod tests {
         assert_eq!(Message::parse(&raw).unwrap_err(), StunError::BadAttributes);
         assert_eq!(parse_channel_data(&[0x40, 0x00, 0x00, 0x05, 1, 2]), None);
         assert_eq!(parse_channel_data(&[0x40, 0x01, 0x00, 0x02, 1, 2]), Some((0x4001, &[1u8, 2][..])));
-        assert_eq!(parse_channel_data(&[0x50, 0x00, 0x00, 0x00]), None);
+        assert_eq!(parse_channel_data(&[0x7F, 0xFF, 0x00, 0x00]), None);
+        assert_eq!(parse_channel_data(&[0x7F, 0xFE, 0x00, 0x00]), Some((0x7FFE, &[][..])));
         assert_eq!(frame_len(&[0x40, 0x00, 0x00, 0x05], true), Some(12));
         assert_eq!(frame_len(&[0x40, 0x00, 0x00, 0x05], false), Some(9));
     }

@@ -1,0 +1,150 @@
+//! Relay sockets: binding them in the configured port range, and the task per allocation
+//! that reads what peers send and forwards it to the client.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rand::Rng;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+use super::server::{BindError, Binder, FiveTuple, PortChoice, TurnServer, PEER_HEADROOM};
+use crate::metrics::Metrics;
+
+/// Largest peer datagram relayed; WebRTC stays near 1200 bytes.
+pub const MAX_PEER_DATAGRAM: usize = 8192;
+
+/// The core, shared by the listener tasks and the relay tasks. A std mutex: every section
+/// is short and never crosses an `.await`.
+pub type Core = Arc<Mutex<TurnServer<Relay>>>;
+
+/// Locks the core; a panic elsewhere must not take TURN down with it.
+pub fn lock(core: &Core) -> std::sync::MutexGuard<'_, TurnServer<Relay>> {
+    core.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An allocation's relay socket. When the core drops the last handle (allocation deleted
+/// or expired), the peer-reading task is aborted and the socket closes.
+pub struct RelayInner {
+    /// The socket peers talk to.
+    pub socket: Arc<UdpSocket>,
+    /// Set once an allocation owns the socket (a reserved port has no task yet).
+    task: std::sync::OnceLock<AbortHandle>,
+}
+
+impl Drop for RelayInner {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.get() {
+            task.abort();
+        }
+    }
+}
+
+/// Cloneable relay handle, as the core stores it.
+pub type Relay = Arc<RelayInner>;
+
+/// Where data for a client goes.
+#[derive(Clone)]
+pub enum ClientSink {
+    /// Back through the UDP listener socket.
+    Udp(Arc<UdpSocket>),
+    /// Into a TCP/TLS connection's writer queue.
+    Stream(mpsc::Sender<Vec<u8>>),
+}
+
+/// Binds relay sockets for one client.
+pub struct SocketBinder<'a> {
+    /// Relay port range.
+    pub ports: (u16, u16),
+    /// IP to bind IPv4 relays on.
+    pub ipv4: IpAddr,
+    /// IP to bind IPv6 relays on.
+    pub ipv6: IpAddr,
+    /// Kernel buffer size.
+    pub buffer_bytes: usize,
+    /// For the relay task.
+    pub core: &'a Core,
+    /// The client's sink.
+    pub sink: ClientSink,
+    /// Metrics.
+    pub metrics: &'a Arc<Metrics>,
+}
+
+impl Binder<Relay> for SocketBinder<'_> {
+    fn bind(&mut self, ipv6: bool, choice: PortChoice) -> Result<(Relay, SocketAddr), BindError> {
+        let ip = if ipv6 { self.ipv6 } else { self.ipv4 };
+        let (lo, hi) = self.ports;
+        let mut rng = rand::thread_rng();
+        let mut last_err = String::from("range empty");
+        // Random probing: a busy range still finds a free port quickly, and ports are not
+        // predictable to a peer.
+        let tries = if matches!(choice, PortChoice::Exact(_)) { 1 } else { 64 };
+        for _ in 0..tries {
+            let port = match choice {
+                PortChoice::Exact(p) if (lo..=hi).contains(&p) => p,
+                PortChoice::Exact(p) => return Err(BindError(format!("port {p} outside turn.relay_ports"))),
+                PortChoice::Any => rng.gen_range(lo..=hi),
+                PortChoice::Even => {
+                    let p = rng.gen_range(lo..=hi);
+                    if p % 2 == 0 { p } else if p < hi { p + 1 } else { p - 1 }
+                }
+            };
+            match bind_udp(SocketAddr::new(ip, port), self.buffer_bytes) {
+                Ok(socket) => {
+                    let local = socket.local_addr().map_err(|e| BindError(e.to_string()))?;
+                    return Ok((Arc::new(RelayInner { socket: Arc::new(socket), task: std::sync::OnceLock::new() }), local));
+                }
+                Err(e) => last_err = e.to_string(),
+            }
+        }
+        Err(BindError(last_err))
+    }
+
+    fn start(&mut self, relay: &Relay, tuple: FiveTuple) {
+        let task = tokio::spawn(peer_loop(relay.socket.clone(), tuple, self.core.clone(), self.sink.clone(), self.metrics.clone()));
+        if relay.task.set(task.abort_handle()).is_err() {
+            task.abort();
+        }
+    }
+}
+
+/// A non-blocking UDP socket with large kernel buffers (the `turn` crate lost packets to
+/// UdpRcvbufErrors with the defaults).
+pub fn bind_udp(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    let _ = socket.set_recv_buffer_size(buffer_bytes);
+    let _ = socket.set_send_buffer_size(buffer_bytes);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// Reads peer datagrams for one allocation and forwards what the core frames.
+async fn peer_loop(socket: Arc<UdpSocket>, tuple: FiveTuple, core: Core, sink: ClientSink, metrics: Arc<Metrics>) {
+    let mut buf = vec![0u8; PEER_HEADROOM + MAX_PEER_DATAGRAM + 4];
+    loop {
+        let (n, peer) = match socket.recv_from(&mut buf[PEER_HEADROOM..PEER_HEADROOM + MAX_PEER_DATAGRAM]).await {
+            Ok(r) => r,
+            // ICMP errors surface as recv errors on some platforms: keep going.
+            Err(_) => continue,
+        };
+        let framed = lock(&core).handle_peer(Instant::now(), &tuple, peer, &mut buf, n);
+        let Some(range) = framed else { continue };
+        match &sink {
+            ClientSink::Udp(listener) => {
+                let _ = listener.send_to(&buf[range], tuple.client).await;
+            }
+            ClientSink::Stream(tx) => {
+                if tx.try_send(buf[range].to_vec()).is_err() {
+                    metrics.turn_dropped.with_label_values(&["queue_full"]).inc();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! TLS for `turns:`: rustls with the certificate and key from files, reloaded when the files
+//! change (checked every few seconds) or on SIGHUP, so renewed certificates need no restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+/// Why a certificate/key pair could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Reading a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The files hold no usable certificate or key.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A TLS acceptor whose configuration can be swapped while serving.
+#[derive(Clone)]
+pub struct Acceptor {
+    current: Arc<RwLock<Arc<ServerConfig>>>,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Io { path: path.display().to_string(), source })
+}
+
+/// Loads a rustls server configuration from PEM files.
+pub fn load(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut read(cert)?.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Invalid(format!("turn.tls_cert: {e}")))?;
+    if certs.is_empty() {
+        return Err(TlsError::Invalid(format!("turn.tls_cert: no certificate in {}", cert.display())));
+    }
+    let key = rustls_pemfile::private_key(&mut read(key)?.as_slice())
+        .map_err(|e| TlsError::Invalid(format!("turn.tls_key: {e}")))?
+        .ok_or_else(|| TlsError::Invalid(format!("turn.tls_key: no private key in {}", key.display())))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Invalid(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Invalid(format!("turn.tls_cert/turn.tls_key: {e}")))
+}
+
+impl Acceptor {
+    /// Loads the files; fails start-up when they are unusable.
+    pub fn new(cert: PathBuf, key: PathBuf) -> Result<Self, TlsError> {
+        let config = load(&cert, &key)?;
+        Ok(Acceptor { current: Arc::new(RwLock::new(Arc::new(config))), cert, key })
+    }
+
+    /// Completes a TLS handshake with the current certificate.
+    pub async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
+        let config = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
+        TlsAcceptor::from(config).accept(stream).await
+    }
+
+    /// Reloads the files; on failure the old certificate stays in use.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let config = load(&self.cert, &self.key)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        Ok(())
+    }
+
+    fn modified(&self) -> Option<(SystemTime, SystemTime)> {
+        let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        Some((m(&self.cert)?, m(&self.key)?))
+    }
+
+    /// Reloads on SIGHUP and when the files' modification times change.
+    pub async fn watch(self, poll: Duration) {
+        let mut last = self.modified();
+        #[cfg(unix)]
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            #[cfg(unix)]
+            let signalled = match hup.as_mut() {
+                Some(h) => tokio::select! {
+                    _ = h.recv() => true,
+                    _ = tokio::time::sleep(poll) => false,
+                },
+                None => {
+                    tokio::time::sleep(poll).await;
+                    false
+                }
+            };
+            #[cfg(not(unix))]
+            let signalled = {
+                tokio::time::sleep(poll).await;
+                false
+            };
+            let now = self.modified();
+            if signalled || now != last {
+                last = now;
+                match self.reload() {
+                    Ok(()) => tracing::info!(signalled, "TLS certificate reloaded"),
+                    Err(e) => tracing::error!(error = %e, "TLS certificate reload failed; keeping the previous one"),
+                }
+            }
+        }
+    }
+}
