@@ -78,7 +78,7 @@ fn start_server(bin: &str, devices: usize) -> Server {
     #[allow(clippy::zombie_processes)] // `Server`'s Drop kills and waits
     let mut child = Command::new(bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()])
-        .args(["--set", "log.format=json", "--set", "log.level=warn,kinlink::server=info"])
+        .args(["--set", "log.format=json", "--set", "log.level=warn,kinlink::server=info", "--set", "turn.enabled=false"])
         .args(["--set", &format!("signal.max_connections={}", devices + 100)])
         .args(["--set", &format!("signal.max_devices={}", devices + 100)])
         .env("KINLINK_AUTH__TOKEN_SECRET", SECRET)

@@ -43,7 +43,7 @@ fn serve(data_dir: &Path, extra: &[&str]) -> Running {
     #[allow(clippy::zombie_processes)] // waited for by `Running`'s Drop
     let mut child = bin()
         .args(["--data-dir", data_dir.to_str().unwrap(), "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .args(["--set", "log.format=json"])
+        .args(["--set", "log.format=json", "--set", "turn.udp_listen=127.0.0.1:0", "--set", "turn.tcp_listen=127.0.0.1:0"])
         .args(extra)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())

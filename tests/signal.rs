@@ -365,10 +365,11 @@ async fn ice_servers_endpoint_returns_verifiable_credentials() {
     let ttl = body["iceServersTtl"].as_u64().unwrap();
     assert_eq!(ttl, 86_400);
     let servers = body["iceServers"].as_array().unwrap();
-    let host = "127.0.0.1";
-    assert_eq!(servers[0]["urls"], json!([format!("stun:{host}:3478")]));
+    // The host is the one the request used; the ports are the TURN listeners actually bound.
+    let (udp, tcp) = (server.turn_udp.unwrap().port(), server.turn_tcp.unwrap().port());
+    assert_eq!(servers[0]["urls"], json!([format!("stun:127.0.0.1:{udp}")]));
     let turn = &servers[1];
-    assert_eq!(turn["urls"], json!([format!("turn:{host}:3478?transport=udp"), format!("turn:{host}:3478?transport=tcp")]));
+    assert_eq!(turn["urls"], json!([format!("turn:127.0.0.1:{udp}?transport=udp"), format!("turn:127.0.0.1:{tcp}?transport=tcp")]));
     let username = turn["username"].as_str().unwrap();
     let (expiry, rest) = username.split_once(':').unwrap();
     assert_eq!(rest, "fam:dev");

@@ -818,7 +818,9 @@ impl<R: Clone> TurnServer<R> {
 }
 
 /// An even port and the odd one above it, for EVEN-PORT with the R bit.
-fn bind_pair<R>(binder: &mut dyn Binder<R>, ipv6: bool) -> Result<((R, SocketAddr), (R, SocketAddr)), BindError> {
+type Bound<R> = (R, SocketAddr);
+
+fn bind_pair<R>(binder: &mut dyn Binder<R>, ipv6: bool) -> Result<(Bound<R>, Bound<R>), BindError> {
     let mut last = BindError("no free port pair".into());
     for _ in 0..16 {
         let even = binder.bind(ipv6, PortChoice::Even)?;

@@ -20,6 +20,9 @@ pub const WAIT: Duration = Duration::from_secs(5);
 pub struct TestServer {
     pub http: SocketAddr,
     pub metrics: SocketAddr,
+    pub turn_udp: Option<SocketAddr>,
+    pub turn_tcp: Option<SocketAddr>,
+    pub turn_tls: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     pub task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -32,6 +35,10 @@ pub fn test_config() -> Config {
     cfg.auth.token_leeway_secs = 0;
     cfg.turn.secret = Some(Secret::new(TURN_SECRET));
     cfg.data_dir = std::env::temp_dir().join("kinlink-test-unused");
+    cfg.turn.udp_listen = kinlink::config::Listen(Some("127.0.0.1:0".parse().unwrap()));
+    cfg.turn.tcp_listen = kinlink::config::Listen(Some("127.0.0.1:0".parse().unwrap()));
+    // Tests relay to peers on loopback, which the default policy refuses.
+    cfg.turn.allowed_peers = vec!["127.0.0.0/8".into()];
     cfg
 }
 
@@ -47,11 +54,12 @@ impl TestServer {
         let server = kinlink::Server::bind(cfg).await.expect("bind");
         let http = server.http_addr();
         let metrics = server.metrics_addr().expect("separate metrics listener");
+        let (turn_udp, turn_tcp, turn_tls) = (server.turn_udp_addr(), server.turn_tcp_addr(), server.turn_tls_addr());
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(server.run(async move {
             let _ = rx.await;
         }));
-        TestServer { http, metrics, shutdown: Some(tx), task: Some(task) }
+        TestServer { http, metrics, turn_udp, turn_tcp, turn_tls, shutdown: Some(tx), task: Some(task) }
     }
 
     pub fn ws_url(&self) -> String {

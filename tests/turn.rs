@@ -1,0 +1,252 @@
+//! The embedded TURN server against independently written clients: the `turn` crate's client
+//! and coturn's `turnutils_uclient` (Debian package `coturn`, installed by scripts/test),
+//! with UDP peers on 127.0.0.1.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use kinlink::config::{Listen, Secret};
+use tokio::net::UdpSocket;
+use turn::client::{Client as TurnClient, ClientConfig};
+use webrtc_util::conn::Conn;
+
+fn rest_credentials(family: &str, device: &str, expires_in: i64) -> (String, String) {
+    let expiry = (kinlink::auth::unix_now() as i64 + expires_in) as u64;
+    let c = kinlink::auth::turn_credential(&Secret::new(TURN_SECRET), family, device, 0, expiry);
+    (c.username, c.credential)
+}
+
+async fn turn_client(server: SocketAddr, username: String, password: String) -> TurnClient {
+    let conn = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let cfg = ClientConfig {
+        stun_serv_addr: server.to_string(),
+        turn_serv_addr: server.to_string(),
+        username,
+        password,
+        realm: "kinlink".into(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn: Arc::new(conn),
+        vnet: None,
+    };
+    let client = TurnClient::new(cfg).await.unwrap();
+    client.listen().await.unwrap();
+    client
+}
+
+/// A UDP peer that echoes every datagram; returns its address and a counter of packets seen.
+async fn echo_peer() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = sock.send_to(&buf[..n], from).await;
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn turn_crate_client_allocates_and_relays_through_an_echo_peer() {
+    let server = TestServer::start().await;
+    let turn_addr = server.turn_udp.unwrap();
+    let (user, pass) = rest_credentials("fam", "phone", 600);
+    let client = turn_client(turn_addr, user, pass).await;
+    let mapped = tokio::time::timeout(WAIT, client.send_binding_request()).await.unwrap().unwrap();
+    assert_eq!(mapped.ip().to_string(), "127.0.0.1");
+    let relay = tokio::time::timeout(WAIT, client.allocate()).await.unwrap().expect("allocate");
+    let relayed = relay.local_addr().unwrap();
+    assert_eq!(relayed.ip().to_string(), "127.0.0.1");
+    assert!(relayed.port() >= 49152, "relay port from turn.relay_ports: {relayed}");
+
+    let (peer, _) = echo_peer().await;
+    let mut buf = vec![0u8; 1500];
+    for i in 0..5u8 {
+        let msg = [b'k', b'i', b'n', i];
+        relay.send_to(&msg, peer).await.expect("send via relay");
+        let (n, from) = tokio::time::timeout(WAIT, relay.recv_from(&mut buf)).await.expect("echo arrives").unwrap();
+        assert_eq!((&buf[..n], from), (&msg[..], peer));
+    }
+    assert!(server.metric(r#"kinlink_turn_relayed_bytes_total{direction="client_to_peer"}"#).await >= 20.0);
+    assert!(server.metric(r#"kinlink_turn_relayed_packets_total{direction="peer_to_client"}"#).await >= 5.0);
+    assert_eq!(server.metric("kinlink_turn_allocations").await, 1.0);
+    assert_eq!(server.metric(r#"kinlink_turn_allocations_created_total{transport="udp"}"#).await, 1.0);
+    relay.close().await.unwrap();
+    client.close().await.unwrap();
+    server.wait_metric("kinlink_turn_allocations", 0.0).await;
+}
+
+#[tokio::test]
+async fn expired_or_forged_credentials_get_401_and_no_allocation() {
+    let server = TestServer::start().await;
+    let turn_addr = server.turn_udp.unwrap();
+    let (user, pass) = rest_credentials("fam", "phone", -60);
+    let client = turn_client(turn_addr, user, pass).await;
+    assert!(tokio::time::timeout(WAIT, client.allocate()).await.unwrap().is_err());
+    client.close().await.unwrap();
+    let (user, _) = rest_credentials("fam", "phone", 600);
+    let client = turn_client(turn_addr, user, "forged-password".into()).await;
+    assert!(tokio::time::timeout(WAIT, client.allocate()).await.unwrap().is_err());
+    client.close().await.unwrap();
+    assert!(server.metric(r#"kinlink_turn_auth_failures_total{reason="expired"}"#).await >= 1.0);
+    assert!(server.metric(r#"kinlink_turn_auth_failures_total{reason="bad_integrity"}"#).await >= 1.0);
+    assert_eq!(server.metric("kinlink_turn_allocations").await, 0.0);
+}
+
+#[tokio::test]
+async fn denied_peer_gets_403_and_sees_nothing() {
+    // The default policy: loopback peers are refused.
+    let server = TestServer::with(|c| c.turn.allowed_peers.clear()).await;
+    let (user, pass) = rest_credentials("fam", "phone", 600);
+    let client = turn_client(server.turn_udp.unwrap(), user, pass).await;
+    let relay = tokio::time::timeout(WAIT, client.allocate()).await.unwrap().unwrap();
+    let (peer, seen) = echo_peer().await;
+    let _ = tokio::time::timeout(WAIT, relay.send_to(b"let me in", peer)).await.unwrap();
+    server.wait_metric(r#"kinlink_turn_permission_denied_total{reason="special_range"}"#, 1.0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(seen.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing reached the denied peer");
+    assert_eq!(server.metric(r#"kinlink_turn_relayed_packets_total{direction="client_to_peer"}"#).await, 0.0);
+    client.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn family_quota_answers_486() {
+    let server = TestServer::with(|c| c.turn.quota.family_allocations = 1).await;
+    let turn_addr = server.turn_udp.unwrap();
+    let (u1, p1) = rest_credentials("fam", "phone", 600);
+    let c1 = turn_client(turn_addr, u1, p1).await;
+    let _relay = tokio::time::timeout(WAIT, c1.allocate()).await.unwrap().expect("first allocation");
+    let (u2, p2) = rest_credentials("fam", "tablet", 600);
+    let c2 = turn_client(turn_addr, u2, p2).await;
+    assert!(tokio::time::timeout(WAIT, c2.allocate()).await.unwrap().is_err(), "second allocation of the family refused");
+    // Another family is unaffected.
+    let (u3, p3) = rest_credentials("other", "phone", 600);
+    let c3 = turn_client(turn_addr, u3, p3).await;
+    assert!(tokio::time::timeout(WAIT, c3.allocate()).await.unwrap().is_ok());
+    assert_eq!(server.metric(r#"kinlink_turn_quota_rejections_total{scope="family"}"#).await, 1.0);
+    for c in [c1, c2, c3] {
+        c.close().await.unwrap();
+    }
+}
+
+/// coturn's echo peer, killed on drop.
+struct Peer(std::process::Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts coturn's echo peer on a free loopback port and waits until it echoes.
+async fn coturn_peer() -> (Peer, u16) {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    #[allow(clippy::zombie_processes)] // `Peer` waits on drop
+    let child = Command::new("turnutils_peer")
+        .args(["-L", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("turnutils_peer (Debian package coturn) is installed");
+    let child = Peer(child);
+    let probe = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buf = [0u8; 16];
+    for _ in 0..100 {
+        probe.send_to(b"ping", ("127.0.0.1", port)).await.unwrap();
+        if tokio::time::timeout(Duration::from_millis(50), probe.recv_from(&mut buf)).await.is_ok() {
+            return (child, port);
+        }
+    }
+    panic!("turnutils_peer did not start");
+}
+
+/// Runs turnutils_uclient with REST secret auth; returns (messages received, packets lost).
+fn uclient(extra: &[&str], turn_port: u16, peer_port: u16, clients: u32, messages: u32) -> (u64, u64, String) {
+    let out = Command::new("turnutils_uclient")
+        .args(extra)
+        .args(["-W", TURN_SECRET, "-u", "fam:dev", "-e", "127.0.0.1", "-r", &peer_port.to_string()])
+        .args(["-p", &turn_port.to_string(), "-n", &messages.to_string(), "-m", &clients.to_string(), "-l", "500", "-z", "5", "-X"])
+        .arg("127.0.0.1")
+        .output()
+        .expect("turnutils_uclient (Debian package coturn) is installed");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let grab = |key: &str| -> Option<u64> {
+        text.lines().rev().find_map(|l| l.split(key).nth(1)).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+    };
+    let received = grab("tot_recv_msgs=").unwrap_or(0);
+    let lost = grab("Total lost packets ").unwrap_or(u64::MAX);
+    (received, lost, text)
+}
+
+async fn uclient_case(server: &TestServer, extra: &'static [&'static str], turn_port: u16) {
+    let (peer, peer_port) = coturn_peer().await;
+    let (received, lost, text) = tokio::task::spawn_blocking(move || uclient(extra, turn_port, peer_port, 4, 25)).await.unwrap();
+    drop(peer);
+    assert_eq!((received, lost), (100, 0), "uclient {extra:?}:\n{text}");
+    let _ = server;
+}
+
+#[tokio::test]
+async fn coturn_uclient_over_udp_with_channels_and_send_indications() {
+    let server = TestServer::start().await;
+    let port = server.turn_udp.unwrap().port();
+    uclient_case(&server, &[], port).await;
+    uclient_case(&server, &["-s"], port).await;
+    assert!(server.metric(r#"kinlink_turn_allocations_created_total{transport="udp"}"#).await >= 8.0);
+}
+
+#[tokio::test]
+async fn coturn_uclient_over_tcp() {
+    let server = TestServer::start().await;
+    uclient_case(&server, &["-t"], server.turn_tcp.unwrap().port()).await;
+    assert!(server.metric(r#"kinlink_turn_allocations_created_total{transport="tcp"}"#).await >= 4.0);
+    // A TCP client's allocations end with its connection.
+    server.wait_metric("kinlink_turn_allocations", 0.0).await;
+}
+
+fn self_signed_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl runs");
+    assert!(status.success());
+    (cert, key)
+}
+
+#[tokio::test]
+async fn coturn_uclient_over_tls() {
+    let dir = std::env::temp_dir().join(format!("kinlink-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = self_signed_cert(&dir);
+    let server = TestServer::with(|c| {
+        c.turn.tls_listen = Listen(Some("127.0.0.1:0".parse().unwrap()));
+        c.turn.tls_cert = Some(cert.clone());
+        c.turn.tls_key = Some(key.clone());
+    })
+    .await;
+    let tls = server.turn_tls.expect("TLS listener");
+    uclient_case(&server, &["-t", "-S"], tls.port()).await;
+    assert!(server.metric(r#"kinlink_turn_allocations_created_total{transport="tls"}"#).await >= 4.0);
+    // The ICE servers block now lists turns:.
+    let (_c, reg) = Client::register(&server, "fam", "u", "d").await;
+    let urls = reg["iceServers"][1]["urls"].to_string();
+    assert!(urls.contains(&format!("turns:127.0.0.1:{}?transport=tcp", tls.port())), "{urls}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
