@@ -1,5 +1,5 @@
-//! kinlink: a WebSocket signaling relay and (soon) an embedded TURN/STUN server for the
-//! devices of a family, with family-scoped credentials and Prometheus metrics.
+//! kinlink: a WebSocket signaling relay and an embedded TURN/STUN server for the devices of
+//! a family, with family-scoped credentials and Prometheus metrics.
 //!
 //! # Layout
 //! - [`config`]: layered configuration (defaults, TOML, `KINLINK_` env, flags); errors name the key.
@@ -8,6 +8,9 @@
 //! - [`ice`]: the `iceServers` block handed to devices.
 //! - [`signal`]: the relay: [`signal::protocol`] (wire format), [`signal::session`] (rules,
 //!   sans-IO), [`signal::hub`] (who is online, routing), [`signal::ws`] (the tokio driver).
+//! - [`turn`]: the STUN/TURN server: [`turn::stun`] (wire format), [`turn::policy`] (peer
+//!   addresses), [`turn::server`] (rules, sans-IO), [`turn::relay`], [`turn::listener`],
+//!   [`turn::tls`] (the drivers).
 //! - [`http`]: the axum routers.
 //! - [`metrics`]: every exported metric.
 //! - [`server`]: binds the listeners and runs until shutdown, draining gracefully.
