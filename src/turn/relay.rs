@@ -78,18 +78,22 @@ impl Binder<Relay> for SocketBinder<'_> {
         let (lo, hi) = self.ports;
         let mut rng = rand::thread_rng();
         let mut last_err = String::from("range empty");
-        // Random probing: a busy range still finds a free port quickly, and ports are not
-        // predictable to a peer.
-        let tries = if matches!(choice, PortChoice::Exact(_)) { 1 } else { 64 };
-        for _ in 0..tries {
+        // Random probing first: ports are not predictable to a peer, and a half-full range
+        // still finds a free one in a few tries. Then a linear scan from a random start, so
+        // the last free ports of a nearly full range are still found.
+        let span = u32::from(hi - lo) + 1;
+        let offset = rng.gen_range(0..span);
+        let candidates = (0..64u32).map(|_| rng.gen_range(0..span)).chain((0..span).map(|i| (offset + i) % span));
+        for k in candidates {
             let port = match choice {
                 PortChoice::Exact(p) if (lo..=hi).contains(&p) => p,
                 PortChoice::Exact(p) => return Err(BindError(format!("port {p} outside turn.relay_ports"))),
-                PortChoice::Any => rng.gen_range(lo..=hi),
-                PortChoice::Even => {
-                    let p = rng.gen_range(lo..=hi);
-                    if p % 2 == 0 { p } else if p < hi { p + 1 } else { p - 1 }
-                }
+                PortChoice::Any => lo + k as u16,
+                PortChoice::Even => match lo + k as u16 {
+                    p if p % 2 == 0 => p,
+                    p if p < hi => p + 1,
+                    _ => continue,
+                },
             };
             match bind_udp(SocketAddr::new(ip, port), self.buffer_bytes) {
                 Ok(socket) => {
@@ -97,6 +101,9 @@ impl Binder<Relay> for SocketBinder<'_> {
                     return Ok((Arc::new(RelayInner { socket: Arc::new(socket), task: std::sync::OnceLock::new() }), local));
                 }
                 Err(e) => last_err = e.to_string(),
+            }
+            if matches!(choice, PortChoice::Exact(_)) {
+                break;
             }
         }
         Err(BindError(last_err))
