@@ -250,3 +250,38 @@ async fn coturn_uclient_over_tls() {
     assert!(urls.contains(&format!("turns:127.0.0.1:{}?transport=tcp", tls.port())), "{urls}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn draining_refuses_new_allocations_and_keeps_existing_ones_relaying() {
+    let mut server = TestServer::with(|c| c.shutdown.grace_secs = 10).await;
+    let turn_addr = server.turn_udp.unwrap();
+    let (u1, p1) = rest_credentials("fam", "a", 600);
+    let c1 = turn_client(turn_addr, u1, p1).await;
+    let relay = tokio::time::timeout(WAIT, c1.allocate()).await.unwrap().unwrap();
+    let (peer, _) = echo_peer().await;
+    let mut buf = vec![0u8; 64];
+    relay.send_to(b"before", peer).await.unwrap();
+    tokio::time::timeout(WAIT, relay.recv_from(&mut buf)).await.unwrap().unwrap();
+
+    let task = server.begin_shutdown();
+    let ready = format!("http://{}/readyz", server.metrics);
+    for _ in 0..100 {
+        if reqwest::get(&ready).await.unwrap().status() == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (u2, p2) = rest_credentials("fam", "b", 600);
+    let c2 = turn_client(turn_addr, u2, p2).await;
+    assert!(tokio::time::timeout(WAIT, c2.allocate()).await.unwrap().is_err(), "no new allocations while draining");
+    // The existing allocation keeps relaying during the drain.
+    relay.send_to(b"during", peer).await.unwrap();
+    let (n, _) = tokio::time::timeout(WAIT, relay.recv_from(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf[..n], b"during");
+    assert!(!task.is_finished(), "the server waits for the allocation");
+    // When it ends, the server exits well before the grace period.
+    relay.close().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task).await.expect("exits once allocations are gone").unwrap().unwrap();
+    c1.close().await.unwrap();
+    c2.close().await.unwrap();
+}
