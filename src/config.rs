@@ -148,11 +148,15 @@ impl Default for HttpConfig {
 pub struct MetricsConfig {
     /// Address of the metrics listener; the empty string serves `/metrics` on `http.listen`.
     pub listen: String,
+    /// Relayed payload bytes per second (both directions) this node is sized for; exported as
+    /// `kinlink_turn_relay_capacity_bytes_per_second` so an alert can fire near it.
+    pub relay_capacity_bytes_per_sec: u64,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { listen: "0.0.0.0:9090".into() }
+        // 1 Gbit/s: a common NIC, and well under what one kinlink process relays (BENCHMARKS.md).
+        MetricsConfig { listen: "0.0.0.0:9090".into(), relay_capacity_bytes_per_sec: 125_000_000 }
     }
 }
 
@@ -330,6 +334,9 @@ pub struct SignalConfig {
     pub outbound_queue: usize,
     /// Seconds a write to a client may block before the connection is dropped.
     pub write_timeout_secs: u64,
+    /// Seconds after a relayed offer within which a `p2p-status` report must arrive, or the
+    /// negotiation counts as `abandoned`.
+    pub negotiation_timeout_secs: u64,
 }
 
 impl Default for SignalConfig {
@@ -349,6 +356,7 @@ impl Default for SignalConfig {
             idle_timeout_secs: 3600,
             outbound_queue: 256,
             write_timeout_secs: 10,
+            negotiation_timeout_secs: 120,
         }
     }
 }
@@ -460,7 +468,7 @@ impl Config {
                 format!("`{}` is not an address like 0.0.0.0:9090 (or \"\" to share http.listen)", self.metrics.listen),
             ));
         }
-        let positive: [(&str, u64); 10] = [
+        let positive: [(&str, u64); 11] = [
             ("signal.max_frame_bytes", s.max_frame_bytes as u64),
             ("signal.rate_burst", s.rate_burst as u64),
             ("signal.rate_strikes", s.rate_strikes as u64),
@@ -471,6 +479,7 @@ impl Config {
             ("signal.ping_interval_secs", s.ping_interval_secs),
             ("signal.outbound_queue", s.outbound_queue as u64),
             ("signal.write_timeout_secs", s.write_timeout_secs),
+            ("signal.negotiation_timeout_secs", s.negotiation_timeout_secs),
         ];
         for (key, value) in positive {
             if value == 0 {

@@ -66,6 +66,15 @@ pub struct Metrics {
     pub turn_quota_rejections: IntCounterVec,
     /// `kinlink_turn_binding_requests_total{transport}`: STUN binding requests.
     pub turn_binding_requests: IntCounterVec,
+    /// `kinlink_turn_relay_capacity_bytes_per_second`: the operator's stated relay capacity
+    /// (`metrics.relay_capacity_bytes_per_sec`), for the bandwidth alert.
+    pub turn_relay_capacity: IntGauge,
+    /// `kinlink_p2p_negotiations_total{outcome}`: direct, relay, http_fallback, abandoned.
+    pub p2p_negotiations: IntCounterVec,
+    /// `kinlink_p2p_negotiations_open`: offers relayed without an outcome yet.
+    pub p2p_negotiations_open: IntGauge,
+    /// `kinlink_p2p_connect_seconds`: offer relayed → first `connected` report.
+    pub p2p_connect: Histogram,
 }
 
 /// `kinlink_turn_auth_failures_total` reasons.
@@ -198,8 +207,32 @@ impl Metrics {
                 "STUN binding requests answered, by transport.",
                 "transport",
             ),
+            turn_relay_capacity: gauge(
+                "kinlink_turn_relay_capacity_bytes_per_second",
+                "Relay capacity the operator configured (metrics.relay_capacity_bytes_per_sec), payload bytes/s in both directions.",
+            ),
+            p2p_negotiations: counter_vec(
+                "kinlink_p2p_negotiations_total",
+                "P2P negotiations (an offer relayed between two devices) by outcome: direct, relay, http_fallback, abandoned.",
+                "outcome",
+            ),
+            p2p_negotiations_open: gauge("kinlink_p2p_negotiations_open", "P2P negotiations waiting for a p2p-status report."),
+            p2p_connect: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "kinlink_p2p_connect_seconds",
+                        "Time from relaying an offer to the first `connected` p2p-status report.",
+                    )
+                    .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0]),
+                )
+                .expect("valid metric"),
+            ),
             registry: registry.clone(),
         };
+        for o in crate::signal::negotiation::Outcome::ALL {
+            m.p2p_negotiations.with_label_values(&[o.as_str()]);
+        }
         for t in crate::turn::server::Transport::ALL {
             m.turn_allocations_created.with_label_values(&[t.as_str()]);
             m.turn_binding_requests.with_label_values(&[t.as_str()]);

@@ -40,6 +40,7 @@ impl Server {
         }
         raise_nofile_limit(config.signal.max_connections);
         let metrics = Arc::new(Metrics::new());
+        metrics.turn_relay_capacity.set(i64::try_from(config.metrics.relay_capacity_bytes_per_sec).unwrap_or(i64::MAX));
         let hub: Arc<dyn Hub> = Arc::new(LocalHub::new(
             HubLimits {
                 max_devices_per_family: config.signal.max_devices_per_family,
@@ -72,6 +73,9 @@ impl Server {
             ice: IceConfig::new(&config.turn),
             hub,
             metrics,
+            negotiations: std::sync::Mutex::new(crate::signal::negotiation::Negotiations::new(Duration::from_secs(
+                config.signal.negotiation_timeout_secs,
+            ))),
         });
         let (drain, draining) = watch::channel(false);
         let state = AppState::new(env, draining);
@@ -123,6 +127,16 @@ impl Server {
             tokio::spawn(async move { serve.await })
         });
         let shared = state.shared();
+        let sweeper = {
+            let env = shared.env.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    env.expire_negotiations(std::time::Instant::now());
+                }
+            })
+        };
         shared.ready.store(true, Ordering::Relaxed);
         tracing::info!(
             http = %http_addr,
@@ -158,6 +172,7 @@ impl Server {
         // The public listener has stopped accepting; plain HTTP requests still in flight get
         // what is left of the grace period.
         let _ = tokio::time::timeout(Duration::from_secs(1), public).await;
+        sweeper.abort();
         let _ = metrics_stop.send(());
         if let Some(task) = metrics_task {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;

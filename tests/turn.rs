@@ -4,57 +4,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use kinlink::config::{Listen, Secret};
+use kinlink::config::Listen;
 use tokio::net::UdpSocket;
-use turn::client::{Client as TurnClient, ClientConfig};
 use webrtc_util::conn::Conn;
-
-fn rest_credentials(family: &str, device: &str, expires_in: i64) -> (String, String) {
-    let expiry = (kinlink::auth::unix_now() as i64 + expires_in) as u64;
-    let c = kinlink::auth::turn_credential(&Secret::new(TURN_SECRET), family, device, 0, expiry);
-    (c.username, c.credential)
-}
-
-async fn turn_client(server: SocketAddr, username: String, password: String) -> TurnClient {
-    let conn = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let cfg = ClientConfig {
-        stun_serv_addr: server.to_string(),
-        turn_serv_addr: server.to_string(),
-        username,
-        password,
-        realm: "kinlink".into(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn: Arc::new(conn),
-        vnet: None,
-    };
-    let client = TurnClient::new(cfg).await.unwrap();
-    client.listen().await.unwrap();
-    client
-}
-
-/// A UDP peer that echoes every datagram; returns its address and a counter of packets seen.
-async fn echo_peer() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = sock.local_addr().unwrap();
-    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = seen.clone();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 2048];
-        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let _ = sock.send_to(&buf[..n], from).await;
-        }
-    });
-    (addr, seen)
-}
 
 #[tokio::test]
 async fn turn_crate_client_allocates_and_relays_through_an_echo_peer() {

@@ -2,6 +2,7 @@
 //! WebSocket driver.
 
 pub mod hub;
+pub mod negotiation;
 pub mod protocol;
 pub mod session;
 pub mod ws;

@@ -10,6 +10,8 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+pub use super::negotiation::{Route, State};
+
 /// Error codes sent in `error {code}`; the set is documented and stable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -36,11 +38,14 @@ pub enum ErrorCode {
     ServerFull,
     /// The server is draining; reconnect (elsewhere).
     ShuttingDown,
+    /// A `p2p-status` about a device this one has no negotiation with (no offer relayed
+    /// between them within `signal.negotiation_timeout_secs`).
+    NoNegotiation,
 }
 
 impl ErrorCode {
     /// Every code, for pre-registering metrics at zero.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::Unauthorized,
         ErrorCode::BadMessage,
         ErrorCode::NotRegistered,
@@ -52,6 +57,7 @@ impl ErrorCode {
         ErrorCode::FamilyFull,
         ErrorCode::ServerFull,
         ErrorCode::ShuttingDown,
+        ErrorCode::NoNegotiation,
     ];
 
     /// The wire name, also the metric label.
@@ -68,6 +74,7 @@ impl ErrorCode {
             ErrorCode::FamilyFull => "family-full",
             ErrorCode::ServerFull => "server-full",
             ErrorCode::ShuttingDown => "shutting-down",
+            ErrorCode::NoNegotiation => "no-negotiation",
         }
     }
 }
@@ -203,6 +210,20 @@ pub enum ClientMsg<'a> {
         /// `sdp` or `candidate`, verbatim.
         payload: &'a RawValue,
     },
+    /// `p2p-status {peerDeviceId, state, route?, connectMs?}`: how this device's connection
+    /// to a peer turned out.
+    P2pStatus {
+        /// The other device.
+        peer_device_id: Cow<'a, str>,
+        /// Optional; must equal the sender's family when present.
+        family_id: Option<Cow<'a, str>>,
+        /// `connected`, `failed` or `closed`.
+        state: State,
+        /// Local candidate type of the selected pair, or `http`.
+        route: Option<Route>,
+        /// The client's own measure; informational (the server measures offer → connected).
+        connect_ms: Option<f64>,
+    },
 }
 
 /// A rejected client message: the code and a human-readable reason, plus the client's `ref`
@@ -236,6 +257,13 @@ struct Incoming<'a> {
     sdp: Option<&'a RawValue>,
     #[serde(borrow)]
     candidate: Option<&'a RawValue>,
+    #[serde(borrow)]
+    peer_device_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    state: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    route: Option<Cow<'a, str>>,
+    connect_ms: Option<f64>,
     #[serde(rename = "ref", borrow)]
     reference: Option<&'a RawValue>,
 }
@@ -283,6 +311,34 @@ pub fn parse<'a>(text: &'a str) -> Result<ClientMsg<'a>, ParseError<'a>> {
                 bad(format!("{}: missing `{}`", kind.as_str(), kind.payload_field()), reference)
             })?;
             Ok(ClientMsg::Relay { kind, to_device_id, family_id: msg.family_id, payload })
+        }
+        "p2p-status" => {
+            let peer_device_id = need(msg.peer_device_id, "peerDeviceId")?;
+            let state = match need(msg.state, "state")?.as_ref() {
+                "connected" => State::Connected,
+                "failed" => State::Failed,
+                "closed" => State::Closed,
+                other => {
+                    let shown: String = other.chars().take(32).collect();
+                    return Err(bad(format!("p2p-status: unknown state `{shown}` (connected, failed, closed)"), reference));
+                }
+            };
+            let route = match msg.route.as_deref() {
+                None => None,
+                Some("host") => Some(Route::Host),
+                Some("srflx") => Some(Route::Srflx),
+                Some("prflx") => Some(Route::Prflx),
+                Some("relay") => Some(Route::Relay),
+                Some("http") => Some(Route::Http),
+                Some(other) => {
+                    let shown: String = other.chars().take(32).collect();
+                    return Err(bad(format!("p2p-status: unknown route `{shown}` (host, srflx, prflx, relay, http)"), reference));
+                }
+            };
+            if msg.connect_ms.is_some_and(|ms| !(0.0..=86_400_000.0).contains(&ms)) {
+                return Err(bad("p2p-status: `connectMs` out of range".into(), reference));
+            }
+            Ok(ClientMsg::P2pStatus { peer_device_id, family_id: msg.family_id, state, route, connect_ms: msg.connect_ms })
         }
         other => {
             let shown: String = other.chars().take(32).collect();
@@ -457,6 +513,28 @@ mod tests {
         assert!(e.message.contains("invalid type"), "{}", e.message);
         assert!(parse("[]").is_err());
         assert!(parse("null").is_err());
+    }
+
+    #[test]
+    fn p2p_status_is_parsed_and_checked() {
+        let m = parse(r#"{"type":"p2p-status","peerDeviceId":"b","state":"connected","route":"relay","connectMs":812}"#).unwrap();
+        match m {
+            ClientMsg::P2pStatus { peer_device_id, family_id: None, state: State::Connected, route: Some(Route::Relay), connect_ms } => {
+                assert_eq!(peer_device_id, "b");
+                assert_eq!(connect_ms, Some(812.0));
+            }
+            other => panic!("{other:?}"),
+        }
+        let m = parse(r#"{"type":"p2p-status","peerDeviceId":"b","state":"failed"}"#).unwrap();
+        assert!(matches!(m, ClientMsg::P2pStatus { state: State::Failed, route: None, .. }));
+        let e = parse(r#"{"type":"p2p-status","peerDeviceId":"b","state":"meh"}"#).unwrap_err();
+        assert_eq!(e.message, "p2p-status: unknown state `meh` (connected, failed, closed)");
+        let e = parse(r#"{"type":"p2p-status","peerDeviceId":"b","state":"connected","route":"tcp"}"#).unwrap_err();
+        assert!(e.message.starts_with("p2p-status: unknown route `tcp`"));
+        let e = parse(r#"{"type":"p2p-status","state":"connected"}"#).unwrap_err();
+        assert_eq!(e.message, "p2p-status: missing `peerDeviceId`");
+        let e = parse(r#"{"type":"p2p-status","peerDeviceId":"b","state":"closed","connectMs":-1}"#).unwrap_err();
+        assert_eq!(e.message, "p2p-status: `connectMs` out of range");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use super::hub::{DeliverError, Hub, JoinError, Member, Outbound, SessionId};
+use super::negotiation::{Negotiations, ReportError, Reported, Route, State};
 use super::protocol::{self, ClientMsg, CloseCode, ErrorCode, RelayKind, ServerMsg};
 use crate::auth::{self, AuthError, TokenVerifier};
 use crate::config::SignalConfig;
@@ -32,6 +33,28 @@ pub struct SessionEnv {
     pub hub: Arc<dyn Hub>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// P2P outcomes per device pair; expired by the server's sweeper
+    /// ([`SessionEnv::expire_negotiations`]).
+    pub negotiations: std::sync::Mutex<Negotiations>,
+}
+
+impl SessionEnv {
+    fn negotiations(&self) -> std::sync::MutexGuard<'_, Negotiations> {
+        // Plain map updates only: a poisoned lock holds consistent data.
+        self.negotiations.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes negotiations without a report as `abandoned`; called about once a second.
+    pub fn expire_negotiations(&self, now: Instant) {
+        let mut n = self.negotiations();
+        let abandoned = n.expire(now);
+        self.metrics.p2p_negotiations_open.set(n.open() as i64);
+        drop(n);
+        if abandoned > 0 {
+            self.metrics.p2p_negotiations.with_label_values(&["abandoned"]).inc_by(abandoned as u64);
+            tracing::debug!(abandoned, "negotiations abandoned without a report");
+        }
+    }
 }
 
 /// What the driver must do next.
@@ -223,6 +246,9 @@ impl Session {
             Ok(ClientMsg::Relay { kind, to_device_id, family_id, payload }) => {
                 self.relay(now, kind, &to_device_id, family_id.as_deref(), payload)
             }
+            Ok(ClientMsg::P2pStatus { peer_device_id, family_id, state, route, connect_ms: _ }) => {
+                self.p2p_status(now, &peer_device_id, family_id.as_deref(), state, route)
+            }
         }
     }
 
@@ -337,9 +363,44 @@ impl Session {
         }
         let text = protocol::relayed_text(kind, &own_family, &own_device, &r.user, to, payload);
         match self.env.hub.deliver(&own_family, to, text.into(), now) {
-            Ok(()) => self.env.metrics.signal_relayed.with_label_values(&[kind.as_str()]).inc(),
+            Ok(()) => {
+                self.env.metrics.signal_relayed.with_label_values(&[kind.as_str()]).inc();
+                if kind == RelayKind::Offer {
+                    let mut n = self.env.negotiations();
+                    if n.offer(&own_family, &own_device, to, now) {
+                        self.env.metrics.p2p_negotiations_open.set(n.open() as i64);
+                    }
+                }
+            }
             Err(DeliverError::Offline) => self.error(ErrorCode::PeerOffline, &format!("{} is not online", Shown(to)), None),
             Err(DeliverError::QueueFull) => self.error(ErrorCode::RateLimited, "target device is not keeping up; dropped", None),
+        }
+    }
+
+    fn p2p_status(&mut self, now: Instant, peer: &str, family: Option<&str>, state: State, route: Option<Route>) {
+        let Some(r) = &self.registered else {
+            return self.error(ErrorCode::NotRegistered, "register first", None);
+        };
+        if family.is_some_and(|f| f != &*r.family) {
+            return self.error(ErrorCode::FamilyMismatch, "familyId is not this device's family", None);
+        }
+        let mut n = self.env.negotiations();
+        let result = n.report(&r.family, &r.device, peer, state, route, now);
+        self.env.metrics.p2p_negotiations_open.set(n.open() as i64);
+        drop(n);
+        match result {
+            Ok(Reported::Closed { outcome, connect }) => {
+                self.env.metrics.p2p_negotiations.with_label_values(&[outcome.as_str()]).inc();
+                if let Some(d) = connect {
+                    self.env.metrics.p2p_connect.observe(d.as_secs_f64());
+                }
+                tracing::info!(session = self.id, outcome = outcome.as_str(), connect_ms = connect.map(|d| d.as_millis() as u64), "p2p negotiation ended");
+            }
+            Ok(Reported::Known) => {}
+            Err(ReportError::Unknown) => {
+                self.error(ErrorCode::NoNegotiation, &format!("no offer was relayed between this device and {}", Shown(peer)), None)
+            }
+            Err(e @ ReportError::MissingRoute) => self.error(ErrorCode::BadMessage, &format!("p2p-status: {e}"), None),
         }
     }
 
@@ -403,6 +464,7 @@ mod tests {
             ice: IceConfig::new(&turn),
             hub,
             metrics,
+            negotiations: std::sync::Mutex::new(Negotiations::new(Duration::from_secs(limits.negotiation_timeout_secs))),
             limits,
         })
     }
@@ -468,6 +530,50 @@ mod tests {
         assert_eq!(b.next_error(), "already-registered");
         b.s.finish();
         assert!(a.hub_text().contains("device-offline"));
+    }
+
+    fn outcome(env: &SessionEnv, o: &str) -> u64 {
+        env.metrics.p2p_negotiations.with_label_values(&[o]).get()
+    }
+
+    #[test]
+    fn p2p_status_closes_the_negotiation_once() {
+        let env = env_with(SignalConfig { negotiation_timeout_secs: 60, ..SignalConfig::default() });
+        let t0 = Instant::now();
+        let mut a = Dev::register(&env, 1, "fam", "a", t0);
+        let mut b = Dev::register(&env, 2, "fam", "b", t0);
+        let mut x = Dev::register(&env, 3, "evil", "x", t0);
+        let _ = a.hub_text();
+        // No offer yet: nothing to report on.
+        a.s.handle_text(t0, r#"{"type":"p2p-status","peerDeviceId":"b","state":"connected","route":"host"}"#);
+        assert_eq!(a.next_error(), "no-negotiation");
+        a.s.handle_text(t0, r#"{"type":"offer","toDeviceId":"b","sdp":"x"}"#);
+        assert_eq!(env.metrics.p2p_negotiations_open.get(), 1);
+        let _ = b.hub_text();
+        // Another family cannot report on it, under any familyId.
+        x.s.handle_text(t0, r#"{"type":"p2p-status","peerDeviceId":"a","state":"failed"}"#);
+        assert_eq!(x.next_error(), "no-negotiation");
+        x.s.handle_text(t0, r#"{"type":"p2p-status","familyId":"fam","peerDeviceId":"a","state":"failed"}"#);
+        assert_eq!(x.next_error(), "family-mismatch");
+        b.s.handle_text(t0, r#"{"type":"p2p-status","peerDeviceId":"a","state":"connected"}"#);
+        assert_eq!(b.next_error(), "bad-message", "connected needs a route");
+        let t1 = t0 + Duration::from_millis(700);
+        b.s.handle_text(t1, r#"{"type":"p2p-status","peerDeviceId":"a","state":"connected","route":"relay","connectMs":650}"#);
+        assert!(b.s.poll_output().is_none(), "an accepted report gets no reply");
+        a.s.handle_text(t1, r#"{"type":"p2p-status","peerDeviceId":"b","state":"connected","route":"relay"}"#);
+        assert!(a.s.poll_output().is_none(), "the other side's report is accepted");
+        assert_eq!((outcome(&env, "relay"), outcome(&env, "direct"), outcome(&env, "http_fallback")), (1, 0, 0));
+        assert_eq!(env.metrics.p2p_connect.get_sample_count(), 1);
+        assert!((env.metrics.p2p_connect.get_sample_sum() - 0.7).abs() < 1e-9, "measured by the server");
+        assert_eq!(env.metrics.p2p_negotiations_open.get(), 0);
+
+        // A new offer, never answered by a report: abandoned once the window passes.
+        b.s.handle_text(t1, r#"{"type":"offer","toDeviceId":"a","sdp":"y"}"#);
+        env.expire_negotiations(t1 + Duration::from_secs(59));
+        assert_eq!(outcome(&env, "abandoned"), 0);
+        env.expire_negotiations(t1 + Duration::from_secs(60));
+        assert_eq!(outcome(&env, "abandoned"), 1);
+        assert_eq!(env.metrics.p2p_negotiations_open.get(), 0);
     }
 
     #[test]

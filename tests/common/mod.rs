@@ -184,3 +184,46 @@ impl Client {
         }
     }
 }
+
+// TURN clients and peers.
+
+pub fn rest_credentials(family: &str, device: &str, expires_in: i64) -> (String, String) {
+    let expiry = (kinlink::auth::unix_now() as i64 + expires_in) as u64;
+    let c = kinlink::auth::turn_credential(&Secret::new(TURN_SECRET), family, device, 0, expiry);
+    (c.username, c.credential)
+}
+
+pub async fn turn_client(server: SocketAddr, username: String, password: String) -> turn::client::Client {
+    let conn = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let cfg = turn::client::ClientConfig {
+        stun_serv_addr: server.to_string(),
+        turn_serv_addr: server.to_string(),
+        username,
+        password,
+        realm: "kinlink".into(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn: std::sync::Arc::new(conn),
+        vnet: None,
+    };
+    let client = turn::client::Client::new(cfg).await.unwrap();
+    client.listen().await.unwrap();
+    client
+}
+
+/// A UDP peer that echoes every datagram; returns its address and a counter of packets seen.
+pub async fn echo_peer() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = sock.send_to(&buf[..n], from).await;
+        }
+    });
+    (addr, seen)
+}
+
