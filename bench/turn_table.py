@@ -13,8 +13,8 @@ for line in open(sys.argv[1]):
     if not line.startswith("RESULT"):
         continue
     kv = dict(re.findall(r"(\w+)=(\S+)", line))
-    key = (int(kv["allocations"]), int(kv["size"]), int(kv["offered_pps"]))
-    runs[key, kv["server"]].append({k: float(v) for k, v in kv.items() if k not in ("server",)})
+    key = (int(kv["allocations"]), int(kv["size"]), kv.get("transport", "udp"), int(kv["offered_pps"]))
+    runs[key, kv["server"]].append({k: float(v) for k, v in kv.items() if k not in ("server", "transport")})
 
 
 def med(key, server, field):
@@ -22,15 +22,15 @@ def med(key, server, field):
     return statistics.median(vals) if vals else float("nan")
 
 
-print("| allocations | bytes | offered pkt/s | relayed pkt/s kinlink / coturn (ratio) | Mbit/s kinlink / coturn | loss % kinlink / coturn "
+print("| allocations | bytes | client leg | offered pkt/s | relayed pkt/s kinlink / coturn (ratio) | Mbit/s kinlink / coturn | loss % kinlink / coturn "
       "| RTT p50 ms kinlink / coturn | RTT p99 ms kinlink / coturn | CPU s per M pkt kinlink / coturn (ratio) | rounds |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for key in sorted({k for k, _ in runs}):
     k, c = "kinlink", "coturn"
     rp = (med(key, k, "relayed_pps"), med(key, c, "relayed_pps"))
     cpu = (med(key, k, "cpu_s_per_mpkt"), med(key, c, "cpu_s_per_mpkt"))
     n = min(len(runs[key, k]), len(runs[key, c]))
-    print(f"| {key[0]} | {key[1]} | {key[2]:,} | {rp[0]:,.0f} / {rp[1]:,.0f} ({rp[0] / rp[1]:.2f}) "
+    print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:,} | {rp[0]:,.0f} / {rp[1]:,.0f} ({rp[0] / rp[1]:.2f}) "
           f"| {med(key, k, 'mbit_s'):.1f} / {med(key, c, 'mbit_s'):.1f} "
           f"| {med(key, k, 'loss_pct'):.2f} / {med(key, c, 'loss_pct'):.2f} "
           f"| {med(key, k, 'rtt_p50_ms'):.2f} / {med(key, c, 'rtt_p50_ms'):.2f} "

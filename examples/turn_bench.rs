@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use kinlink::config::Secret;
 use kinlink::turn::stun::{attr, method, Builder, Class, Message};
 use md5::Digest;
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::mpsc;
 
 const SECRET: &str = "bench-turn-secret-0123456789";
 
@@ -34,10 +36,12 @@ struct Args {
     rate: u64,
     seconds: u64,
     bin: String,
+    /// Client leg: `udp` or `tcp` (RFC 8656 framing on a stream; the relayed leg is UDP).
+    transport: String,
 }
 
 fn args() -> Args {
-    let mut a = Args { server: "kinlink".into(), allocations: 100, size: 1200, rate: 10_000, seconds: 5, bin: "target/release/kinlink".into() };
+    let mut a = Args { server: "kinlink".into(), allocations: 100, size: 1200, rate: 10_000, seconds: 5, bin: "target/release/kinlink".into(), transport: "udp".into() };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -48,12 +52,14 @@ fn args() -> Args {
             "--rate" => a.rate = v.parse().unwrap(),
             "--seconds" => a.seconds = v.parse().unwrap(),
             "--bin" => a.bin = v,
+            "--transport" => a.transport = v,
             other => panic!("unknown flag {other}"),
         }
     }
     assert!(a.allocations >= 2 && a.allocations % 2 == 0, "--allocations must be even");
     assert!(a.size >= 16 && a.size <= 1400, "--size 16..=1400");
     assert!(a.seconds <= 120, "--seconds is bounded to 120");
+    assert!(a.transport == "udp" || a.transport == "tcp", "--transport udp|tcp");
     a
 }
 
@@ -67,11 +73,16 @@ impl Drop for Server {
 }
 
 fn free_port() -> u16 {
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let port = udp.local_addr().unwrap().port();
-    // The TCP port too, as both servers also listen on TCP.
-    let _tcp = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
-    port
+    // A UDP port whose TCP twin is free too (both servers listen on both); a TCP port can
+    // still be held by a connection of an earlier run, so try a few.
+    for _ in 0..100 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free UDP+TCP port pair");
 }
 
 fn start(a: &Args, port: u16) -> Server {
@@ -127,17 +138,42 @@ fn rcvbuf_errors() -> u64 {
     idx.and_then(|i| values.split_whitespace().nth(i)).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
-/// A minimal UDP TURN client: enough to allocate and bind a channel.
+/// The client's socket to the server: a UDP socket, or a TCP stream carrying STUN messages
+/// and 4-byte-padded ChannelData frames back to back.
+enum Leg {
+    Udp(Arc<UdpSocket>),
+    Tcp(TcpStream),
+}
+
+/// A minimal TURN client: enough to allocate and bind a channel.
 struct Alloc {
-    sock: Arc<UdpSocket>,
+    leg: Leg,
     relayed: SocketAddr,
     username: String,
     key: Vec<u8>,
     nonce: Vec<u8>,
 }
 
-async fn transact(sock: &UdpSocket, req: &[u8]) -> Vec<u8> {
+/// Reads one STUN message or ChannelData frame (with its padding) from a stream.
+async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    buf.resize(4, 0);
+    r.read_exact(&mut buf[..4]).await?;
+    let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
+    let rest = if buf[0] & 0xC0 == 0x40 { (len + 3) & !3 } else { 16 + len };
+    buf.resize(4 + rest, 0);
+    r.read_exact(&mut buf[4..]).await.map(drop)
+}
+
+async fn transact(leg: &mut Leg, req: &[u8]) -> Vec<u8> {
     let mut buf = vec![0u8; 2048];
+    let sock = match leg {
+        Leg::Tcp(stream) => {
+            stream.write_all(req).await.expect("TCP write");
+            tokio::time::timeout(Duration::from_secs(10), read_frame(stream, &mut buf)).await.expect("TCP answer").expect("TCP read");
+            return buf;
+        }
+        Leg::Udp(sock) => sock,
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let _ = sock.send(req).await;
@@ -158,35 +194,48 @@ fn tid() -> [u8; 12] {
     rand::random()
 }
 
-async fn allocate(server: SocketAddr, device: usize) -> Alloc {
-    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    sock.connect(server).await.unwrap();
-    let sock2 = socket2::SockRef::from(&sock);
-    let _ = sock2.set_recv_buffer_size(4 << 20);
-    let _ = sock2.set_send_buffer_size(4 << 20);
+async fn allocate(server: SocketAddr, device: usize, transport: &str) -> Alloc {
+    let mut leg = if transport == "tcp" {
+        let stream = TcpStream::connect(server).await.expect("TCP connect");
+        stream.set_nodelay(true).unwrap();
+        Leg::Tcp(stream)
+    } else {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.connect(server).await.unwrap();
+        let sock2 = socket2::SockRef::from(&sock);
+        let _ = sock2.set_recv_buffer_size(4 << 20);
+        let _ = sock2.set_send_buffer_size(4 << 20);
+        Leg::Udp(Arc::new(sock))
+    };
     let cred = kinlink::auth::turn_credential(&Secret::new(SECRET), "benchfam", &format!("dev{device}"), 3600, kinlink::auth::unix_now());
     let key = md5::Md5::digest(format!("{}:kinlink:{}", cred.username, cred.credential).as_bytes()).to_vec();
     let mut b = Builder::new(method::ALLOCATE, Class::Request, tid());
     b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
-    let first = transact(&sock, &b.finish()).await;
+    let first = transact(&mut leg, &b.finish()).await;
     let m = Message::parse(&first).unwrap();
     let nonce = m.get(attr::NONCE).expect("401 with a nonce").to_vec();
     let mut b = Builder::new(method::ALLOCATE, Class::Request, tid());
     b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]).attr(attr::USERNAME, cred.username.as_bytes());
     b.attr(attr::REALM, b"kinlink").attr(attr::NONCE, &nonce).integrity(&key);
-    let resp = transact(&sock, &b.finish_with_fingerprint()).await;
+    let resp = transact(&mut leg, &b.finish_with_fingerprint()).await;
     let m = Message::parse(&resp).unwrap();
     assert_eq!(m.class, Class::Success, "allocate failed: {:?}", m.get(attr::ERROR_CODE).map(|v| String::from_utf8_lossy(&v[4..]).to_string()));
     let relayed = kinlink::turn::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap();
-    Alloc { sock: Arc::new(sock), relayed, username: cred.username, key, nonce }
+    Alloc { leg, relayed, username: cred.username, key, nonce }
 }
 
-async fn channel_bind(a: &Alloc, peer: SocketAddr) {
+async fn channel_bind(a: &mut Alloc, peer: SocketAddr) {
     let mut b = Builder::new(method::CHANNEL_BIND, Class::Request, tid());
     b.attr(attr::CHANNEL_NUMBER, &[0x40, 0x00, 0, 0]).xor_addr(attr::XOR_PEER_ADDRESS, peer);
     b.attr(attr::USERNAME, a.username.as_bytes()).attr(attr::REALM, b"kinlink").attr(attr::NONCE, &a.nonce).integrity(&a.key);
-    let resp = transact(&a.sock, &b.finish_with_fingerprint()).await;
+    let resp = transact(&mut a.leg, &b.finish_with_fingerprint()).await;
     assert_eq!(Message::parse(&resp).unwrap().class, Class::Success, "channel bind failed");
+}
+
+/// Where the load generator writes one pair's outgoing frames.
+enum Sender {
+    Udp(Arc<UdpSocket>),
+    Tcp(mpsc::Sender<Vec<u8>>),
 }
 
 /// Round-trip histogram shared by every receiver: 10 µs buckets up to 200 ms.
@@ -230,51 +279,99 @@ async fn main() {
     // Wait for the server: a Binding request answered.
     let probe = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     probe.connect(addr).await.unwrap();
+    let mut probe = Leg::Udp(Arc::new(probe));
     let b = Builder::new(method::BINDING, Class::Request, tid()).finish();
-    let _ = tokio::time::timeout(Duration::from_secs(10), transact(&probe, &b)).await.expect("server answers");
+    let _ = tokio::time::timeout(Duration::from_secs(10), transact(&mut probe, &b)).await.expect("server answers");
 
     let mut allocs = Vec::with_capacity(a.allocations);
     for i in 0..a.allocations {
-        allocs.push(allocate(addr, i).await);
+        allocs.push(allocate(addr, i, &a.transport).await);
     }
-    for pair in allocs.chunks(2) {
-        channel_bind(&pair[0], pair[1].relayed).await;
-        channel_bind(&pair[1], pair[0].relayed).await;
+    for pair in allocs.chunks_mut(2) {
+        let (x, y) = pair.split_at_mut(1);
+        channel_bind(&mut x[0], y[0].relayed).await;
+        channel_bind(&mut y[0], x[0].relayed).await;
     }
 
     let epoch = Instant::now();
     let received = Arc::new(AtomicU64::new(0));
     let rtts = Arc::new(Rtt::new());
     let mut tasks = Vec::new();
-    for pair in allocs.chunks(2) {
-        // Reflector: B sends every ChannelData frame straight back on its own channel.
-        let b = pair[1].sock.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            while let Ok(n) = b.recv(&mut buf).await {
-                if n >= 4 && buf[0] & 0xC0 == 0x40 {
-                    let _ = b.try_send(&buf[..n]);
-                }
-            }
-        }));
-        // Receiver on A: the round trip is in the payload.
-        let sock = pair[0].sock.clone();
+    let mut senders = Vec::new();
+    // What one receiver does with a ChannelData frame that came back: the send time is in it.
+    let on_frame = {
         let (received, rtts) = (received.clone(), rtts.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            while let Ok(n) = sock.recv(&mut buf).await {
-                if n >= 16 && buf[0] & 0xC0 == 0x40 {
-                    let sent = u64::from_be_bytes(buf[4..12].try_into().unwrap());
-                    rtts.record((epoch.elapsed().as_micros() as u64).saturating_sub(sent));
-                    received.fetch_add(1, Ordering::Relaxed);
-                }
+        move |frame: &[u8]| {
+            if frame.len() >= 12 && frame[0] & 0xC0 == 0x40 {
+                let sent = u64::from_be_bytes(frame[4..12].try_into().unwrap());
+                rtts.record((epoch.elapsed().as_micros() as u64).saturating_sub(sent));
+                received.fetch_add(1, Ordering::Relaxed);
             }
-        }));
+        }
+    };
+    let mut it = allocs.into_iter();
+    while let (Some(first), Some(second)) = (it.next(), it.next()) {
+        match (first.leg, second.leg) {
+            (Leg::Udp(a_sock), Leg::Udp(b)) => {
+                // Reflector: B sends every ChannelData frame straight back on its own channel.
+                tasks.push(tokio::spawn(async move {
+                    let mut buf = vec![0u8; 2048];
+                    while let Ok(n) = b.recv(&mut buf).await {
+                        if n >= 4 && buf[0] & 0xC0 == 0x40 {
+                            let _ = b.try_send(&buf[..n]);
+                        }
+                    }
+                }));
+                let (sock, on_frame) = (a_sock.clone(), on_frame.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut buf = vec![0u8; 2048];
+                    while let Ok(n) = sock.recv(&mut buf).await {
+                        on_frame(&buf[..n]);
+                    }
+                }));
+                senders.push(Sender::Udp(a_sock));
+            }
+            (Leg::Tcp(a_stream), Leg::Tcp(b_stream)) => {
+                let (mut rb, mut wb) = b_stream.into_split();
+                tasks.push(tokio::spawn(async move {
+                    let mut buf = Vec::with_capacity(2048);
+                    while read_frame(&mut rb, &mut buf).await.is_ok() {
+                        if buf[0] & 0xC0 == 0x40 && wb.write_all(&buf).await.is_err() {
+                            break;
+                        }
+                    }
+                }));
+                let (mut ra, mut wa) = a_stream.into_split();
+                let on_frame = on_frame.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut buf = Vec::with_capacity(2048);
+                    while read_frame(&mut ra, &mut buf).await.is_ok() {
+                        on_frame(&buf);
+                    }
+                }));
+                // A writer per stream, batching whatever is queued into one write.
+                let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4096);
+                tasks.push(tokio::spawn(async move {
+                    let mut batch = Vec::new();
+                    let mut out = Vec::with_capacity(64 * 1024);
+                    while rx.recv_many(&mut batch, 256).await > 0 {
+                        out.clear();
+                        batch.drain(..).for_each(|f| out.extend_from_slice(&f));
+                        if wa.write_all(&out).await.is_err() {
+                            break;
+                        }
+                    }
+                }));
+                senders.push(Sender::Tcp(tx));
+            }
+            _ => unreachable!("both legs use --transport"),
+        }
     }
-    let senders: Vec<Arc<UdpSocket>> = allocs.chunks(2).map(|p| p[0].sock.clone()).collect();
-    let mut frame = vec![0u8; 4 + a.size];
+    let padded = (a.size + 3) & !3;
+    let mut frame = vec![0u8; 4 + padded];
     frame[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
     frame[2..4].copy_from_slice(&(a.size as u16).to_be_bytes());
+    let frame_len = if a.transport == "tcp" { 4 + padded } else { 4 + a.size };
 
     let drops0 = rcvbuf_errors();
     let cpu0 = cpu_secs(pid);
@@ -288,9 +385,12 @@ async fn main() {
         tick.tick().await;
         let due = ((start.elapsed().as_secs_f64() * a.rate as f64) as u64).min(total);
         while sent < due {
-            let s = &senders[(sent as usize) % senders.len()];
             frame[4..12].copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
-            if s.try_send(&frame).is_err() {
+            let ok = match &senders[(sent as usize) % senders.len()] {
+                Sender::Udp(s) => s.try_send(&frame[..frame_len]).is_ok(),
+                Sender::Tcp(tx) => tx.try_send(frame[..frame_len].to_vec()).is_ok(),
+            };
+            if !ok {
                 send_failed += 1;
             }
             sent += 1;
@@ -311,9 +411,10 @@ async fn main() {
     // One delivered round trip = 2 packets relayed end to end (A→B and B→A).
     let relayed = 2 * got;
     println!(
-        "RESULT server={} allocations={} size={} offered_pps={} sent={} received={} loss_pct={:.3} client_send_failed={} \
+        "RESULT server={} transport={} allocations={} size={} offered_pps={} sent={} received={} loss_pct={:.3} client_send_failed={} \
          relayed_pps={:.0} mbit_s={:.1} rtt_p50_ms={:.3} rtt_p99_ms={:.3} server_cpu_s={:.2} cpu_s_per_mpkt={:.2} udp_rcvbuf_errors={}",
         a.server,
+        a.transport,
         a.allocations,
         a.size,
         a.rate,

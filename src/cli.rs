@@ -51,6 +51,16 @@ pub enum Command {
         #[arg(long, default_value = "30d", value_parser = parse_duration_secs)]
         ttl: u64,
     },
+    /// Exit 0 when kinlink answers 200 (default: this configuration's /readyz on loopback);
+    /// for container HEALTHCHECKs and `helm test`.
+    Healthcheck {
+        /// URL to GET (repeatable; every one must answer 200).
+        #[arg(long = "url")]
+        urls: Vec<String>,
+        /// Seconds to wait for each answer.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
     /// Configuration tools.
     Config {
         /// What to do with the configuration.

@@ -222,8 +222,15 @@ pub struct TurnConfig {
     pub max_lifetime_secs: u64,
     /// How long a nonce stays valid, in seconds (then 438 Stale Nonce).
     pub nonce_lifetime_secs: u64,
-    /// Kernel receive/send buffer for the UDP listener and relay sockets.
+    /// Kernel receive/send buffer of the UDP listener, which every client shares. 1 MiB
+    /// absorbs bursts without loss at every benchmark point where coturn has none; 4 MiB
+    /// lost no fewer packets under overload and quadrupled the queueing delay (BENCHMARKS.md).
     pub socket_buffer_bytes: usize,
+    /// Kernel receive/send buffer of each relay socket (one allocation's peer traffic).
+    /// Smaller than the listener's: under overload a deep queue only adds delay (at 30k
+    /// packets/s a 4 MiB queue holds ~150 ms), and 10,000 allocations must not be able to pin
+    /// gigabytes of kernel memory.
+    pub relay_socket_buffer_bytes: usize,
     /// Open TCP/TLS client connections.
     pub max_stream_connections: usize,
     /// Quotas.
@@ -281,7 +288,8 @@ impl Default for TurnConfig {
             denied_peers: Vec::new(),
             max_lifetime_secs: 3600,
             nonce_lifetime_secs: 600,
-            socket_buffer_bytes: 4 * 1024 * 1024,
+            socket_buffer_bytes: 1024 * 1024,
+            relay_socket_buffer_bytes: 256 * 1024,
             max_stream_connections: 10_000,
             quota: TurnQuota::default(),
         }
@@ -424,7 +432,8 @@ pub fn load_with_env(
         builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
     }
     let env_map: config::Map<String, String> =
-        env.into_iter().filter(|(k, _)| k.starts_with("KINLINK_")).collect();
+        // An empty variable counts as unset: compose files and charts pass `${X:-}` through.
+        env.into_iter().filter(|(k, v)| k.starts_with("KINLINK_") && !v.is_empty()).collect();
     let mut environment = config::Environment::with_prefix("KINLINK")
         .prefix_separator("_")
         .separator("__")
@@ -577,6 +586,8 @@ mod tests {
                 ("KINLINK_SIGNAL__RATE_BURST", "5"),
                 ("KINLINK_TURN__URLS", "stun:a:1,turn:b:2"),
                 ("KINLINK_TURN__SECRET", "0123456789abcdef0123"),
+                ("KINLINK_TURN__PUBLIC_IP", ""),
+                ("KINLINK_AUTH__TOKEN_SECRET", ""),
                 ("OTHER_VAR", "ignored"),
             ]),
         )
@@ -586,6 +597,9 @@ mod tests {
         assert_eq!(cfg.turn.urls, vec!["stun:a:1", "turn:b:2"]);
         assert_eq!(cfg.turn.denied_peers, vec!["1.2.3.0/24", "5.6.7.8"]);
         assert_eq!(cfg.turn.secret.unwrap().expose(), "0123456789abcdef0123");
+        // Empty variables are unset, not invalid values.
+        assert_eq!(cfg.turn.public_ip, None);
+        assert!(cfg.auth.token_secret.is_none());
     }
 
     #[test]

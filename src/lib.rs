@@ -14,7 +14,7 @@
 //! - [`http`]: the axum routers.
 //! - [`metrics`]: every exported metric.
 //! - [`server`]: binds the listeners and runs until shutdown, draining gracefully.
-//! - [`cli`]: the `kinlink` command line.
+//! - [`cli`]: the `kinlink` command line; [`probe`]: `kinlink healthcheck`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
@@ -25,6 +25,7 @@ pub mod config;
 pub mod http;
 pub mod ice;
 pub mod metrics;
+pub mod probe;
 pub mod secrets;
 pub mod server;
 pub mod signal;

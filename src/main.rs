@@ -33,6 +33,19 @@ fn main() -> ExitCode {
             println!("{}", kinlink::auth::mint_token(secret, &family, &user, &device, ttl, kinlink::auth::unix_now()));
             ExitCode::SUCCESS
         }
+        Some(Command::Healthcheck { urls, timeout }) => {
+            let urls = if urls.is_empty() { vec![kinlink::probe::default_url(&config)] } else { urls };
+            for url in &urls {
+                match kinlink::probe::get(url, std::time::Duration::from_secs(timeout)) {
+                    Ok(status) => println!("{url}: {status}"),
+                    Err(e) => {
+                        eprintln!("kinlink: healthcheck failed: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
         Some(Command::Serve { .. }) | None => serve(config),
     }
 }

@@ -120,7 +120,7 @@ impl TurnService {
             ports: cfg.relay_port_range().context("turn.relay_ports is validated")?,
             relay_ipv4,
             relay_ipv6,
-            buffer_bytes: cfg.socket_buffer_bytes,
+            buffer_bytes: cfg.relay_socket_buffer_bytes,
             metrics,
         };
         let limit = Arc::new(Semaphore::new(cfg.max_stream_connections));

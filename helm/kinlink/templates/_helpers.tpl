@@ -1,0 +1,106 @@
+{{- define "kinlink.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kinlink.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kinlink.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "kinlink.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "kinlink.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kinlink.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "kinlink.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{- define "kinlink.secretName" -}}
+{{- .Values.existingSecret | default (include "kinlink.fullname" .) }}
+{{- end }}
+
+{{/* The lowest port the pod binds; below 1024 needs NET_BIND_SERVICE. */}}
+{{- define "kinlink.lowestPort" -}}
+{{- $ports := list (int .Values.http.port) (int .Values.metrics.port) -}}
+{{- if .Values.turn.enabled }}{{ $ports = append $ports (int .Values.turn.port) }}{{ end -}}
+{{- if and .Values.turn.enabled .Values.turn.tls.enabled }}{{ $ports = append $ports (int .Values.turn.tls.port) }}{{ end -}}
+{{- $min := 65536 -}}
+{{- range $ports }}{{ if lt . $min }}{{ $min = . }}{{ end }}{{ end -}}
+{{- $min -}}
+{{- end }}
+
+{{/* kinlink's configuration: chart-derived listeners over the free-form `config`. */}}
+{{- define "kinlink.config" -}}
+{{- $v := .Values -}}
+{{- $turn := dict "enabled" $v.turn.enabled "realm" $v.turn.realm "public_host" $v.turn.publicHost -}}
+{{- if $v.turn.enabled -}}
+{{- $_ := set $turn "udp_listen" (printf "0.0.0.0:%d" (int $v.turn.port)) -}}
+{{- $_ := set $turn "tcp_listen" (printf "0.0.0.0:%d" (int $v.turn.port)) -}}
+{{- $_ := set $turn "relay_ports" (printf "%d-%d" (int $v.turn.relayPorts.min) (int $v.turn.relayPorts.max)) -}}
+{{- if $v.turn.publicIP }}{{ $_ := set $turn "public_ip" $v.turn.publicIP }}{{ end -}}
+{{- if $v.turn.tls.enabled -}}
+{{- $_ := set $turn "tls_listen" (printf "0.0.0.0:%d" (int $v.turn.tls.port)) -}}
+{{- $_ := set $turn "tls_cert" "/etc/kinlink/tls/tls.crt" -}}
+{{- $_ := set $turn "tls_key" "/etc/kinlink/tls/tls.key" -}}
+{{- else -}}
+{{- $_ := set $turn "tls_listen" "off" -}}
+{{- end -}}
+{{- end -}}
+{{- $base := dict
+  "data_dir" "/var/lib/kinlink"
+  "http" (dict "listen" (printf "0.0.0.0:%d" (int $v.http.port)))
+  "metrics" (dict "listen" (printf "0.0.0.0:%d" (int $v.metrics.port)) "relay_capacity_bytes_per_sec" $v.metrics.relayCapacityBytesPerSec)
+  "shutdown" (dict "grace_secs" $v.shutdownGraceSecs)
+  "turn" $turn -}}
+{{- $cfg := mergeOverwrite (deepCopy ($v.config | default dict)) $base -}}
+{{- include "kinlink.tomlTable" (dict "table" $cfg "prefix" "") -}}
+{{- end }}
+
+{{/* A map as TOML: plain keys first, then one [table] per nested map. */}}
+{{- define "kinlink.tomlTable" -}}
+{{- $prefix := .prefix -}}
+{{- range $k, $val := .table }}
+{{- if not (kindIs "map" $val) }}
+{{ $k }} = {{ include "kinlink.tomlValue" $val }}
+{{- end }}
+{{- end }}
+{{- range $k, $val := .table }}
+{{- if kindIs "map" $val }}
+{{- $name := ternary (printf "%s.%s" $prefix $k) $k (ne $prefix "") }}
+
+[{{ $name }}]
+{{- include "kinlink.tomlTable" (dict "table" $val "prefix" $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* YAML numbers arrive as floats: whole ones are written as TOML integers. */}}
+{{- define "kinlink.tomlValue" -}}
+{{- if kindIs "float64" . -}}
+{{- if eq (floor .) . }}{{ int64 . }}{{ else }}{{ . }}{{ end -}}
+{{- else if kindIs "string" . -}}
+{{- toJson . -}}
+{{- else if or (kindIs "bool" .) (kindIs "int" .) (kindIs "int64" .) -}}
+{{- . -}}
+{{- else if kindIs "slice" . -}}
+{{- toJson . -}}
+{{- else -}}
+{{- fail (printf "config: unsupported value %v (%s)" . (kindOf .)) -}}
+{{- end -}}
+{{- end }}
