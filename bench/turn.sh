@@ -18,7 +18,8 @@ for round in $(seq "$ROUNDS"); do
         for rate in "$RATE" "$HIGH"; do
           for server in kinlink coturn; do
             ./target/release/examples/turn_bench --server "$server" --transport "$transport" --allocations "$allocations" \
-              --size "$size" --rate "$rate" --seconds "$SECONDS_" | grep '^RESULT' | sed "s/^RESULT/RESULT round=$round/"
+              --size "$size" --rate "$rate" --seconds "$SECONDS_" | grep '^RESULT' | sed "s/^RESULT/RESULT round=$round/" \
+              || echo "FAILED round=$round server=$server transport=$transport allocations=$allocations size=$size rate=$rate"
           done
         done
       done
@@ -27,5 +28,5 @@ for round in $(seq "$ROUNDS"); do
 done
 for server in kinlink coturn; do
   ./target/release/examples/turn_bench --server "$server" --allocations 10000 --size 200 --rate 10000 --seconds 5 \
-    | grep '^RESULT' | sed "s/^RESULT/RESULT round=1/"
+    | grep '^RESULT' | sed "s/^RESULT/RESULT round=1/" || echo "FAILED 10000 allocations server=$server"
 done

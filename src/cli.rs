@@ -61,6 +61,23 @@ pub enum Command {
         #[arg(long, default_value_t = 3)]
         timeout: u64,
     },
+    /// Check a running kinlink end to end without a browser: signaling, presence, offer/answer
+    /// relay, and a datagram relayed between two allocations on every TURN URL it hands out.
+    /// Exits non-zero on any failure (a Helm test, a monitoring probe).
+    Check {
+        /// Base URL of the public listener (default: this configuration's http.listen on loopback).
+        url: Option<String>,
+        /// A device token, exchanged for throw-away check tokens. Without one, tokens are minted
+        /// with this configuration's auth.token_secret when it is available.
+        #[arg(long)]
+        token: Option<String>,
+        /// Extra CA certificate (PEM) to trust for https://, wss:// and turns:.
+        #[arg(long)]
+        ca_file: Option<std::path::PathBuf>,
+        /// Seconds to wait for each step.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
     /// Configuration tools.
     Config {
         /// What to do with the configuration.

@@ -111,6 +111,29 @@ pub struct Config {
     pub log: LogConfig,
     /// Draining on SIGTERM.
     pub shutdown: ShutdownConfig,
+    /// The `/check` self-check page.
+    pub check: CheckConfig,
+}
+
+/// `check.*`: the self-check page at `/check` and the throw-away tokens it uses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckConfig {
+    /// Serve `/check` and `POST /v1/check/tokens`.
+    pub enabled: bool,
+    /// Mint check tokens without a device token. Anyone reaching the server can then
+    /// register throw-away devices and use TURN: for trying a deployment out, not for production.
+    pub demo: bool,
+    /// Lifetime of the minted tokens, in seconds.
+    pub token_ttl_secs: u64,
+    /// Check token pairs minted per minute, server-wide.
+    pub tokens_per_minute: u32,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        CheckConfig { enabled: true, demo: false, token_ttl_secs: 600, tokens_per_minute: 30 }
+    }
 }
 
 impl Default for Config {
@@ -124,6 +147,7 @@ impl Default for Config {
             signal: SignalConfig::default(),
             log: LogConfig::default(),
             shutdown: ShutdownConfig::default(),
+            check: CheckConfig::default(),
         }
     }
 }
@@ -477,7 +501,9 @@ impl Config {
                 format!("`{}` is not an address like 0.0.0.0:9090 (or \"\" to share http.listen)", self.metrics.listen),
             ));
         }
-        let positive: [(&str, u64); 11] = [
+        let positive: [(&str, u64); 13] = [
+            ("check.token_ttl_secs", self.check.token_ttl_secs),
+            ("check.tokens_per_minute", self.check.tokens_per_minute as u64),
             ("signal.max_frame_bytes", s.max_frame_bytes as u64),
             ("signal.rate_burst", s.rate_burst as u64),
             ("signal.rate_strikes", s.rate_strikes as u64),

@@ -31,18 +31,21 @@ pub struct Shared {
     pub draining: watch::Receiver<bool>,
     /// True once listeners are bound, false while draining.
     pub ready: AtomicBool,
+    /// The self-check's token minter.
+    pub check: crate::check::Minter,
     next_session: AtomicU64,
 }
 
 impl AppState {
     /// New state; `ready` starts false until the server has bound its listeners.
-    pub fn new(env: Arc<SessionEnv>, draining: watch::Receiver<bool>) -> Self {
+    pub fn new(env: Arc<SessionEnv>, draining: watch::Receiver<bool>, check: crate::check::Minter) -> Self {
         let connections = Arc::new(Semaphore::new(env.limits.max_connections));
         AppState(Arc::new(Shared {
             env,
             connections,
             draining,
             ready: AtomicBool::new(false),
+            check,
             next_session: AtomicU64::new(1),
         }))
     }
@@ -63,6 +66,9 @@ pub fn app(state: AppState, with_metrics: bool) -> Router {
         .route("/readyz", get(readyz));
     if with_metrics {
         router = router.route("/metrics", get(metrics));
+    }
+    if state.shared().check.enabled() {
+        router = router.route("/check", get(check_page)).route("/v1/check/tokens", axum::routing::post(check_tokens));
     }
     router.with_state(state)
 }
@@ -91,6 +97,53 @@ async fn readyz(State(st): State<AppState>) -> Response {
 
 async fn metrics(State(st): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.shared().env.metrics.render()).into_response()
+}
+
+async fn check_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            // Inline script and style only; talks to this origin alone.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'",
+            ),
+        ],
+        crate::check::PAGE,
+    )
+        .into_response()
+}
+
+async fn check_tokens(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    use crate::check::MintError;
+    let s = st.shared();
+    let env = &s.env;
+    match s.check.mint(&env.verifier, bearer(&headers), std::time::Instant::now()) {
+        Ok(tokens) => {
+            env.metrics.check_tokens.with_label_values(&["issued"]).inc();
+            tracing::info!("check tokens minted for a throw-away family");
+            ([(header::CACHE_CONTROL, "no-store")], Json(tokens)).into_response()
+        }
+        Err(e) => {
+            env.metrics.check_tokens.with_label_values(&[e.label()]).inc();
+            match e {
+                MintError::Unauthorized(reason) => {
+                    env.metrics.auth_failures.with_label_values(&[reason.reason()]).inc();
+                    let mut resp = json_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &e.to_string());
+                    resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                    resp
+                }
+                MintError::RateLimited => {
+                    let mut resp = json_error(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, &e.to_string());
+                    resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
+                    resp
+                }
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]

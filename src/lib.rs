@@ -11,7 +11,7 @@
 //! - [`turn`]: the STUN/TURN server: [`turn::stun`] (wire format), [`turn::policy`] (peer
 //!   addresses), [`turn::server`] (rules, sans-IO), [`turn::relay`], [`turn::listener`],
 //!   [`turn::tls`] (the drivers).
-//! - [`http`]: the axum routers.
+//! - [`http`]: the axum routers; [`check`]: the `/check` self-check page and its tokens.
 //! - [`metrics`]: every exported metric.
 //! - [`server`]: binds the listeners and runs until shutdown, draining gracefully.
 //! - [`cli`]: the `kinlink` command line; [`probe`]: `kinlink healthcheck`.
@@ -20,6 +20,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod auth;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod http;

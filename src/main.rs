@@ -46,6 +46,7 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Some(Command::Check { url, token, ca_file, timeout }) => check(config, url, token, ca_file, timeout),
         Some(Command::Serve { .. }) | None => serve(config),
     }
 }
@@ -76,6 +77,41 @@ fn serve(config: kinlink::Config) -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("kinlink: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(mut config: kinlink::Config, url: Option<String>, token: Option<String>, ca_file: Option<std::path::PathBuf>, timeout: u64) -> ExitCode {
+    let url = url.unwrap_or_else(|| {
+        let a = config.http.listen;
+        let host = if a.ip().is_unspecified() { "127.0.0.1".to_string() } else { a.ip().to_string() };
+        format!("http://{host}:{}", a.port())
+    });
+    // On the server host the token secret is at hand: configured, or generated earlier into
+    // the data directory (never create one here: it would not be the server's).
+    let token_secret = if token.is_some() {
+        None
+    } else if config.auth.token_secret.is_some() || config.data_dir.join("token_secret").exists() {
+        kinlink::secrets::resolve(&mut config).ok().and(config.auth.token_secret.clone())
+    } else {
+        None
+    };
+    let opts = kinlink::check::client::CheckOptions { url, token, token_secret, ca_file, timeout: std::time::Duration::from_secs(timeout) };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kinlink: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(kinlink::check::client::run(&opts)) {
+        Ok(report) => {
+            print!("{}", report.render());
+            if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(e) => {
+            eprintln!("kinlink: check: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub p2p_negotiations_open: IntGauge,
     /// `kinlink_p2p_connect_seconds`: offer relayed → first `connected` report.
     pub p2p_connect: Histogram,
+    /// `kinlink_check_tokens_total{result}`: `POST /v1/check/tokens` (issued, unauthorized, rate_limited).
+    pub check_tokens: IntCounterVec,
 }
 
 /// `kinlink_turn_auth_failures_total` reasons.
@@ -228,8 +230,16 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            check_tokens: counter_vec(
+                "kinlink_check_tokens_total",
+                "Self-check token pairs requested, by result: issued, unauthorized, rate_limited.",
+                "result",
+            ),
             registry: registry.clone(),
         };
+        for r in ["issued", "unauthorized", "rate_limited"] {
+            m.check_tokens.with_label_values(&[r]);
+        }
         for o in crate::signal::negotiation::Outcome::ALL {
             m.p2p_negotiations.with_label_values(&[o.as_str()]);
         }

@@ -54,9 +54,7 @@ impl Server {
             None => None,
         };
         let turn = if config.turn.enabled && config.turn.urls.is_empty() {
-            let mut other_own = vec![http.local_addr()?];
-            other_own.extend(metrics_listener.as_ref().map(TcpListener::local_addr).transpose()?);
-            let service = TurnService::start(&config.turn, metrics.clone(), &other_own).await?;
+            let service = TurnService::start(&config.turn, metrics.clone()).await?;
             // Advertise the ports actually bound (port 0 in tests).
             config.turn.udp_listen = Listen(service.udp);
             config.turn.tcp_listen = Listen(service.tcp);
@@ -78,7 +76,11 @@ impl Server {
             ))),
         });
         let (drain, draining) = watch::channel(false);
-        let state = AppState::new(env, draining);
+        if config.check.enabled && config.check.demo {
+            tracing::warn!("check.demo is on: anyone reaching this server can mint throw-away devices and use TURN");
+        }
+        let minter = crate::check::Minter::new(config.check.clone(), token_secret.clone(), std::time::Instant::now());
+        let state = AppState::new(env, draining, minter);
         Ok(Server { config, http, metrics: metrics_listener, state, drain, turn })
     }
 

@@ -76,6 +76,15 @@ async fn seed_client_shapes_work_unchanged() {
     assert_eq!(a.recv().await["type"], "answer");
     b.send(json!({"type":"ice-candidate","toDeviceId":"dev-a","candidate":{"candidate":"c","sdpMid":"0"}})).await;
     assert_eq!(a.recv().await["fromDeviceId"], "dev-b");
+    a.send(json!({"type":"ice-candidate","toDeviceId":"dev-b","candidate":{"candidate":"d","sdpMid":"0"}})).await;
+    assert_eq!(b.recv().await["fromDeviceId"], "dev-a");
+    // Once connected, both sides report; the negotiation counts once, as direct.
+    a.send(json!({"type":"p2p-status","peerDeviceId":"dev-b","state":"connected","route":"host","connectMs":420})).await;
+    b.send(json!({"type":"p2p-status","peerDeviceId":"dev-a","state":"connected","route":"host"})).await;
+    server.wait_metric(r#"kinlink_p2p_negotiations_total{outcome="direct"}"#, 1.0).await;
+    a.expect_silence(Duration::from_millis(100)).await;
+    assert_eq!(server.metric("kinlink_p2p_connect_seconds_count").await, 1.0);
+    assert_eq!(server.metric("kinlink_p2p_negotiations_open").await, 0.0);
 
     // And the Authorization header works the same way.
     let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(server.ws_url()).unwrap();

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -170,21 +169,6 @@ async fn coturn_uclient_over_tcp() {
     assert!(server.metric(r#"kinlink_turn_allocations_created_total{transport="tcp"}"#).await >= 4.0);
     // A TCP client's allocations end with its connection.
     server.wait_metric("kinlink_turn_allocations", 0.0).await;
-}
-
-fn self_signed_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let status = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl runs");
-    assert!(status.success());
-    (cert, key)
 }
 
 #[tokio::test]

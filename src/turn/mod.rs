@@ -52,9 +52,8 @@ fn primary_ip(v6: bool) -> Option<IpAddr> {
 }
 
 impl TurnService {
-    /// Binds the listeners and starts serving. `other_own` are kinlink's other listening
-    /// sockets (HTTP, metrics), which relays may never reach.
-    pub async fn start(cfg: &TurnConfig, metrics: Arc<Metrics>, other_own: &[SocketAddr]) -> anyhow::Result<TurnService> {
+    /// Binds the listeners and starts serving.
+    pub async fn start(cfg: &TurnConfig, metrics: Arc<Metrics>) -> anyhow::Result<TurnService> {
         let secret = cfg.secret.clone().context("turn.secret is resolved")?;
         let udp = match cfg.udp_listen.0 {
             Some(addr) => Some(Arc::new(
@@ -93,7 +92,10 @@ impl TurnService {
             tracing::warn!(relay_ip = %relay_ipv4, "turn.public_ip is not set: relayed addresses use this host IP; set it behind NAT");
         }
 
-        let bound: Vec<SocketAddr> = [udp_addr, tcp_addr, tls_addr].into_iter().flatten().chain(other_own.iter().copied()).collect();
+        // Relayed data is UDP, so only UDP listeners can be looped into: a TCP listener sharing
+        // a port number with some relay is not "own" (denying it made a 1-in-40,000 relay
+        // unreachable as a peer).
+        let bound: Vec<SocketAddr> = udp_addr.into_iter().collect();
         let own = listener::own_addresses(&bound, cfg.public_ip);
         let policy = policy::PeerPolicy::new(
             policy::parse_list("turn.allowed_peers", &cfg.allowed_peers).map_err(anyhow::Error::msg)?,
