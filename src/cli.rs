@@ -77,6 +77,9 @@ pub enum Command {
         /// Seconds to wait for each step.
         #[arg(long, default_value_t = 5)]
         timeout: u64,
+        /// Check signaling only (e.g. from inside a cluster that cannot reach TURN's public address).
+        #[arg(long)]
+        skip_turn: bool,
     },
     /// Configuration tools.
     Config {

@@ -46,7 +46,7 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Some(Command::Check { url, token, ca_file, timeout }) => check(config, url, token, ca_file, timeout),
+        Some(Command::Check { url, token, ca_file, timeout, skip_turn }) => check(config, url, token, ca_file, timeout, skip_turn),
         Some(Command::Serve { .. }) | None => serve(config),
     }
 }
@@ -82,7 +82,14 @@ fn serve(config: kinlink::Config) -> ExitCode {
     }
 }
 
-fn check(mut config: kinlink::Config, url: Option<String>, token: Option<String>, ca_file: Option<std::path::PathBuf>, timeout: u64) -> ExitCode {
+fn check(
+    mut config: kinlink::Config,
+    url: Option<String>,
+    token: Option<String>,
+    ca_file: Option<std::path::PathBuf>,
+    timeout: u64,
+    skip_turn: bool,
+) -> ExitCode {
     let url = url.unwrap_or_else(|| {
         let a = config.http.listen;
         let host = if a.ip().is_unspecified() { "127.0.0.1".to_string() } else { a.ip().to_string() };
@@ -92,12 +99,15 @@ fn check(mut config: kinlink::Config, url: Option<String>, token: Option<String>
     // the data directory (never create one here: it would not be the server's).
     let token_secret = if token.is_some() {
         None
-    } else if config.auth.token_secret.is_some() || config.data_dir.join("token_secret").exists() {
+    } else if config.auth.token_secret.is_some() {
+        config.auth.token_secret.clone()
+    } else if config.data_dir.join("token_secret").exists() {
         kinlink::secrets::resolve(&mut config).ok().and(config.auth.token_secret.clone())
     } else {
         None
     };
-    let opts = kinlink::check::client::CheckOptions { url, token, token_secret, ca_file, timeout: std::time::Duration::from_secs(timeout) };
+    let opts =
+        kinlink::check::client::CheckOptions { url, token, token_secret, ca_file, timeout: std::time::Duration::from_secs(timeout), skip_turn };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

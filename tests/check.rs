@@ -72,3 +72,23 @@ async fn check_reports_a_closed_port() {
     let (ok, out) = tokio::task::spawn_blocking(move || check(&[&url, "--token", "x.y.z", "--timeout", "2"])).await.unwrap();
     assert!(!ok && out.contains("is kinlink listening"), "{out}");
 }
+
+#[tokio::test]
+async fn check_mints_with_the_configured_secret_as_the_helm_test_does() {
+    let server = TestServer::start().await;
+    let url = format!("http://{}", server.http);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_kinlink"))
+            .args(["check", &url, "--skip-turn"])
+            .env("KINLINK_AUTH__TOKEN_SECRET", TOKEN_SECRET)
+            .env("KINLINK_DATA_DIR", "/nonexistent-kinlink-check")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("signaling") && !text.contains("TURN"), "{text}");
+    assert_eq!(server.metric(r#"kinlink_check_tokens_total{result="issued"}"#).await, 0.0, "minted locally");
+}

@@ -34,6 +34,8 @@ pub struct CheckOptions {
     pub ca_file: Option<PathBuf>,
     /// Per-step timeout.
     pub timeout: Duration,
+    /// Stop after signaling.
+    pub skip_turn: bool,
 }
 
 /// One line of the report.
@@ -528,6 +530,9 @@ pub async fn run(opts: &CheckOptions) -> anyhow::Result<Report> {
         }
     };
     report.push("signaling", started, Ok("register, presence, offer and answer relayed".into()));
+    if opts.skip_turn {
+        return Ok(report);
+    }
 
     // TURN on every URL the server hands out.
     let ice: Vec<Value> = reg["iceServers"].as_array().cloned().unwrap_or_default();

@@ -56,8 +56,8 @@ const UDP_BATCH: usize = quinn_udp::BATCH_SIZE;
 const UDP_SLOT: usize = 64 * 1024;
 
 /// Serves STUN/TURN on a UDP socket until the task is aborted. Every client shares this
-/// socket, so it is read in batches (`recvmmsg`, with GRO where the kernel offers it) and the
-/// core is locked once per batch: measured in BENCHMARKS.md against one `recv_from` per packet.
+/// socket, so it is read in batches (`recvmmsg`, with GRO where the kernel offers it):
+/// measured in BENCHMARKS.md against one `recv_from` per packet.
 pub async fn serve_udp(socket: Arc<UdpSocket>, ctx: Ctx) {
     let local = match socket.local_addr() {
         Ok(a) => a,
@@ -86,26 +86,32 @@ pub async fn serve_udp(socket: Arc<UdpSocket>, ctx: Ctx) {
             // ICMP errors and the like: keep serving.
             Err(_) => continue,
         };
-        {
-            let mut binder = ctx.binder(&sink);
-            let mut core = lock(&ctx.core);
-            let now = Instant::now();
-            for (i, m) in meta.iter().enumerate().take(n) {
-                let slot = i * UDP_SLOT;
-                let stride = if m.stride == 0 { m.len } else { m.stride };
-                let tuple = FiveTuple { client: m.addr, server: local, transport: Transport::Udp };
-                let mut at = slot;
-                while at < slot + m.len {
-                    let end = (at + stride).min(slot + m.len);
-                    match core.handle_client(now, tuple, &storage[at..end], &mut binder) {
-                        ClientAction::None => {}
-                        ClientAction::Reply(bytes) => out.push((m.addr, Outgoing::Reply(bytes))),
-                        ClientAction::Relay { relay, peer, payload } => {
-                            out.push((peer, Outgoing::Relay(relay, at + payload.start..at + payload.end)))
+        let mut binder = ctx.binder(&sink);
+        let now = Instant::now();
+        for (i, m) in meta.iter().enumerate().take(n) {
+            let slot = i * UDP_SLOT;
+            let stride = if m.stride == 0 { m.len } else { m.stride };
+            let tuple = FiveTuple { client: m.addr, server: local, transport: Transport::Udp };
+            let mut at = slot;
+            while at < slot + m.len {
+                let end = (at + stride).min(slot + m.len);
+                // The core is locked per datagram, not per batch: relay tasks (peer → client)
+                // contend for it, and a batch-long hold stalled them on the other worker.
+                let action = lock(&ctx.core).handle_client(now, tuple, &storage[at..end], &mut binder);
+                match action {
+                    ClientAction::None => {}
+                    ClientAction::Reply(bytes) => out.push((m.addr, Outgoing::Reply(bytes))),
+                    ClientAction::Relay { relay, peer, payload } => {
+                        let range = at + payload.start..at + payload.end;
+                        // Sent at once when the socket has room; queued for an awaited send otherwise.
+                        if let Err(e) = relay.socket.try_send_to(&storage[range.clone()], peer) {
+                            if e.kind() == std::io::ErrorKind::WouldBlock {
+                                out.push((peer, Outgoing::Relay(relay, range)));
+                            }
                         }
                     }
-                    at = end;
                 }
+                at = end;
             }
         }
         for (to, o) in out.drain(..) {
@@ -117,7 +123,7 @@ pub async fn serve_udp(socket: Arc<UdpSocket>, ctx: Ctx) {
     }
 }
 
-/// What a batch of client datagrams asks to send, once the core is unlocked.
+/// What a batch of client datagrams still has to send after the batch.
 enum Outgoing {
     /// A STUN response to the client.
     Reply(Vec<u8>),
