@@ -55,7 +55,7 @@ fn args() -> Args {
             other => panic!("unknown flag {other}"),
         }
     }
-    assert!(a.devices >= 4 && a.devices % 4 == 0, "--devices must be a multiple of 4");
+    assert!(a.devices >= 4 && a.devices.is_multiple_of(4), "--devices must be a multiple of 4");
     assert!(a.seconds <= 300, "--seconds is bounded to 300");
     a
 }

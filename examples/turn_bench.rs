@@ -56,7 +56,7 @@ fn args() -> Args {
             other => panic!("unknown flag {other}"),
         }
     }
-    assert!(a.allocations >= 2 && a.allocations % 2 == 0, "--allocations must be even");
+    assert!(a.allocations >= 2 && a.allocations.is_multiple_of(2), "--allocations must be even");
     assert!(a.size >= 16 && a.size <= 1400, "--size 16..=1400");
     assert!(a.seconds <= 120, "--seconds is bounded to 120");
     assert!(a.transport == "udp" || a.transport == "tcp", "--transport udp|tcp");

@@ -191,7 +191,7 @@ impl<'a> Message<'a> {
         if typ & 0xC000 != 0 || u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) != MAGIC_COOKIE {
             return Err(StunError::NotStun);
         }
-        if len % 4 != 0 {
+        if !len.is_multiple_of(4) {
             return Err(StunError::BadAttributes);
         }
         let raw = buf.get(..HEADER_LEN + len).ok_or(StunError::Truncated)?;
