@@ -246,6 +246,8 @@ pub struct TurnConfig {
     pub max_lifetime_secs: u64,
     /// How long a nonce stays valid, in seconds (then 438 Stale Nonce).
     pub nonce_lifetime_secs: u64,
+    /// Seconds between checks of `tls_cert`/`tls_key` for changes (SIGHUP reloads at once).
+    pub tls_reload_poll_secs: u64,
     /// Kernel receive/send buffer of the UDP listener, which every client shares. 1 MiB
     /// absorbs bursts without loss at every benchmark point where coturn has none; 4 MiB
     /// lost no fewer packets under overload and quadrupled the queueing delay (BENCHMARKS.md).
@@ -312,6 +314,7 @@ impl Default for TurnConfig {
             denied_peers: Vec::new(),
             max_lifetime_secs: 3600,
             nonce_lifetime_secs: 600,
+            tls_reload_poll_secs: 10,
             socket_buffer_bytes: 1024 * 1024,
             relay_socket_buffer_bytes: 256 * 1024,
             max_stream_connections: 10_000,
@@ -559,8 +562,9 @@ impl Config {
             crate::turn::policy::parse_list(key, list).map_err(|e| ConfigError::invalid(key, e.trim_start_matches(&format!("{key}: ")).to_string()))?;
         }
         let q = &t.quota;
-        let turn_positive: [(&str, u64); 8] = [
+        let turn_positive: [(&str, u64); 9] = [
             ("turn.max_lifetime_secs", t.max_lifetime_secs),
+            ("turn.tls_reload_poll_secs", t.tls_reload_poll_secs),
             ("turn.nonce_lifetime_secs", t.nonce_lifetime_secs),
             ("turn.max_stream_connections", t.max_stream_connections as u64),
             ("turn.quota.family_allocations", q.family_allocations as u64),

@@ -77,6 +77,8 @@ pub struct Metrics {
     pub p2p_connect: Histogram,
     /// `kinlink_check_tokens_total{result}`: `POST /v1/check/tokens` (issued, unauthorized, rate_limited).
     pub check_tokens: IntCounterVec,
+    /// `kinlink_turn_tls_reloads_total{result}`: certificate reloads (ok, error).
+    pub turn_tls_reloads: IntCounterVec,
 }
 
 /// `kinlink_turn_auth_failures_total` reasons.
@@ -235,8 +237,16 @@ impl Metrics {
                 "Self-check token pairs requested, by result: issued, unauthorized, rate_limited.",
                 "result",
             ),
+            turn_tls_reloads: counter_vec(
+                "kinlink_turn_tls_reloads_total",
+                "TURN TLS certificate reloads (file change or SIGHUP), by result: ok, error.",
+                "result",
+            ),
             registry: registry.clone(),
         };
+        for r in ["ok", "error"] {
+            m.turn_tls_reloads.with_label_values(&[r]);
+        }
         for r in ["issued", "unauthorized", "rate_limited"] {
             m.check_tokens.with_label_values(&[r]);
         }

@@ -226,3 +226,57 @@ async fn draining_refuses_new_allocations_and_keeps_existing_ones_relaying() {
     c1.close().await.unwrap();
     c2.close().await.unwrap();
 }
+
+/// The SHA-256 fingerprint of the certificate a TLS server presents (openssl s_client).
+fn presented_fingerprint(port: u16) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("openssl s_client -connect 127.0.0.1:{port} -servername localhost </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn file_fingerprint(cert: &std::path::Path) -> String {
+    let out = Command::new("openssl").args(["x509", "-noout", "-fingerprint", "-sha256", "-in"]).arg(cert).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test]
+async fn tls_certificate_is_reloaded_when_the_files_change() {
+    let dir = std::env::temp_dir().join(format!("kinlink-reload-{}", std::process::id()));
+    let next = dir.join("next");
+    std::fs::create_dir_all(&next).unwrap();
+    let (cert, key) = self_signed_cert(&dir);
+    let server = TestServer::with(|c| {
+        c.turn.tls_listen = Listen(Some("127.0.0.1:0".parse().unwrap()));
+        c.turn.tls_cert = Some(cert.clone());
+        c.turn.tls_key = Some(key.clone());
+        c.turn.tls_reload_poll_secs = 1;
+    })
+    .await;
+    let port = server.turn_tls.unwrap().port();
+    let first = tokio::task::spawn_blocking(move || presented_fingerprint(port)).await.unwrap();
+    assert_eq!(first, file_fingerprint(&cert), "serves the configured certificate");
+    // A renewal replaces both files (as certbot or a Kubernetes Secret update does).
+    let (new_cert, new_key) = self_signed_cert(&next);
+    let want = file_fingerprint(&new_cert);
+    assert_ne!(want, first);
+    std::fs::rename(&new_key, &key).unwrap();
+    std::fs::rename(&new_cert, &cert).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = tokio::task::spawn_blocking(move || presented_fingerprint(port)).await.unwrap();
+        if now == want {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still serving {now}, want {want}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.wait_metric(r#"kinlink_turn_tls_reloads_total{result="ok"}"#, 1.0).await;
+    // A broken file is refused and the working certificate stays.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    server.wait_metric(r#"kinlink_turn_tls_reloads_total{result="error"}"#, 1.0).await;
+    assert_eq!(tokio::task::spawn_blocking(move || presented_fingerprint(port)).await.unwrap(), want);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -134,7 +134,7 @@ impl TurnService {
             tasks.push(tokio::spawn(listener::serve_tcp(l, ctx.clone(), limit.clone(), None)));
         }
         if let (Some(l), Some(acceptor)) = (tls, acceptor) {
-            tasks.push(tokio::spawn(acceptor.clone().watch(Duration::from_secs(10))));
+            tasks.push(tokio::spawn(acceptor.clone().watch(Duration::from_secs(cfg.tls_reload_poll_secs), ctx.metrics.clone())));
             tasks.push(tokio::spawn(listener::serve_tcp(l, ctx.clone(), limit, Some(acceptor))));
         }
         let timer_core = core.clone();

@@ -83,8 +83,8 @@ impl Acceptor {
         Some((m(&self.cert)?, m(&self.key)?))
     }
 
-    /// Reloads on SIGHUP and when the files' modification times change.
-    pub async fn watch(self, poll: Duration) {
+    /// Reloads on SIGHUP and when the files' modification times change (checked every `poll`).
+    pub async fn watch(self, poll: Duration, metrics: Arc<crate::metrics::Metrics>) {
         let mut last = self.modified();
         #[cfg(unix)]
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -109,8 +109,14 @@ impl Acceptor {
             if signalled || now != last {
                 last = now;
                 match self.reload() {
-                    Ok(()) => tracing::info!(signalled, "TLS certificate reloaded"),
-                    Err(e) => tracing::error!(error = %e, "TLS certificate reload failed; keeping the previous one"),
+                    Ok(()) => {
+                        metrics.turn_tls_reloads.with_label_values(&["ok"]).inc();
+                        tracing::info!(signalled, "TLS certificate reloaded")
+                    }
+                    Err(e) => {
+                        metrics.turn_tls_reloads.with_label_values(&["error"]).inc();
+                        tracing::error!(error = %e, "TLS certificate reload failed; keeping the previous one")
+                    }
                 }
             }
         }
