@@ -66,16 +66,34 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
-/// A listener address, or `"off"` (or `""`) for none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Listen(pub Option<SocketAddr>);
+/// Listener addresses: one, several separated by commas (e.g. IPv4 and IPv6:
+/// `"0.0.0.0:3478,[::]:3478"`), or `"off"` (or `""`) for none.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Listen(pub Vec<SocketAddr>);
+
+impl Listen {
+    /// One address.
+    pub fn one(addr: SocketAddr) -> Self {
+        Listen(vec![addr])
+    }
+
+    /// The first address, whose port goes into advertised URLs.
+    pub fn first(&self) -> Option<SocketAddr> {
+        self.0.first().copied()
+    }
+
+    /// The IPv4 wildcard and the IPv6 wildcard on `port`.
+    fn dual(port: u16) -> Self {
+        Listen(vec![(std::net::Ipv4Addr::UNSPECIFIED, port).into(), (std::net::Ipv6Addr::UNSPECIFIED, port).into()])
+    }
+}
 
 impl Serialize for Listen {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            Some(a) => s.serialize_str(&a.to_string()),
-            None => s.serialize_str("off"),
+        if self.0.is_empty() {
+            return s.serialize_str("off");
         }
+        s.serialize_str(&self.0.iter().map(ToString::to_string).collect::<Vec<_>>().join(","))
     }
 }
 
@@ -83,10 +101,17 @@ impl<'de> Deserialize<'de> for Listen {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         match s.trim() {
-            "" | "off" => Ok(Listen(None)),
-            a => a.parse().map(|a| Listen(Some(a))).map_err(|_| {
-                serde::de::Error::custom(format!("`{a}` is not an address like 0.0.0.0:3478, or \"off\""))
-            }),
+            "" | "off" => Ok(Listen(Vec::new())),
+            list => list
+                .split(',')
+                .map(|a| {
+                    let a = a.trim();
+                    a.parse().map_err(|_| {
+                        serde::de::Error::custom(format!("`{a}` is not an address like 0.0.0.0:3478 or [::]:3478, or \"off\""))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Listen),
         }
     }
 }
@@ -222,11 +247,12 @@ pub struct TurnConfig {
     pub public_host: String,
     /// Lifetime of the TURN credentials handed to a device.
     pub credential_ttl_secs: u64,
-    /// UDP listener for STUN/TURN (its port goes in `turn:...?transport=udp`), or "off".
+    /// UDP listeners for STUN/TURN (the first one's port goes in `turn:...?transport=udp`),
+    /// or "off". Default: IPv4 and IPv6 (the IPv6 wildcard is skipped where IPv6 is off).
     pub udp_listen: Listen,
-    /// TCP listener for STUN/TURN (its port goes in `turn:...?transport=tcp`), or "off".
+    /// TCP listeners for STUN/TURN (the first port goes in `turn:...?transport=tcp`), or "off".
     pub tcp_listen: Listen,
-    /// TLS listener (`turns:`), or "off"; used only when `tls_cert` and `tls_key` are set.
+    /// TLS listeners (`turns:`), or "off"; used only when `tls_cert` and `tls_key` are set.
     pub tls_listen: Listen,
     /// PEM certificate chain for `turns:`.
     pub tls_cert: Option<PathBuf>,
@@ -302,9 +328,9 @@ impl Default for TurnConfig {
             realm: "kinlink".into(),
             public_host: String::new(),
             credential_ttl_secs: 86_400,
-            udp_listen: Listen(Some(([0, 0, 0, 0], 3478).into())),
-            tcp_listen: Listen(Some(([0, 0, 0, 0], 3478).into())),
-            tls_listen: Listen(Some(([0, 0, 0, 0], 5349).into())),
+            udp_listen: Listen::dual(3478),
+            tcp_listen: Listen::dual(3478),
+            tls_listen: Listen::dual(5349),
             tls_cert: None,
             tls_key: None,
             urls: Vec::new(),
@@ -326,7 +352,7 @@ impl Default for TurnConfig {
 impl TurnConfig {
     /// True when both TLS files are configured and the TLS listener is on.
     pub fn tls_enabled(&self) -> bool {
-        self.tls_cert.is_some() && self.tls_key.is_some() && self.tls_listen.0.is_some()
+        self.tls_cert.is_some() && self.tls_key.is_some() && !self.tls_listen.0.is_empty()
     }
 
     /// `relay_ports` as an inclusive range; validated at load time.
@@ -604,6 +630,24 @@ mod tests {
         assert_eq!(cfg.http.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(cfg.metrics.listen, "0.0.0.0:9090");
         assert_eq!(cfg.signal.max_frame_bytes, 65536);
+    }
+
+    #[test]
+    fn listeners_take_lists_and_default_to_both_families() {
+        let d = Config::default();
+        assert_eq!(d.turn.udp_listen.0, vec!["0.0.0.0:3478".parse().unwrap(), "[::]:3478".parse::<SocketAddr>().unwrap()]);
+        let cfg = load_with_env(
+            None,
+            &[("turn.tcp_listen".into(), "127.0.0.1:3478, [::1]:3478".into()), ("turn.tls_listen".into(), "off".into())],
+            env(&[("KINLINK_TURN__UDP_LISTEN", "10.0.0.1:3478")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.turn.udp_listen, Listen::one("10.0.0.1:3478".parse().unwrap()));
+        assert_eq!(cfg.turn.tcp_listen.0.len(), 2);
+        assert!(cfg.turn.tls_listen.0.is_empty());
+        assert!(cfg.to_redacted_toml().contains(r#"tcp_listen = "127.0.0.1:3478,[::1]:3478""#));
+        let err = load_with_env(None, &[("turn.udp_listen".into(), "0.0.0.0:3478,nope".into())], env(&[])).unwrap_err();
+        assert!(err.to_string().contains("turn.udp_listen") && err.to_string().contains("`nope`"), "{err}");
     }
 
     #[test]

@@ -43,14 +43,14 @@ impl IceConfig {
         let host = bracket_v6(host);
         let mut block = Vec::new();
         let mut turn_urls = Vec::new();
-        if let Some(udp) = self.turn.udp_listen.0 {
+        if let Some(udp) = self.turn.udp_listen.first() {
             block.push(IceServer { urls: vec![format!("stun:{host}:{}", udp.port())], username: None, credential: None });
             turn_urls.push(format!("turn:{host}:{}?transport=udp", udp.port()));
         }
-        if let Some(tcp) = self.turn.tcp_listen.0 {
+        if let Some(tcp) = self.turn.tcp_listen.first() {
             turn_urls.push(format!("turn:{host}:{}?transport=tcp", tcp.port()));
         }
-        if let (true, Some(tls)) = (self.turn.tls_enabled(), self.turn.tls_listen.0) {
+        if let (true, Some(tls)) = (self.turn.tls_enabled(), self.turn.tls_listen.first()) {
             turn_urls.push(format!("turns:{host}:{}?transport=tcp", tls.port()));
         }
         if !turn_urls.is_empty() {
@@ -129,7 +129,7 @@ mod tests {
         c.enabled = false;
         assert!(IceConfig::new(&c).block("f", "d", None, 0).is_empty());
         let mut c = cfg();
-        c.udp_listen = crate::config::Listen(None);
+        c.udp_listen = crate::config::Listen::default();
         let b = IceConfig::new(&c).block("f", "d", Some("h"), 0);
         assert_eq!(b.len(), 1, "no STUN without UDP");
         assert_eq!(b[0].urls, vec!["turn:h:3478?transport=tcp"]);

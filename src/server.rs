@@ -56,9 +56,9 @@ impl Server {
         let turn = if config.turn.enabled && config.turn.urls.is_empty() {
             let service = TurnService::start(&config.turn, metrics.clone()).await?;
             // Advertise the ports actually bound (port 0 in tests).
-            config.turn.udp_listen = Listen(service.udp);
-            config.turn.tcp_listen = Listen(service.tcp);
-            config.turn.tls_listen = Listen(service.tls);
+            config.turn.udp_listen = Listen(service.udp.clone());
+            config.turn.tcp_listen = Listen(service.tcp.clone());
+            config.turn.tls_listen = Listen(service.tls.clone());
             Some(service)
         } else {
             None
@@ -96,17 +96,17 @@ impl Server {
 
     /// The bound TURN UDP listener, if TURN runs.
     pub fn turn_udp_addr(&self) -> Option<SocketAddr> {
-        self.turn.as_ref().and_then(|t| t.udp)
+        self.turn.as_ref().and_then(|t| t.udp.first().copied())
     }
 
     /// The bound TURN TCP listener, if TURN runs.
     pub fn turn_tcp_addr(&self) -> Option<SocketAddr> {
-        self.turn.as_ref().and_then(|t| t.tcp)
+        self.turn.as_ref().and_then(|t| t.tcp.first().copied())
     }
 
     /// The bound TURN TLS listener, if TURN runs with a certificate.
     pub fn turn_tls_addr(&self) -> Option<SocketAddr> {
-        self.turn.as_ref().and_then(|t| t.tls)
+        self.turn.as_ref().and_then(|t| t.tls.first().copied())
     }
 
     /// Serves until `shutdown` completes, then drains.

@@ -35,7 +35,7 @@ async fn server(dir: &std::path::Path) -> TestServer {
     let (cert, key) = self_signed_cert(dir);
     TestServer::with(|c| {
         c.check.demo = true;
-        c.turn.tls_listen = Listen(Some("127.0.0.1:0".parse().unwrap()));
+        c.turn.tls_listen = Listen::one("127.0.0.1:0".parse().unwrap());
         c.turn.tls_cert = Some(cert);
         c.turn.tls_key = Some(key);
     })

@@ -24,7 +24,7 @@ async fn check_passes_against_a_correct_deployment() {
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = self_signed_cert(&dir);
     let server = TestServer::with(|c| {
-        c.turn.tls_listen = Listen(Some("127.0.0.1:0".parse().unwrap()));
+        c.turn.tls_listen = Listen::one("127.0.0.1:0".parse().unwrap());
         c.turn.tls_cert = Some(cert.clone());
         c.turn.tls_key = Some(key);
     })

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
@@ -177,7 +178,7 @@ async fn coturn_uclient_over_tls() {
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = self_signed_cert(&dir);
     let server = TestServer::with(|c| {
-        c.turn.tls_listen = Listen(Some("127.0.0.1:0".parse().unwrap()));
+        c.turn.tls_listen = Listen::one("127.0.0.1:0".parse().unwrap());
         c.turn.tls_cert = Some(cert.clone());
         c.turn.tls_key = Some(key.clone());
     })
@@ -249,7 +250,7 @@ async fn tls_certificate_is_reloaded_when_the_files_change() {
     std::fs::create_dir_all(&next).unwrap();
     let (cert, key) = self_signed_cert(&dir);
     let server = TestServer::with(|c| {
-        c.turn.tls_listen = Listen(Some("127.0.0.1:0".parse().unwrap()));
+        c.turn.tls_listen = Listen::one("127.0.0.1:0".parse().unwrap());
         c.turn.tls_cert = Some(cert.clone());
         c.turn.tls_key = Some(key.clone());
         c.turn.tls_reload_poll_secs = 1;
@@ -279,4 +280,74 @@ async fn tls_certificate_is_reloaded_when_the_files_change() {
     server.wait_metric(r#"kinlink_turn_tls_reloads_total{result="error"}"#, 1.0).await;
     assert_eq!(tokio::task::spawn_blocking(move || presented_fingerprint(port)).await.unwrap(), want);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A port free on 127.0.0.1 and [::1], for UDP and TCP alike.
+fn dual_stack_port() -> u16 {
+    for _ in 0..100 {
+        let u4 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = u4.local_addr().unwrap().port();
+        let free = std::net::UdpSocket::bind(("::1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("::1", port)).is_ok();
+        if free {
+            return port;
+        }
+    }
+    panic!("no port free on both families");
+}
+
+#[tokio::test]
+async fn ipv4_and_ipv6_listeners_serve_at_once() {
+    let port = dual_stack_port();
+    let both = |p: u16| Listen(vec![SocketAddr::from(([127, 0, 0, 1], p)), SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, p))]);
+    let server = TestServer::with(|c| {
+        c.turn.udp_listen = both(port);
+        c.turn.tcp_listen = both(port);
+    })
+    .await;
+    let v6: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+
+    // TURN over UDP from an IPv6 client: allocate (an IPv4 relay, the RFC 8656 default) and
+    // relay to an IPv4 echo peer and back.
+    let (user, pass) = rest_credentials("fam", "v6", 600);
+    let conn = tokio::net::UdpSocket::bind("[::1]:0").await.unwrap();
+    let client = turn::client::Client::new(turn::client::ClientConfig {
+        stun_serv_addr: v6.to_string(),
+        turn_serv_addr: v6.to_string(),
+        username: user,
+        password: pass,
+        realm: "kinlink".into(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn: std::sync::Arc::new(conn),
+        vnet: None,
+    })
+    .await
+    .unwrap();
+    client.listen().await.unwrap();
+    let relay = tokio::time::timeout(WAIT, client.allocate()).await.unwrap().unwrap();
+    let (peer, _) = echo_peer().await;
+    relay.send_to(b"over six", peer).await.unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = tokio::time::timeout(WAIT, relay.recv_from(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf[..n], b"over six");
+    client.close().await.unwrap();
+
+    // STUN over TCP on the IPv6 listener reports the IPv6 source address.
+    use kinlink::turn::stun::{attr, decode_xor_addr, method, Builder, Class, Message};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(v6).await.unwrap();
+    let tid = [7u8; 12];
+    tcp.write_all(&Builder::new(method::BINDING, Class::Request, tid).finish()).await.unwrap();
+    let mut head = [0u8; 20];
+    tcp.read_exact(&mut head).await.unwrap();
+    let mut rest = vec![0u8; u16::from_be_bytes([head[2], head[3]]) as usize];
+    tcp.read_exact(&mut rest).await.unwrap();
+    let msg = [head.to_vec(), rest].concat();
+    let m = Message::parse(&msg).unwrap();
+    assert_eq!(m.class, Class::Success);
+    let mapped = decode_xor_addr(m.get(attr::XOR_MAPPED_ADDRESS).unwrap(), &m.tid).unwrap();
+    assert_eq!(mapped, tcp.local_addr().unwrap());
+    assert!(server.metric(r#"kinlink_turn_binding_requests_total{transport="tcp"}"#).await >= 1.0);
 }

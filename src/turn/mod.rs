@@ -32,12 +32,12 @@ use server::{Settings, TurnServer};
 
 /// The running TURN server.
 pub struct TurnService {
-    /// Bound UDP listener.
-    pub udp: Option<SocketAddr>,
-    /// Bound TCP listener.
-    pub tcp: Option<SocketAddr>,
-    /// Bound TLS listener.
-    pub tls: Option<SocketAddr>,
+    /// Bound UDP listeners.
+    pub udp: Vec<SocketAddr>,
+    /// Bound TCP listeners.
+    pub tcp: Vec<SocketAddr>,
+    /// Bound TLS listeners.
+    pub tls: Vec<SocketAddr>,
     core: Core,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -51,52 +51,80 @@ fn primary_ip(v6: bool) -> Option<IpAddr> {
     (!ip.is_unspecified()).then_some(ip)
 }
 
+/// Binds a TCP listener; an IPv6 one only takes IPv6, so it can share the port with IPv4.
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// A bind result, where failing to bind the IPv6 wildcard on a host without IPv6 is a warning,
+/// not an error (the default listens on both families). Any other failure names the key.
+fn optional_v6<T>(addr: SocketAddr, key: &str, bound: std::io::Result<T>) -> anyhow::Result<Option<T>> {
+    match bound {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() && e.kind() != std::io::ErrorKind::AddrInUse => {
+            tracing::warn!(%addr, error = %e, "{key}: IPv6 unavailable on this host; listening on IPv4 only");
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("{key}: cannot bind {addr}"))),
+    }
+}
+
 impl TurnService {
     /// Binds the listeners and starts serving.
     pub async fn start(cfg: &TurnConfig, metrics: Arc<Metrics>) -> anyhow::Result<TurnService> {
         let secret = cfg.secret.clone().context("turn.secret is resolved")?;
-        let udp = match cfg.udp_listen.0 {
-            Some(addr) => Some(Arc::new(
-                relay::bind_udp(addr, cfg.socket_buffer_bytes).with_context(|| format!("turn.udp_listen: cannot bind {addr}"))?,
-            )),
-            None => None,
+        let tls_files = match (cfg.tls_enabled(), &cfg.tls_cert, &cfg.tls_key) {
+            (true, Some(cert), Some(key)) => Some(tls::Acceptor::new(cert.clone(), key.clone()).context("turns: certificate")?),
+            _ => None,
         };
-        let tcp = match cfg.tcp_listen.0 {
-            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("turn.tcp_listen: cannot bind {addr}"))?),
-            None => None,
-        };
-        let (tls, acceptor) = match (cfg.tls_enabled(), cfg.tls_listen.0, &cfg.tls_cert, &cfg.tls_key) {
-            (true, Some(addr), Some(cert), Some(key)) => {
-                let acceptor = tls::Acceptor::new(cert.clone(), key.clone()).context("turns: certificate")?;
-                let l = TcpListener::bind(addr).await.with_context(|| format!("turn.tls_listen: cannot bind {addr}"))?;
-                (Some(l), Some(acceptor))
+        let mut udp = Vec::new();
+        for &addr in &cfg.udp_listen.0 {
+            if let Some(s) = optional_v6(addr, "turn.udp_listen", relay::bind_udp(addr, cfg.socket_buffer_bytes))? {
+                udp.push(Arc::new(s));
             }
-            _ => (None, None),
-        };
-        let udp_addr = udp.as_ref().map(|s| s.local_addr()).transpose()?;
-        let tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
-        let tls_addr = tls.as_ref().map(|l| l.local_addr()).transpose()?;
+        }
+        let mut tcp = Vec::new();
+        for &addr in &cfg.tcp_listen.0 {
+            tcp.extend(optional_v6(addr, "turn.tcp_listen", bind_tcp(addr))?);
+        }
+        let mut tls = Vec::new();
+        if tls_files.is_some() {
+            for &addr in &cfg.tls_listen.0 {
+                tls.extend(optional_v6(addr, "turn.tls_listen", bind_tcp(addr))?);
+            }
+        }
+        let udp_addrs = udp.iter().map(|s| s.local_addr()).collect::<Result<Vec<_>, _>>()?;
+        let tcp_addrs = tcp.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?;
+        let tls_addrs = tls.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?;
 
         // Relays bind on the listener's IP when it is specific, else on the host's primary IP,
         // so XOR-RELAYED-ADDRESS is always a reachable address even without turn.public_ip.
-        let listen_ip = cfg.udp_listen.0.or(cfg.tcp_listen.0).map(|a| a.ip());
-        let relay_ipv4 = match listen_ip {
-            Some(ip @ IpAddr::V4(v4)) if !v4.is_unspecified() => ip,
+        let listen_ips: Vec<IpAddr> = cfg.udp_listen.0.iter().chain(&cfg.tcp_listen.0).map(|a| a.ip()).collect();
+        let relay_ipv4 = match listen_ips.iter().find(|ip| ip.is_ipv4()) {
+            Some(&ip) if !ip.is_unspecified() => ip,
             _ => primary_ip(false).unwrap_or(IpAddr::from([127, 0, 0, 1])),
         };
-        let relay_ipv6 = match listen_ip {
-            Some(ip @ IpAddr::V6(v6)) if !v6.is_unspecified() => ip,
+        let relay_ipv6 = match listen_ips.iter().find(|ip| ip.is_ipv6()) {
+            Some(&ip) if !ip.is_unspecified() => ip,
             _ => primary_ip(true).unwrap_or(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
         };
-        if cfg.public_ip.is_none() && listen_ip.is_some_and(|ip| ip.is_unspecified()) {
+        if cfg.public_ip.is_none() && listen_ips.iter().any(|ip| ip.is_unspecified()) {
             tracing::warn!(relay_ip = %relay_ipv4, "turn.public_ip is not set: relayed addresses use this host IP; set it behind NAT");
         }
 
         // Relayed data is UDP, so only UDP listeners can be looped into: a TCP listener sharing
         // a port number with some relay is not "own" (denying it made a 1-in-40,000 relay
         // unreachable as a peer).
-        let bound: Vec<SocketAddr> = udp_addr.into_iter().collect();
-        let own = listener::own_addresses(&bound, cfg.public_ip);
+        let own = listener::own_addresses(&udp_addrs, cfg.public_ip);
         let policy = policy::PeerPolicy::new(
             policy::parse_list("turn.allowed_peers", &cfg.allowed_peers).map_err(anyhow::Error::msg)?,
             policy::parse_list("turn.denied_peers", &cfg.denied_peers).map_err(anyhow::Error::msg)?,
@@ -127,15 +155,17 @@ impl TurnService {
         };
         let limit = Arc::new(Semaphore::new(cfg.max_stream_connections));
         let mut tasks = Vec::new();
-        if let Some(s) = udp {
+        for s in udp {
             tasks.push(tokio::spawn(listener::serve_udp(s, ctx.clone())));
         }
-        if let Some(l) = tcp {
+        for l in tcp {
             tasks.push(tokio::spawn(listener::serve_tcp(l, ctx.clone(), limit.clone(), None)));
         }
-        if let (Some(l), Some(acceptor)) = (tls, acceptor) {
+        if let Some(acceptor) = tls_files {
             tasks.push(tokio::spawn(acceptor.clone().watch(Duration::from_secs(cfg.tls_reload_poll_secs), ctx.metrics.clone())));
-            tasks.push(tokio::spawn(listener::serve_tcp(l, ctx.clone(), limit, Some(acceptor))));
+            for l in tls {
+                tasks.push(tokio::spawn(listener::serve_tcp(l, ctx.clone(), limit.clone(), Some(acceptor.clone()))));
+            }
         }
         let timer_core = core.clone();
         tasks.push(tokio::spawn(async move {
@@ -145,8 +175,8 @@ impl TurnService {
                 relay::lock(&timer_core).handle_timeout(Instant::now());
             }
         }));
-        tracing::info!(udp = ?udp_addr, tcp = ?tcp_addr, tls = ?tls_addr, relay_ip = %cfg.public_ip.unwrap_or(relay_ipv4), "TURN serving");
-        Ok(TurnService { udp: udp_addr, tcp: tcp_addr, tls: tls_addr, core, tasks })
+        tracing::info!(udp = ?udp_addrs, tcp = ?tcp_addrs, tls = ?tls_addrs, relay_ip = %cfg.public_ip.unwrap_or(relay_ipv4), "TURN serving");
+        Ok(TurnService { udp: udp_addrs, tcp: tcp_addrs, tls: tls_addrs, core, tasks })
     }
 
     /// Stops granting allocations; existing ones keep relaying until the process exits.

@@ -622,7 +622,9 @@ impl<R: Clone> TurnServer<R> {
             None => None,
         };
         let ipv6 = match msg.get(attr::REQUESTED_ADDRESS_FAMILY).map(|v| v.first().copied()) {
-            None => tuple.client.is_ipv6() && self.settings.public_ip.is_none_or(|ip| ip.is_ipv6()),
+            // RFC 8656 §7.2: without the attribute the relay is IPv4, whatever the client leg
+            // (browsers on IPv6 still relay to IPv4 peers); unless the server advertises only IPv6.
+            None => self.settings.public_ip.is_some_and(|ip| ip.is_ipv6()),
             Some(Some(0x01)) => false,
             Some(Some(0x02)) => true,
             Some(_) => return self.error_reply(msg, &a, 440, "Address Family not Supported"),

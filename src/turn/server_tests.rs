@@ -32,12 +32,15 @@ fn settings() -> Settings {
 
 /// Relay handles are numbers; the binder hands out ports and can run out.
 struct FakeBinder {
+    /// The family of the last bind: true for IPv6.
+    last_v6: bool,
     next: u16,
     fail: bool,
 }
 
 impl Binder<u16> for FakeBinder {
-    fn bind(&mut self, _ipv6: bool, choice: PortChoice) -> Result<(u16, SocketAddr), BindError> {
+    fn bind(&mut self, ipv6: bool, choice: PortChoice) -> Result<(u16, SocketAddr), BindError> {
+        self.last_v6 = ipv6;
         if self.fail {
             return Err(BindError("exhausted".into()));
         }
@@ -67,7 +70,7 @@ fn harness_with(settings: Settings) -> Harness {
     let metrics = Arc::new(Metrics::new());
     let policy = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![], vec!["127.0.0.1:3478".parse().unwrap()]);
     let t0 = Instant::now();
-    Harness { s: TurnServer::new(settings, policy, metrics.clone(), t0, UNIX0), b: FakeBinder { next: 50000, fail: false }, t0, metrics }
+    Harness { s: TurnServer::new(settings, policy, metrics.clone(), t0, UNIX0), b: FakeBinder { last_v6: false, next: 50000, fail: false }, t0, metrics }
 }
 
 fn harness() -> Harness {
@@ -483,4 +486,19 @@ fn random_and_mutated_packets_never_panic() {
         let n = rng.gen_range(0..2048);
         let _ = h.s.handle_peer(h.t0, &t, peer, &mut buf, n);
     }
+}
+
+#[test]
+fn relay_family_is_ipv4_unless_requested() {
+    let mut h = harness();
+    let v6 = FiveTuple { client: "[2001:db8::7]:4000".parse().unwrap(), server: "[2001:db8::1]:3478".parse().unwrap(), transport: Transport::Udp };
+    let mut c = creds_for("f", "a", 600, SECRET);
+    let r = h.allocate(h.t0, v6, &mut c, 1);
+    assert_eq!(Message::parse(&r).unwrap().class, Class::Success);
+    assert!(!h.b.last_v6, "RFC 8656: no REQUESTED-ADDRESS-FAMILY means an IPv4 relay, even for an IPv6 client");
+    let v6b = FiveTuple { client: "[2001:db8::7]:4001".parse().unwrap(), ..v6 };
+    let attrs: Attrs = &[(attr::REQUESTED_TRANSPORT, UDP), (attr::REQUESTED_ADDRESS_FAMILY, &[0x02, 0, 0, 0])];
+    let r = h.reply(h.t0, v6b, &request(method::ALLOCATE, tid(9), attrs, Some(&c), &[]));
+    assert_eq!(Message::parse(&r).unwrap().class, Class::Success);
+    assert!(h.b.last_v6, "REQUESTED-ADDRESS-FAMILY IPv6 gets an IPv6 relay");
 }

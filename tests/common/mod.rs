@@ -35,8 +35,8 @@ pub fn test_config() -> Config {
     cfg.auth.token_leeway_secs = 0;
     cfg.turn.secret = Some(Secret::new(TURN_SECRET));
     cfg.data_dir = std::env::temp_dir().join("kinlink-test-unused");
-    cfg.turn.udp_listen = kinlink::config::Listen(Some("127.0.0.1:0".parse().unwrap()));
-    cfg.turn.tcp_listen = kinlink::config::Listen(Some("127.0.0.1:0".parse().unwrap()));
+    cfg.turn.udp_listen = kinlink::config::Listen::one("127.0.0.1:0".parse().unwrap());
+    cfg.turn.tcp_listen = kinlink::config::Listen::one("127.0.0.1:0".parse().unwrap());
     // Tests relay to peers on loopback, which the default policy refuses.
     cfg.turn.allowed_peers = vec!["127.0.0.0/8".into()];
     cfg
