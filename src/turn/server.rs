@@ -504,7 +504,13 @@ impl<R: Clone> TurnServer<R> {
         let (Some(username), Some(realm), Some(nonce)) = (msg.get(attr::USERNAME), msg.get(attr::REALM), msg.get(attr::NONCE)) else {
             self.metrics.turn_auth_failures.with_label_values(&["malformed"]).inc();
             let mut b = Builder::new(msg.method, Class::Error, msg.tid);
-            b.error(400, "Bad Request: USERNAME, REALM and NONCE are required");
+            // USERHASH needs the server to find the user by hash; a TURN REST username is not
+            // stored anywhere, so the nonce never offers username anonymity (RFC 8489 §9.2).
+            if msg.get(attr::USERHASH).is_some() {
+                b.error(400, "Bad Request: USERHASH is not offered (TURN REST credentials); send USERNAME");
+            } else {
+                b.error(400, "Bad Request: USERNAME, REALM and NONCE are required");
+            }
             return Err(self.finish(b, None));
         };
         match self.check_nonce(now, tuple.client.ip(), nonce) {

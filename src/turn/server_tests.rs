@@ -502,3 +502,24 @@ fn relay_family_is_ipv4_unless_requested() {
     assert_eq!(Message::parse(&r).unwrap().class, Class::Success);
     assert!(h.b.last_v6, "REQUESTED-ADDRESS-FAMILY IPv6 gets an IPv6 relay");
 }
+
+#[test]
+fn userhash_without_username_is_refused_with_the_reason() {
+    let mut h = harness();
+    let mut c = creds_for("f", "a", 600, SECRET);
+    let first = h.reply(h.t0, tuple(4100), &request(method::ALLOCATE, tid(1), &[(attr::REQUESTED_TRANSPORT, UDP)], None, &[]));
+    let m = Message::parse(&first).unwrap();
+    let nonce = m.get(attr::NONCE).unwrap().to_vec();
+    // The nonce does not advertise username anonymity (no "obMatJos2" security-feature prefix).
+    assert!(!nonce.starts_with(b"obMatJos2"));
+    c.nonce = nonce;
+    let hash = sha2::Sha256::digest(format!("{}:kinlink", c.username).as_bytes());
+    let mut b = Builder::new(method::ALLOCATE, Class::Request, tid(2));
+    b.attr(attr::REQUESTED_TRANSPORT, UDP).attr(attr::USERHASH, &hash).attr(attr::REALM, b"kinlink").attr(attr::NONCE, &c.nonce);
+    b.integrity(&c.key);
+    let r = h.reply(h.t0, tuple(4100), &b.finish_with_fingerprint());
+    let m = Message::parse(&r).unwrap();
+    assert_eq!(code(&m), Some(400));
+    assert!(String::from_utf8_lossy(&m.get(attr::ERROR_CODE).unwrap()[4..]).contains("USERHASH"));
+    assert_eq!(h.s.allocation_count(), 0);
+}
