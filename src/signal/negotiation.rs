@@ -7,7 +7,7 @@
 //! same connection is accepted without being counted twice. No IO and no clock of its own:
 //! callers pass `now`, tests pass made-up instants.
 
-use std::collections::HashMap;
+use std::collections::{hash_map, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -108,6 +108,8 @@ struct Entry {
 pub struct Negotiations {
     window: Duration,
     pairs: HashMap<PairKey, Entry>,
+    /// Entries not closed, kept in step with `pairs` so the gauge is not a scan per offer.
+    open: usize,
 }
 
 fn key(family: &str, a: &str, b: &str) -> PairKey {
@@ -118,29 +120,32 @@ fn key(family: &str, a: &str, b: &str) -> PairKey {
 impl Negotiations {
     /// Empty; negotiations without a report are abandoned after `window`.
     pub fn new(window: Duration) -> Self {
-        Negotiations { window, pairs: HashMap::new() }
+        Negotiations { window, pairs: HashMap::new(), open: 0 }
     }
 
     /// Open negotiations (for the gauge).
     pub fn open(&self) -> usize {
-        self.pairs.values().filter(|e| !e.closed).count()
+        debug_assert_eq!(self.open, self.pairs.values().filter(|e| !e.closed).count(), "open count out of step");
+        self.open
     }
 
     /// An offer from `from` to `to` was relayed. Returns true when this opened a negotiation
     /// (a repeated offer while one is open, e.g. an ICE restart, does not restart it).
     pub fn offer(&mut self, family: &str, from: &str, to: &str, now: Instant) -> bool {
         let expires = now + self.window;
-        match self.pairs.get_mut(&key(family, from, to)) {
-            Some(e) if !e.closed => {
-                e.expires = expires;
+        match self.pairs.entry(key(family, from, to)) {
+            hash_map::Entry::Occupied(mut o) if !o.get().closed => {
+                o.get_mut().expires = expires;
                 false
             }
-            Some(e) => {
-                *e = Entry { opened: now, closed: false, expires };
+            hash_map::Entry::Occupied(mut o) => {
+                *o.get_mut() = Entry { opened: now, closed: false, expires };
+                self.open += 1;
                 true
             }
-            None => {
-                self.pairs.insert(key(family, from, to), Entry { opened: now, closed: false, expires });
+            hash_map::Entry::Vacant(v) => {
+                v.insert(Entry { opened: now, closed: false, expires });
+                self.open += 1;
                 true
             }
         }
@@ -169,6 +174,7 @@ impl Negotiations {
         }
         entry.closed = true;
         entry.expires = now + self.window;
+        self.open -= 1;
         let connect = (state == State::Connected).then(|| now.saturating_duration_since(entry.opened));
         Ok(Reported::Closed { outcome, connect })
     }
@@ -189,6 +195,7 @@ impl Negotiations {
             e.expires = now + self.window;
             true
         });
+        self.open -= abandoned;
         abandoned
     }
 }
@@ -264,6 +271,7 @@ mod tests {
         assert_eq!(n.expire(t0 + Duration::from_secs(90)), 1);
         assert_eq!(n.expire(t0 + Duration::from_secs(200)), 0);
         assert!(n.pairs.is_empty(), "closed entries are forgotten after the window");
+        assert_eq!(n.open(), 0);
         // A new offer after the end opens a new negotiation.
         assert!(n.offer("f", "a", "b", t0 + Duration::from_secs(300)));
     }
