@@ -318,10 +318,7 @@ pub fn parse<'a>(text: &'a str) -> Result<ClientMsg<'a>, ParseError<'a>> {
                 "connected" => State::Connected,
                 "failed" => State::Failed,
                 "closed" => State::Closed,
-                other => {
-                    let shown: String = other.chars().take(32).collect();
-                    return Err(bad(format!("p2p-status: unknown state `{shown}` (connected, failed, closed)"), reference));
-                }
+                other => return Err(bad(format!("p2p-status: unknown state `{}` (connected, failed, closed)", clip(other)), reference)),
             };
             let route = match msg.route.as_deref() {
                 None => None,
@@ -331,8 +328,7 @@ pub fn parse<'a>(text: &'a str) -> Result<ClientMsg<'a>, ParseError<'a>> {
                 Some("relay") => Some(Route::Relay),
                 Some("http") => Some(Route::Http),
                 Some(other) => {
-                    let shown: String = other.chars().take(32).collect();
-                    return Err(bad(format!("p2p-status: unknown route `{shown}` (host, srflx, prflx, relay, http)"), reference));
+                    return Err(bad(format!("p2p-status: unknown route `{}` (host, srflx, prflx, relay, http)", clip(other)), reference))
                 }
             };
             if msg.connect_ms.is_some_and(|ms| !(0.0..=86_400_000.0).contains(&ms)) {
@@ -340,11 +336,13 @@ pub fn parse<'a>(text: &'a str) -> Result<ClientMsg<'a>, ParseError<'a>> {
             }
             Ok(ClientMsg::P2pStatus { peer_device_id, family_id: msg.family_id, state, route, connect_ms: msg.connect_ms })
         }
-        other => {
-            let shown: String = other.chars().take(32).collect();
-            Err(bad(format!("unknown message type `{shown}`"), reference))
-        }
+        other => Err(bad(format!("unknown message type `{}`", clip(other)), reference)),
     }
+}
+
+/// A client-chosen word echoed in an error, cut short so an error never amplifies its input.
+fn clip(word: &str) -> String {
+    word.chars().take(32).collect()
 }
 
 /// One online device, as listed in `registered`.
