@@ -130,12 +130,7 @@ async fn check_tokens(State(st): State<AppState>, headers: HeaderMap) -> Respons
         Err(e) => {
             env.metrics.check_tokens.with_label_values(&[e.label()]).inc();
             match e {
-                MintError::Unauthorized(reason) => {
-                    env.metrics.auth_failures.with_label_values(&[reason.reason()]).inc();
-                    let mut resp = json_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &e.to_string());
-                    resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-                    resp
-                }
+                MintError::Unauthorized(reason) => unauthorized(env, reason, &e.to_string()),
                 MintError::RateLimited => {
                     let mut resp = json_error(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, &e.to_string());
                     resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
@@ -159,6 +154,14 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 fn host(headers: &HeaderMap) -> Option<String> {
     headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
+}
+
+/// 401 for a refused bearer token, counted in `kinlink_auth_failures_total`.
+fn unauthorized(env: &SessionEnv, reason: auth::AuthError, message: &str) -> Response {
+    env.metrics.auth_failures.with_label_values(&[reason.reason()]).inc();
+    let mut resp = json_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message);
+    resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    resp
 }
 
 fn json_error(status: StatusCode, code: ErrorCode, message: &str) -> Response {
@@ -210,11 +213,8 @@ async fn ice_servers(State(st): State<AppState>, headers: HeaderMap) -> Response
     let claims = match verified {
         Ok(claims) => claims,
         Err(e) => {
-            env.metrics.auth_failures.with_label_values(&[e.reason()]).inc();
             env.metrics.http_ice_servers.with_label_values(&["401"]).inc();
-            let mut resp = json_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &e.to_string());
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-            return resp;
+            return unauthorized(env, e, &e.to_string());
         }
     };
     env.metrics.http_ice_servers.with_label_values(&["200"]).inc();
