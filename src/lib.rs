@@ -12,7 +12,7 @@
 //!   addresses), [`turn::server`] (rules, sans-IO), [`turn::relay`], [`turn::listener`],
 //!   [`turn::tls`] (the drivers).
 //! - [`http`]: the axum routers; [`check`]: the `/check` self-check page and its tokens.
-//! - [`metrics`]: every exported metric.
+//! - [`metrics`]: every exported metric; [`ratelimit`]: the token bucket both rate limits use.
 //! - [`server`]: binds the listeners and runs until shutdown, draining gracefully.
 //! - [`cli`]: the `kinlink` command line; [`probe`]: `kinlink healthcheck`.
 
@@ -27,6 +27,7 @@ pub mod http;
 pub mod ice;
 pub mod metrics;
 pub mod probe;
+pub mod ratelimit;
 pub mod secrets;
 pub mod server;
 pub mod signal;

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::auth::{self, AuthError, TokenVerifier};
 use crate::config::{CheckConfig, Secret};
+use crate::ratelimit::TokenBucket;
 
 /// The page: static HTML and JS, no external assets.
 pub const PAGE: &str = include_str!("page.html");
@@ -65,15 +66,15 @@ impl MintError {
 pub struct Minter {
     config: CheckConfig,
     secret: Secret,
-    /// Token bucket: (tokens, last refill).
-    bucket: Mutex<(f64, Instant)>,
+    /// `check.tokens_per_minute`, server-wide.
+    bucket: Mutex<TokenBucket>,
 }
 
 impl Minter {
     /// From `check.*` and the token secret.
     pub fn new(config: CheckConfig, secret: Secret, now: Instant) -> Self {
-        let full = config.tokens_per_minute as f64;
-        Minter { config, secret, bucket: Mutex::new((full, now)) }
+        let bucket = TokenBucket::new(config.tokens_per_minute as f64 / 60.0, config.tokens_per_minute, now);
+        Minter { config, secret, bucket: Mutex::new(bucket) }
     }
 
     /// Whether `/check` is served.
@@ -86,16 +87,8 @@ impl Minter {
         if !self.config.demo {
             verifier.verify(bearer.ok_or(MintError::Unauthorized(AuthError::Missing))?).map_err(MintError::Unauthorized)?;
         }
-        {
-            let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-            let per_sec = self.config.tokens_per_minute as f64 / 60.0;
-            let elapsed = now.saturating_duration_since(b.1).as_secs_f64();
-            b.0 = (b.0 + elapsed * per_sec).min(self.config.tokens_per_minute as f64);
-            b.1 = now;
-            if b.0 < 1.0 {
-                return Err(MintError::RateLimited);
-            }
-            b.0 -= 1.0;
+        if !self.bucket.lock().unwrap_or_else(|e| e.into_inner()).take(now) {
+            return Err(MintError::RateLimited);
         }
         let family_id = format!("check-{:016x}", rand::random::<u64>());
         let unix = auth::unix_now();

@@ -18,6 +18,7 @@ use crate::auth::{self, AuthError, TokenVerifier};
 use crate::config::SignalConfig;
 use crate::ice::IceConfig;
 use crate::metrics::Metrics;
+use crate::ratelimit::TokenBucket;
 
 /// What every session shares.
 pub struct SessionEnv {
@@ -90,8 +91,7 @@ pub struct Session {
     tx: Option<mpsc::Sender<Outbound>>,
     registered: Option<Registered>,
     register_deadline: Instant,
-    tokens: f64,
-    last_refill: Instant,
+    rate: TokenBucket,
     strikes: u32,
     last_activity: Instant,
     next_ping: Instant,
@@ -118,8 +118,7 @@ impl Session {
             tx: Some(tx),
             registered: None,
             register_deadline: now + Duration::from_secs(l.register_timeout_secs),
-            tokens: l.rate_burst as f64,
-            last_refill: now,
+            rate: TokenBucket::new(l.rate_per_sec, l.rate_burst, now),
             strikes: 0,
             last_activity: now,
             next_ping: now + Duration::from_secs(l.ping_interval_secs),
@@ -265,7 +264,7 @@ impl Session {
         if self.closed {
             return false;
         }
-        if !self.take_token(now) {
+        if !self.rate.take(now) {
             self.strikes += 1;
             if self.strikes > self.env.limits.rate_strikes {
                 self.error(ErrorCode::RateLimited, "message rate exceeded repeatedly", None);
@@ -278,19 +277,6 @@ impl Session {
         self.strikes = 0;
         self.last_activity = now;
         true
-    }
-
-    fn take_token(&mut self, now: Instant) -> bool {
-        let l = &self.env.limits;
-        let elapsed = now.saturating_duration_since(self.last_refill).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * l.rate_per_sec).min(l.rate_burst as f64);
-        self.last_refill = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
     }
 
     fn register(&mut self, now: Instant, family: &str, user: &str, device: &str, token: Option<&str>) {
