@@ -90,11 +90,7 @@ fn check(
     timeout: u64,
     skip_turn: bool,
 ) -> ExitCode {
-    let url = url.unwrap_or_else(|| {
-        let a = config.http.listen;
-        let host = if a.ip().is_unspecified() { "127.0.0.1".to_string() } else { a.ip().to_string() };
-        format!("http://{host}:{}", a.port())
-    });
+    let url = url.unwrap_or_else(|| kinlink::probe::local_base(config.http.listen));
     // On the server host the token secret is at hand: configured, or generated earlier into
     // the data directory (never create one here: it would not be the server's).
     let token_secret = if token.is_some() {

@@ -2,7 +2,7 @@
 //! the image needs no curl or shell. Plain `http://` only: health endpoints are internal.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use crate::config::Config;
@@ -34,13 +34,36 @@ pub enum ProbeError {
 /// The local readiness URL of this configuration: the metrics listener's `/readyz` (or the
 /// HTTP listener's when metrics share it), on loopback when it listens on all addresses.
 pub fn default_url(config: &Config) -> String {
-    let addr = config.metrics.listen_addr().unwrap_or(config.http.listen);
-    let ip = if addr.ip().is_unspecified() {
-        if addr.is_ipv6() { "[::1]".to_string() } else { "127.0.0.1".to_string() }
-    } else {
-        SocketAddr::new(addr.ip(), 0).to_string().trim_end_matches(":0").to_string()
+    format!("{}/readyz", local_base(config.metrics.listen_addr().unwrap_or(config.http.listen)))
+}
+
+/// `http://` base URL of a listener as seen from this host: loopback for a wildcard address.
+pub fn local_base(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        ip if !ip.is_unspecified() => ip,
+        IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+        IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
     };
-    format!("http://{ip}:{}/readyz", addr.port())
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
+}
+
+/// `host[:port]` or `[v6][:port]` split into a host (without brackets) and a port.
+pub fn split_host_port(authority: &str, default: u16) -> Option<(String, u16)> {
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if after.is_empty() => default,
+            None => return None,
+        };
+        return Some((host.to_string(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((host, p)) if !host.is_empty() => Some((host.to_string(), p.parse().ok()?)),
+        Some(_) => None,
+        None if !authority.is_empty() => Some((authority.to_string(), default)),
+        None => None,
+    }
 }
 
 /// GETs `url`; Ok with the status line when it is 200.
@@ -50,16 +73,9 @@ pub fn get(url: &str, timeout: Duration) -> Result<String, ProbeError> {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    if authority.is_empty() {
-        return Err(ProbeError::BadUrl(url.into()));
-    }
+    let (host, port) = split_host_port(authority, 80).ok_or_else(|| ProbeError::BadUrl(url.into()))?;
     let io = |error| ProbeError::Io { url: url.into(), error };
-    let target = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !authority.ends_with(']') {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
-    let addr = target.to_socket_addrs().map_err(io)?.next().ok_or_else(|| ProbeError::BadUrl(url.into()))?;
+    let addr = (host.as_str(), port).to_socket_addrs().map_err(io)?.next().ok_or_else(|| ProbeError::BadUrl(url.into()))?;
     let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
@@ -97,6 +113,18 @@ mod tests {
         c.metrics.listen = String::new();
         c.http.listen = "[::]:8080".parse().unwrap();
         assert_eq!(default_url(&c), "http://[::1]:8080/readyz");
+    }
+
+    #[test]
+    fn authorities_split() {
+        assert_eq!(split_host_port("h:8080", 80), Some(("h".into(), 8080)));
+        assert_eq!(split_host_port("h", 80), Some(("h".into(), 80)));
+        assert_eq!(split_host_port("[::1]:9", 80), Some(("::1".into(), 9)));
+        assert_eq!(split_host_port("[::1]", 443), Some(("::1".into(), 443)));
+        assert_eq!(split_host_port("h:x", 80), None);
+        assert_eq!(split_host_port("", 80), None);
+        assert_eq!(local_base("10.0.0.1:80".parse().unwrap()), "http://10.0.0.1:80");
+        assert_eq!(local_base("[2001:db8::1]:80".parse().unwrap()), "http://[2001:db8::1]:80");
     }
 
     #[test]

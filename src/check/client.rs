@@ -115,16 +115,7 @@ fn parse_base(url: &str) -> anyhow::Result<Target> {
 }
 
 fn split_host_port(authority: &str, default: u16) -> anyhow::Result<(String, u16)> {
-    if let Some(rest) = authority.strip_prefix('[') {
-        let (h, p) = rest.split_once(']').ok_or_else(|| anyhow!("bad IPv6 address in {authority}"))?;
-        let port = p.strip_prefix(':').map(str::parse).transpose()?.unwrap_or(default);
-        return Ok((h.to_string(), port));
-    }
-    match authority.rsplit_once(':') {
-        Some((h, p)) => Ok((h.to_string(), p.parse().with_context(|| format!("bad port in {authority}"))?)),
-        None if !authority.is_empty() => Ok((authority.to_string(), default)),
-        None => bail!("no host in the URL"),
-    }
+    crate::probe::split_host_port(authority, default).ok_or_else(|| anyhow!("`{authority}` is not host:port"))
 }
 
 struct Tls {
