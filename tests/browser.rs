@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use kinlink::config::Listen;
 use serde_json::Value;
 
 /// Runs tests/browser/check.mjs and returns the page result(s).
@@ -35,22 +34,14 @@ async fn server(dir: &std::path::Path) -> TestServer {
     let (cert, key) = self_signed_cert(dir);
     TestServer::with(|c| {
         c.check.demo = true;
-        c.turn.tls_listen = Listen::one("127.0.0.1:0".parse().unwrap());
-        c.turn.tls_cert = Some(cert);
-        c.turn.tls_key = Some(key);
+        serve_tls(c, &cert, &key);
     })
     .await
 }
 
-fn tmpdir(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("kinlink-browser-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[tokio::test]
 async fn check_page_passes_in_chromium_and_relay_only_goes_through_turn() {
-    let dir = tmpdir("single");
+    let dir = temp_dir("browser-single");
     let server = server(&dir).await;
     let base = format!("http://{}", server.http);
 
@@ -80,7 +71,7 @@ async fn check_page_passes_in_chromium_and_relay_only_goes_through_turn() {
 
 #[tokio::test]
 async fn two_browser_pages_are_the_two_devices_of_a_family() {
-    let dir = tmpdir("pair");
+    let dir = temp_dir("browser-pair");
     let server = server(&dir).await;
     let base = format!("http://{}", server.http);
     let (a, b) = (token("fam-pages", "maria", "laptop"), token("fam-pages", "joao", "phone"));

@@ -7,7 +7,6 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use kinlink::config::Listen;
 
 fn check(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kinlink"))
@@ -20,15 +19,9 @@ fn check(args: &[&str]) -> (bool, String) {
 
 #[tokio::test]
 async fn check_passes_against_a_correct_deployment() {
-    let dir = std::env::temp_dir().join(format!("kinlink-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("check");
     let (cert, key) = self_signed_cert(&dir);
-    let server = TestServer::with(|c| {
-        c.turn.tls_listen = Listen::one("127.0.0.1:0".parse().unwrap());
-        c.turn.tls_cert = Some(cert.clone());
-        c.turn.tls_key = Some(key);
-    })
-    .await;
+    let server = TestServer::with(|c| serve_tls(c, &cert, &key)).await;
     let url = format!("http://{}", server.http);
     let t = token("fam", "u", "d");
     let ca = cert.to_str().unwrap().to_string();

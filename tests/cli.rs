@@ -5,11 +5,11 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::Client;
+use common::{temp_dir, Client};
 use serde_json::json;
 
 fn bin() -> Command {
@@ -20,13 +20,6 @@ fn bin() -> Command {
     }
     cmd.env_remove("RUST_LOG");
     cmd
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kinlink-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 struct Running {

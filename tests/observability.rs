@@ -196,8 +196,7 @@ fn sample(v: &[Value]) -> Option<f64> {
 #[tokio::test]
 async fn real_prometheus_computes_the_fallback_rates() {
     let server = TestServer::start().await;
-    let dir = std::env::temp_dir().join(format!("kinlink-prom-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("prom");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\nscrape_configs:\n  - job_name: kinlink\n    static_configs:\n      - targets: ['{target}']\n",

@@ -174,15 +174,9 @@ async fn coturn_uclient_over_tcp() {
 
 #[tokio::test]
 async fn coturn_uclient_over_tls() {
-    let dir = std::env::temp_dir().join(format!("kinlink-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("tls");
     let (cert, key) = self_signed_cert(&dir);
-    let server = TestServer::with(|c| {
-        c.turn.tls_listen = Listen::one("127.0.0.1:0".parse().unwrap());
-        c.turn.tls_cert = Some(cert.clone());
-        c.turn.tls_key = Some(key.clone());
-    })
-    .await;
+    let server = TestServer::with(|c| serve_tls(c, &cert, &key)).await;
     let tls = server.turn_tls.expect("TLS listener");
     uclient_case(&server, &["-t", "-S"], tls.port()).await;
     assert!(server.metric(r#"kinlink_turn_allocations_created_total{transport="tls"}"#).await >= 4.0);
@@ -245,14 +239,12 @@ fn file_fingerprint(cert: &std::path::Path) -> String {
 
 #[tokio::test]
 async fn tls_certificate_is_reloaded_when_the_files_change() {
-    let dir = std::env::temp_dir().join(format!("kinlink-reload-{}", std::process::id()));
+    let dir = temp_dir("reload");
     let next = dir.join("next");
     std::fs::create_dir_all(&next).unwrap();
     let (cert, key) = self_signed_cert(&dir);
     let server = TestServer::with(|c| {
-        c.turn.tls_listen = Listen::one("127.0.0.1:0".parse().unwrap());
-        c.turn.tls_cert = Some(cert.clone());
-        c.turn.tls_key = Some(key.clone());
+        serve_tls(c, &cert, &key);
         c.turn.tls_reload_poll_secs = 1;
     })
     .await;
@@ -311,21 +303,7 @@ async fn ipv4_and_ipv6_listeners_serve_at_once() {
     // TURN over UDP from an IPv6 client: allocate (an IPv4 relay, the RFC 8656 default) and
     // relay to an IPv4 echo peer and back.
     let (user, pass) = rest_credentials("fam", "v6", 600);
-    let conn = tokio::net::UdpSocket::bind("[::1]:0").await.unwrap();
-    let client = turn::client::Client::new(turn::client::ClientConfig {
-        stun_serv_addr: v6.to_string(),
-        turn_serv_addr: v6.to_string(),
-        username: user,
-        password: pass,
-        realm: "kinlink".into(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn: std::sync::Arc::new(conn),
-        vnet: None,
-    })
-    .await
-    .unwrap();
-    client.listen().await.unwrap();
+    let client = turn_client(v6, user, pass).await;
     let relay = tokio::time::timeout(WAIT, client.allocate()).await.unwrap().unwrap();
     let (peer, _) = echo_peer().await;
     relay.send_to(b"over six", peer).await.unwrap();

@@ -194,7 +194,7 @@ pub fn rest_credentials(family: &str, device: &str, expires_in: i64) -> (String,
 }
 
 pub async fn turn_client(server: SocketAddr, username: String, password: String) -> turn::client::Client {
-    let conn = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let conn = tokio::net::UdpSocket::bind(if server.is_ipv6() { "[::1]:0" } else { "127.0.0.1:0" }).await.unwrap();
     let cfg = turn::client::ClientConfig {
         stun_serv_addr: server.to_string(),
         turn_serv_addr: server.to_string(),
@@ -246,3 +246,18 @@ pub fn self_signed_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path
     (cert, key)
 }
 
+
+/// A fresh scratch directory for one test (`kinlink-<name>-<pid>` under the temp dir).
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kinlink-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Serves `turns:` on 127.0.0.1:0 with this certificate.
+pub fn serve_tls(c: &mut Config, cert: &std::path::Path, key: &std::path::Path) {
+    c.turn.tls_listen = kinlink::config::Listen::one("127.0.0.1:0".parse().unwrap());
+    c.turn.tls_cert = Some(cert.to_path_buf());
+    c.turn.tls_key = Some(key.to_path_buf());
+}
