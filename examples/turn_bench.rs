@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kinlink::config::Secret;
-use kinlink::turn::stun::{attr, method, Builder, Class, Message};
+use kinlink::turn::stun::{attr, frame_len, method, Builder, Class, Message};
 use md5::Digest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -158,9 +158,8 @@ struct Alloc {
 async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> std::io::Result<()> {
     buf.resize(4, 0);
     r.read_exact(&mut buf[..4]).await?;
-    let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
-    let rest = if buf[0] & 0xC0 == 0x40 { (len + 3) & !3 } else { 16 + len };
-    buf.resize(4 + rest, 0);
+    let len = frame_len(buf, true).expect("a 4-byte header");
+    buf.resize(len, 0);
     r.read_exact(&mut buf[4..]).await.map(drop)
 }
 
