@@ -218,7 +218,7 @@ async fn allocate(server: SocketAddr, device: usize, transport: &str) -> Alloc {
     b.attr(attr::REALM, b"kinlink").attr(attr::NONCE, &nonce).integrity(&key);
     let resp = transact(&mut leg, &b.finish_with_fingerprint()).await;
     let m = Message::parse(&resp).unwrap();
-    assert_eq!(m.class, Class::Success, "allocate failed: {:?}", m.get(attr::ERROR_CODE).map(|v| String::from_utf8_lossy(&v[4..]).to_string()));
+    assert_eq!(m.class, Class::Success, "allocate failed: {:?}", m.error_code());
     let relayed = kinlink::turn::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap();
     Alloc { leg, relayed, username: cred.username, key, nonce }
 }

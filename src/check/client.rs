@@ -343,10 +343,7 @@ async fn transact(leg: &mut Leg, req: &[u8], tid: [u8; 12], timeout: Duration) -
 }
 
 fn error_of(m: &Message<'_>) -> String {
-    m.get(attr::ERROR_CODE)
-        .filter(|v| v.len() >= 4)
-        .map(|v| format!("{} {}", v[2] as u16 * 100 + v[3] as u16, String::from_utf8_lossy(&v[4..])))
-        .unwrap_or_else(|| "error".into())
+    m.error_code().map(|(code, reason)| format!("{code} {reason}")).unwrap_or_else(|| "error".into())
 }
 
 async fn allocate(tls: &Tls, url: &TurnUrl, username: &str, password: &str, timeout: Duration) -> anyhow::Result<Allocation> {

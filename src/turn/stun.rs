@@ -254,6 +254,12 @@ impl<'a> Message<'a> {
         None
     }
 
+    /// ERROR-CODE as its number and reason phrase (the decoding of [`Builder::error`]).
+    pub fn error_code(&self) -> Option<(u16, std::borrow::Cow<'a, str>)> {
+        let v = self.get(attr::ERROR_CODE).filter(|v| v.len() >= 4)?;
+        Some(((v[2] & 0x07) as u16 * 100 + v[3] as u16, String::from_utf8_lossy(&v[4..])))
+    }
+
     /// Every XOR-PEER-ADDRESS (CreatePermission may carry several).
     pub fn xor_peer_addresses(&self) -> impl Iterator<Item = Option<SocketAddr>> + 'a {
         let tid = self.tid;
@@ -546,6 +552,7 @@ mod tests {
         assert!(m.verify_integrity_sha256(b"key"));
         assert!(m.fingerprint_ok());
         assert_eq!(m.get(attr::ERROR_CODE).unwrap()[2..4], [4, 1]);
+        assert_eq!(m.error_code(), Some((401, "Unauthorized".into())));
         assert_eq!(m.xor_peer_addresses().collect::<Vec<_>>(), vec![Some("[::1]:9".parse().unwrap())]);
         for method in 0..0x1000u16 {
             for class in [Class::Request, Class::Indication, Class::Success, Class::Error] {
