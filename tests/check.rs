@@ -85,3 +85,21 @@ async fn check_mints_with_the_configured_secret_as_the_helm_test_does() {
     assert!(text.contains("signaling") && !text.contains("TURN"), "{text}");
     assert_eq!(server.metric(r#"kinlink_check_tokens_total{result="issued"}"#).await, 0.0, "minted locally");
 }
+
+#[tokio::test]
+async fn healthcheck_answers_for_the_container_and_helm() {
+    let server = TestServer::start().await;
+    let ready = format!("http://{}/readyz", server.metrics);
+    let health = format!("http://{}/healthz", server.http);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_kinlink")).args(["healthcheck", "--url", &ready, "--url", &health]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("200"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = Command::new(env!("CARGO_BIN_EXE_kinlink")).args(["healthcheck", "--url", &format!("http://127.0.0.1:{port}/readyz")]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("healthcheck failed"));
+}

@@ -129,6 +129,8 @@ async fn metrics_pass_promtool_and_cover_every_dashboard_query() {
             assert!(allowed.contains(&name), "label `{name}` in `{line}` is not a bounded enum");
         }
     }
+    // metrics.relay_capacity_bytes_per_sec, for the bandwidth alert.
+    assert_eq!(metric_value(&scrape, "kinlink_turn_relay_capacity_bytes_per_second"), Some(125_000_000.0));
     for name in ["kinlink_build_info", "process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"] {
         assert!(exported.contains(name), "{name} is not exported");
     }

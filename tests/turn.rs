@@ -329,3 +329,20 @@ async fn ipv4_and_ipv6_listeners_serve_at_once() {
     assert_eq!(mapped, tcp.local_addr().unwrap());
     assert!(server.metric(r#"kinlink_turn_binding_requests_total{transport="tcp"}"#).await >= 1.0);
 }
+
+#[tokio::test]
+async fn own_udp_listener_is_refused_as_a_peer_but_a_tcp_port_number_is_not() {
+    let server = TestServer::start().await;
+    let (user, pass) = rest_credentials("fam", "loop", 600);
+    let client = turn_client(server.turn_udp.unwrap(), user, pass).await;
+    let relay = tokio::time::timeout(WAIT, client.allocate()).await.unwrap().unwrap();
+    // The TURN UDP listener itself: relaying into it would loop.
+    let _ = tokio::time::timeout(WAIT, relay.send_to(b"loop", server.turn_udp.unwrap())).await.unwrap();
+    server.wait_metric(r#"kinlink_turn_permission_denied_total{reason="own_port"}"#, 1.0).await;
+    // The HTTP listener's number is a TCP port: a UDP datagram to it reaches no kinlink
+    // socket, and a relay that happens to share the number must stay reachable as a peer.
+    relay.send_to(b"not a loop", server.http).await.unwrap();
+    server.wait_metric(r#"kinlink_turn_relayed_packets_total{direction="client_to_peer"}"#, 1.0).await;
+    assert_eq!(server.metric(r#"kinlink_turn_permission_denied_total{reason="own_port"}"#).await, 1.0);
+    client.close().await.unwrap();
+}
