@@ -138,12 +138,18 @@ impl Cli {
     }
 }
 
+/// Targets that log payloads (and so tokens) below info.
+const NEVER_TRACED: [&str; 2] = ["tungstenite=info", "tokio_tungstenite=info"];
+
 /// Installs the tracing subscriber for `log.*`. `RUST_LOG`, when set, wins over `log.level`.
 pub fn init_logging(cfg: &Config) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|f| f.parse::<tracing_subscriber::EnvFilter>().ok())
         .unwrap_or_else(|| cfg.log.level.parse().unwrap_or_else(|_| "info".into()));
+    // tungstenite traces whole frames, `register` and its token included: its targets are
+    // capped at info whatever the filter says, so no level logs a token.
+    let filter = NEVER_TRACED.iter().fold(filter, |f, d| f.add_directive(d.parse().expect("built-in directive")));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cfg.log.format {
         LogFormat::Json => builder.json().init(),

@@ -153,11 +153,15 @@ pub struct CheckConfig {
     pub token_ttl_secs: u64,
     /// Check token pairs minted per minute, server-wide.
     pub tokens_per_minute: u32,
+    /// Check token pairs one device token may mint per hour.
+    pub mints_per_token_per_hour: u32,
+    /// Check token pairs one source IP may mint per minute.
+    pub mints_per_ip_per_minute: u32,
 }
 
 impl Default for CheckConfig {
     fn default() -> Self {
-        CheckConfig { enabled: true, demo: false, token_ttl_secs: 600, tokens_per_minute: 30 }
+        CheckConfig { enabled: true, demo: false, token_ttl_secs: 600, tokens_per_minute: 30, mints_per_token_per_hour: 20, mints_per_ip_per_minute: 6 }
     }
 }
 
@@ -183,11 +187,28 @@ impl Default for Config {
 pub struct HttpConfig {
     /// Address of the HTTP + WebSocket listener.
     pub listen: SocketAddr,
+    /// Seconds a client has to send a whole request head (and, between keep-alive requests,
+    /// to start the next one) before the connection is closed: the slowloris bound.
+    pub header_read_timeout_secs: u64,
+    /// Connections not (yet) upgraded to a WebSocket, server-wide; past it new connections
+    /// are closed at once. Open WebSockets count in `signal.max_connections` instead.
+    pub max_unupgraded_connections: usize,
+    /// Connections not (yet) upgraded to a WebSocket from one source IP.
+    pub max_unupgraded_per_ip: usize,
+    /// All connections (WebSockets included) from one source IP. A carrier-grade NAT puts
+    /// many households behind one address, so this is high; it stops one host, not one NAT.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: ([0, 0, 0, 0], 8080).into() }
+        HttpConfig {
+            listen: ([0, 0, 0, 0], 8080).into(),
+            header_read_timeout_secs: 10,
+            max_unupgraded_connections: 4096,
+            max_unupgraded_per_ip: 64,
+            max_connections_per_ip: 1024,
+        }
     }
 }
 
@@ -285,6 +306,14 @@ pub struct TurnConfig {
     pub relay_socket_buffer_bytes: usize,
     /// Open TCP/TLS client connections.
     pub max_stream_connections: usize,
+    /// Open TCP/TLS client connections from one source IP.
+    pub max_stream_connections_per_ip: usize,
+    /// Seconds a TCP/TLS client has to finish the TLS handshake and send its first complete
+    /// STUN message, and to complete any frame it has started.
+    pub handshake_timeout_secs: u64,
+    /// Seconds a TCP/TLS client may send no complete frame before it is closed. Longer than
+    /// the 300 s permission lifetime every live client refreshes within.
+    pub stream_idle_timeout_secs: u64,
     /// Quotas.
     pub quota: TurnQuota,
 }
@@ -299,6 +328,8 @@ pub struct TurnQuota {
     pub device_allocations: usize,
     /// Allocations on this server.
     pub total_allocations: usize,
+    /// Allocations all self-check (`/check`, `kinlink check`) families hold together.
+    pub check_allocations: usize,
     /// Peer IPs one allocation may have permissions for.
     pub permissions_per_allocation: usize,
     /// Channels one allocation may bind.
@@ -310,9 +341,14 @@ pub struct TurnQuota {
 impl Default for TurnQuota {
     fn default() -> Self {
         TurnQuota {
-            family_allocations: 32,
-            device_allocations: 8,
+            // libwebrtc holds one allocation per TURN URL, per network, per peer connection.
+            // With the three URLs kinlink hands out, a device of a family of 5 on Wi-Fi and
+            // cellular needs 3 × 2 × 4 = 24; the family 5 × 24 = 120. See docs/security.md.
+            family_allocations: 120,
+            device_allocations: 24,
             total_allocations: 10_000,
+            // One check is two devices × three URLs × one network.
+            check_allocations: 24,
             permissions_per_allocation: 64,
             channels_per_allocation: 64,
             family_bytes_per_sec: 0,
@@ -344,6 +380,9 @@ impl Default for TurnConfig {
             socket_buffer_bytes: 1024 * 1024,
             relay_socket_buffer_bytes: 256 * 1024,
             max_stream_connections: 10_000,
+            max_stream_connections_per_ip: 256,
+            handshake_timeout_secs: 10,
+            stream_idle_timeout_secs: 360,
             quota: TurnQuota::default(),
         }
     }
@@ -393,6 +432,8 @@ pub struct SignalConfig {
     pub idle_timeout_secs: u64,
     /// Messages queued for one device before further ones are refused with `rate-limited`.
     pub outbound_queue: usize,
+    /// Bytes queued for one device (a slow reader) before further messages are refused.
+    pub outbound_queue_bytes: usize,
     /// Seconds a write to a client may block before the connection is dropped.
     pub write_timeout_secs: u64,
     /// Seconds after a relayed offer within which a `p2p-status` report must arrive, or the
@@ -416,6 +457,7 @@ impl Default for SignalConfig {
             max_missed_pongs: 2,
             idle_timeout_secs: 3600,
             outbound_queue: 256,
+            outbound_queue_bytes: 1024 * 1024,
             write_timeout_secs: 10,
             negotiation_timeout_secs: 120,
         }
@@ -520,6 +562,33 @@ pub fn load_with_env(
     Ok(cfg)
 }
 
+/// A log filter is a comma-separated list of `level` or `target=level` directives, with a
+/// level of trace, debug, info, warn, error or off. `EnvFilter` itself takes any word as a
+/// target name, so `verbose!!` would silently mean "trace for a target nobody has".
+fn validate_log_level(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let bad = || format!("`{filter}` is not a log filter: use a level ({}) or target=level pairs, e.g. `info,kinlink=debug`", LEVELS.join(", "));
+    for d in filter.split(',').map(str::trim) {
+        let level = match d.split_once('=') {
+            Some((target, level)) => {
+                let ok_target = !target.is_empty() && target.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-' | '.'));
+                if !ok_target {
+                    return Err(bad());
+                }
+                level
+            }
+            None => d,
+        };
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(bad());
+        }
+    }
+    if filter.parse::<tracing_subscriber::EnvFilter>().is_err() {
+        return Err(bad());
+    }
+    Ok(())
+}
+
 impl Config {
     /// Cross-field and range checks that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -530,24 +599,61 @@ impl Config {
                 format!("`{}` is not an address like 0.0.0.0:9090 (or \"\" to share http.listen)", self.metrics.listen),
             ));
         }
-        let positive: [(&str, u64); 13] = [
-            ("check.token_ttl_secs", self.check.token_ttl_secs),
-            ("check.tokens_per_minute", self.check.tokens_per_minute as u64),
-            ("signal.max_frame_bytes", s.max_frame_bytes as u64),
-            ("signal.rate_burst", s.rate_burst as u64),
-            ("signal.rate_strikes", s.rate_strikes as u64),
-            ("signal.max_devices_per_family", s.max_devices_per_family as u64),
-            ("signal.max_devices", s.max_devices as u64),
-            ("signal.max_connections", s.max_connections as u64),
-            ("signal.register_timeout_secs", s.register_timeout_secs),
-            ("signal.ping_interval_secs", s.ping_interval_secs),
-            ("signal.outbound_queue", s.outbound_queue as u64),
-            ("signal.write_timeout_secs", s.write_timeout_secs),
-            ("signal.negotiation_timeout_secs", s.negotiation_timeout_secs),
+        // Every number has a floor and a ceiling: a zero disables what it bounds, and a huge
+        // duration overflows `Instant + Duration` on every connection.
+        let t = &self.turn;
+        let q = &t.quota;
+        let h = &self.http;
+        let c = &self.check;
+        const DAY: u64 = 86_400;
+        const MIB: u64 = 1024 * 1024;
+        let bounds: &[(&str, u64, u64, u64)] = &[
+            ("http.header_read_timeout_secs", h.header_read_timeout_secs, 1, 600),
+            ("http.max_unupgraded_connections", h.max_unupgraded_connections as u64, 1, 10_000_000),
+            ("http.max_unupgraded_per_ip", h.max_unupgraded_per_ip as u64, 1, 10_000_000),
+            ("http.max_connections_per_ip", h.max_connections_per_ip as u64, 1, 10_000_000),
+            ("auth.token_leeway_secs", self.auth.token_leeway_secs, 0, DAY),
+            ("check.token_ttl_secs", c.token_ttl_secs, 1, DAY),
+            ("check.tokens_per_minute", c.tokens_per_minute as u64, 1, 1_000_000),
+            ("check.mints_per_token_per_hour", c.mints_per_token_per_hour as u64, 1, 1_000_000),
+            ("check.mints_per_ip_per_minute", c.mints_per_ip_per_minute as u64, 1, 1_000_000),
+            ("signal.max_frame_bytes", s.max_frame_bytes as u64, 1, 16 * MIB),
+            ("signal.hard_max_frame_bytes", s.hard_max_frame_bytes as u64, 1, 64 * MIB),
+            ("signal.rate_burst", s.rate_burst as u64, 1, 1_000_000),
+            ("signal.rate_strikes", s.rate_strikes as u64, 1, 1_000_000),
+            ("signal.max_devices_per_family", s.max_devices_per_family as u64, 1, 1_000_000),
+            ("signal.max_devices", s.max_devices as u64, 1, 100_000_000),
+            ("signal.max_connections", s.max_connections as u64, 1, 100_000_000),
+            ("signal.register_timeout_secs", s.register_timeout_secs, 1, 3600),
+            ("signal.ping_interval_secs", s.ping_interval_secs, 1, 3600),
+            ("signal.max_missed_pongs", s.max_missed_pongs as u64, 1, 1000),
+            ("signal.idle_timeout_secs", s.idle_timeout_secs, 0, 30 * DAY),
+            ("signal.outbound_queue", s.outbound_queue as u64, 1, 1_000_000),
+            ("signal.outbound_queue_bytes", s.outbound_queue_bytes as u64, 1024, 1024 * MIB),
+            ("signal.write_timeout_secs", s.write_timeout_secs, 1, 3600),
+            ("signal.negotiation_timeout_secs", s.negotiation_timeout_secs, 1, DAY),
+            ("turn.credential_ttl_secs", t.credential_ttl_secs, 60, 30 * DAY),
+            ("turn.max_lifetime_secs", t.max_lifetime_secs, 1, DAY),
+            ("turn.nonce_lifetime_secs", t.nonce_lifetime_secs, 1, DAY),
+            ("turn.tls_reload_poll_secs", t.tls_reload_poll_secs, 1, DAY),
+            ("turn.socket_buffer_bytes", t.socket_buffer_bytes as u64, 0, 256 * MIB),
+            ("turn.relay_socket_buffer_bytes", t.relay_socket_buffer_bytes as u64, 0, 64 * MIB),
+            ("turn.max_stream_connections", t.max_stream_connections as u64, 1, 10_000_000),
+            ("turn.max_stream_connections_per_ip", t.max_stream_connections_per_ip as u64, 1, 10_000_000),
+            ("turn.handshake_timeout_secs", t.handshake_timeout_secs, 1, 600),
+            ("turn.stream_idle_timeout_secs", t.stream_idle_timeout_secs, 1, DAY),
+            ("turn.quota.family_allocations", q.family_allocations as u64, 1, 10_000_000),
+            ("turn.quota.device_allocations", q.device_allocations as u64, 1, 10_000_000),
+            ("turn.quota.total_allocations", q.total_allocations as u64, 1, 10_000_000),
+            ("turn.quota.check_allocations", q.check_allocations as u64, 1, 10_000_000),
+            ("turn.quota.permissions_per_allocation", q.permissions_per_allocation as u64, 1, 100_000),
+            ("turn.quota.channels_per_allocation", q.channels_per_allocation as u64, 1, 16_384),
+            ("shutdown.grace_secs", self.shutdown.grace_secs, 0, 3600),
+            ("metrics.relay_capacity_bytes_per_sec", self.metrics.relay_capacity_bytes_per_sec, 0, i64::MAX as u64),
         ];
-        for (key, value) in positive {
-            if value == 0 {
-                return Err(ConfigError::invalid(key, "must be greater than 0"));
+        for &(key, value, min, max) in bounds {
+            if value < min || value > max {
+                return Err(ConfigError::invalid(key, format!("{value} is out of range: must be {min} to {max}")));
             }
         }
         if s.hard_max_frame_bytes < s.max_frame_bytes {
@@ -556,14 +662,8 @@ impl Config {
                 "must be at least signal.max_frame_bytes",
             ));
         }
-        if !(s.rate_per_sec.is_finite() && s.rate_per_sec > 0.0) {
-            return Err(ConfigError::invalid("signal.rate_per_sec", "must be a positive number"));
-        }
-        if s.max_missed_pongs == 0 {
-            return Err(ConfigError::invalid("signal.max_missed_pongs", "must be greater than 0"));
-        }
-        if self.turn.credential_ttl_secs < 60 {
-            return Err(ConfigError::invalid("turn.credential_ttl_secs", "must be at least 60"));
+        if !(s.rate_per_sec.is_finite() && s.rate_per_sec > 0.0 && s.rate_per_sec <= 1_000_000.0) {
+            return Err(ConfigError::invalid("signal.rate_per_sec", "must be a number above 0 and at most 1000000"));
         }
         if self.turn.tls_cert.is_some() != self.turn.tls_key.is_some() {
             return Err(ConfigError::invalid("turn.tls_cert", "turn.tls_cert and turn.tls_key go together"));
@@ -580,33 +680,13 @@ impl Config {
                 return Err(ConfigError::invalid("turn.urls", format!("`{url}` is not a stun:, turn: or turns: URL")));
             }
         }
-        let t = &self.turn;
         if t.relay_port_range().is_none() {
             return Err(ConfigError::invalid("turn.relay_ports", format!("`{}` is not a range like 49152-65535", t.relay_ports)));
         }
         for (key, list) in [("turn.allowed_peers", &t.allowed_peers), ("turn.denied_peers", &t.denied_peers)] {
             crate::turn::policy::parse_list(key, list).map_err(|e| ConfigError::invalid(key, e.trim_start_matches(&format!("{key}: ")).to_string()))?;
         }
-        let q = &t.quota;
-        let turn_positive: [(&str, u64); 9] = [
-            ("turn.max_lifetime_secs", t.max_lifetime_secs),
-            ("turn.tls_reload_poll_secs", t.tls_reload_poll_secs),
-            ("turn.nonce_lifetime_secs", t.nonce_lifetime_secs),
-            ("turn.max_stream_connections", t.max_stream_connections as u64),
-            ("turn.quota.family_allocations", q.family_allocations as u64),
-            ("turn.quota.device_allocations", q.device_allocations as u64),
-            ("turn.quota.total_allocations", q.total_allocations as u64),
-            ("turn.quota.permissions_per_allocation", q.permissions_per_allocation as u64),
-            ("turn.quota.channels_per_allocation", q.channels_per_allocation as u64),
-        ];
-        for (key, value) in turn_positive {
-            if value == 0 {
-                return Err(ConfigError::invalid(key, "must be greater than 0"));
-            }
-        }
-        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
-            return Err(ConfigError::invalid("log.level", format!("`{}` is not a log filter", self.log.level)));
-        }
+        validate_log_level(&self.log.level).map_err(|m| ConfigError::invalid("log.level", m))?;
         Ok(())
     }
 
@@ -694,6 +774,30 @@ mod tests {
         assert!(err.to_string().contains("turn.public_ip"), "{err}");
         let err = load_with_env(None, &[], env(&[("KINLINK_METRICS__LISTEN", "x")])).unwrap_err();
         assert!(err.to_string().contains("metrics.listen"), "{err}");
+    }
+
+    #[test]
+    fn every_number_is_bounded_and_log_levels_are_strict() {
+        // A huge duration once made `Instant + Duration` panic on every connection.
+        for (key, value) in [
+            ("KINLINK_SIGNAL__REGISTER_TIMEOUT_SECS", "18446744073709551615"),
+            ("KINLINK_SIGNAL__NEGOTIATION_TIMEOUT_SECS", "100000000000"),
+            ("KINLINK_TURN__MAX_LIFETIME_SECS", "100000000000"),
+            ("KINLINK_SHUTDOWN__GRACE_SECS", "100000000000"),
+            ("KINLINK_HTTP__HEADER_READ_TIMEOUT_SECS", "0"),
+            ("KINLINK_SIGNAL__OUTBOUND_QUEUE_BYTES", "10"),
+        ] {
+            let err = load_with_env(None, &[], env(&[(key, value)])).unwrap_err().to_string();
+            let dotted = key.trim_start_matches("KINLINK_").to_ascii_lowercase().replace("__", ".");
+            assert!(err.starts_with(&dotted) && err.contains("out of range"), "{key}: {err}");
+        }
+        for level in ["verbose!!", "loud", "kinlink=shout", "=debug", "info,,"] {
+            let err = load_with_env(None, &[("log.level".into(), level.into())], env(&[])).unwrap_err().to_string();
+            assert!(err.starts_with("log.level: ") && err.contains("trace, debug, info"), "{level}: {err}");
+        }
+        for level in ["info", "DEBUG", "kinlink=debug,tower=warn", "warn,kinlink::turn=trace"] {
+            load_with_env(None, &[("log.level".into(), level.into())], env(&[])).unwrap();
+        }
     }
 
     #[test]

@@ -19,16 +19,25 @@ impl IceConfig {
         IceConfig { turn: turn.clone(), secret }
     }
 
-    /// Lifetime of the credentials in a block.
-    pub fn ttl_secs(&self) -> u64 {
-        self.turn.credential_ttl_secs
+    /// Lifetime of the credentials in a block for a token expiring at `token_exp` (unix
+    /// seconds): `turn.credential_ttl_secs`, but never past the token. TURN access must not
+    /// outlive the token it was handed out for (a 600 s check token once got 24 h of TURN).
+    pub fn ttl_secs(&self, token_exp: u64, now_unix: u64) -> u64 {
+        self.turn.credential_ttl_secs.min(token_exp.saturating_sub(now_unix))
+    }
+
+    /// Whether a block for this token is cut short by the token's expiry (then refreshing it
+    /// would not give more).
+    pub fn capped_by_token(&self, token_exp: u64, now_unix: u64) -> bool {
+        self.ttl_secs(token_exp, now_unix) < self.turn.credential_ttl_secs
     }
 
     /// The block for one device. `request_host` is the Host header the device used, the
     /// fallback when `turn.public_host` is not configured (a self-hoster reaching kinlink at
     /// `myhost:8080` then gets `turn:myhost:3478`).
-    pub fn block(&self, family: &str, device: &str, request_host: Option<&str>, now_unix: u64) -> Vec<IceServer> {
-        let cred = auth::turn_credential(&self.secret, family, device, self.turn.credential_ttl_secs, now_unix);
+    /// The credential is valid for `ttl_secs` (see [`Self::ttl_secs`]).
+    pub fn block(&self, family: &str, device: &str, request_host: Option<&str>, now_unix: u64, ttl_secs: u64) -> Vec<IceServer> {
+        let cred = auth::turn_credential(&self.secret, family, device, ttl_secs, now_unix);
         if !self.turn.urls.is_empty() {
             return self.explicit_block(cred);
         }
@@ -103,18 +112,24 @@ mod tests {
     #[test]
     fn derived_urls_use_public_host_or_request_host() {
         let ice = IceConfig::new(&cfg());
-        let b = ice.block("f", "d", Some("example.org:8080"), 1000);
+        let b = ice.block("f", "d", Some("example.org:8080"), 1000, 86_400);
         assert_eq!(b[0].urls, vec!["stun:example.org:3478"]);
         assert_eq!(b[1].urls, vec!["turn:example.org:3478?transport=udp", "turn:example.org:3478?transport=tcp"]);
         assert_eq!(b[1].username.as_deref(), Some("87400:f:d"));
-        let b = ice.block("f", "d", Some("[::1]:8080"), 1000);
+        let b = ice.block("f", "d", Some("[::1]:8080"), 1000, 600);
         assert_eq!(b[0].urls, vec!["stun:[::1]:3478"]);
+        assert_eq!(b[1].username.as_deref(), Some("1600:f:d"));
+        // Credentials never outlive the token they are handed out for.
+        assert_eq!(ice.ttl_secs(1000 + 600, 1000), 600);
+        assert_eq!(ice.ttl_secs(1000 + 999_999, 1000), 86_400);
+        assert_eq!(ice.ttl_secs(10, 1000), 0);
+        assert!(ice.capped_by_token(1600, 1000) && !ice.capped_by_token(1_000_000, 1000));
 
         let mut c = cfg();
         c.public_host = "turn.example.org".into();
         c.tls_cert = Some("c.pem".into());
         c.tls_key = Some("k.pem".into());
-        let b = IceConfig::new(&c).block("f", "d", Some("ignored"), 1000);
+        let b = IceConfig::new(&c).block("f", "d", Some("ignored"), 1000, 600);
         assert_eq!(b[1].urls[2], "turns:turn.example.org:5349?transport=tcp");
     }
 
@@ -122,15 +137,15 @@ mod tests {
     fn explicit_urls_and_disabled() {
         let mut c = cfg();
         c.urls = vec!["stun:s:1".into(), "turn:t:2?transport=udp".into()];
-        let b = IceConfig::new(&c).block("f", "d", None, 0);
+        let b = IceConfig::new(&c).block("f", "d", None, 0, 600);
         assert_eq!(b.len(), 2);
         assert!(b[0].username.is_none() && b[1].username.is_some());
         let mut c = cfg();
         c.enabled = false;
-        assert!(IceConfig::new(&c).block("f", "d", None, 0).is_empty());
+        assert!(IceConfig::new(&c).block("f", "d", None, 0, 600).is_empty());
         let mut c = cfg();
         c.udp_listen = crate::config::Listen::default();
-        let b = IceConfig::new(&c).block("f", "d", Some("h"), 0);
+        let b = IceConfig::new(&c).block("f", "d", Some("h"), 0, 600);
         assert_eq!(b.len(), 1, "no STUN without UDP");
         assert_eq!(b[0].urls, vec!["turn:h:3478?transport=tcp"]);
     }

@@ -11,7 +11,10 @@
 //! - [`turn`]: the STUN/TURN server: [`turn::stun`] (wire format), [`turn::policy`] (peer
 //!   addresses), [`turn::server`] (rules, sans-IO), [`turn::relay`], [`turn::listener`],
 //!   [`turn::tls`] (the drivers).
-//! - [`http`]: the axum routers; [`check`]: the `/check` self-check page and its tokens.
+//! - [`http`]: the axum routers and the HTTP listener ([`http::listener`]); [`check`]: the
+//!   `/check` self-check page and its tokens.
+//! - [`connlimit`]: admission caps (total, per source IP) for TCP listeners; [`health`]: the
+//!   listener supervisor and what `/readyz` reports.
 //! - [`metrics`]: every exported metric; [`ratelimit`]: the token bucket both rate limits use.
 //! - [`server`]: binds the listeners and runs until shutdown, draining gracefully.
 //! - [`cli`]: the `kinlink` command line; [`probe`]: `kinlink healthcheck`.
@@ -23,6 +26,8 @@ pub mod auth;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod connlimit;
+pub mod health;
 pub mod http;
 pub mod ice;
 pub mod metrics;

@@ -79,15 +79,60 @@ pub struct Metrics {
     pub check_tokens: IntCounterVec,
     /// `kinlink_turn_tls_reloads_total{result}`: certificate reloads (ok, error).
     pub turn_tls_reloads: IntCounterVec,
+    /// `kinlink_panics_total`: panics anywhere in the process (each one is a bug).
+    pub panics: IntCounter,
+    /// `kinlink_listener_restarts_total{listener}`: listener tasks that ended and were restarted.
+    pub listener_restarts: IntCounterVec,
+    /// `kinlink_accept_errors_total{listener}`: failed `accept()` calls (e.g. out of descriptors).
+    pub accept_errors: IntCounterVec,
+    /// `kinlink_connections_rejected_total{listener,reason}`: TCP connections closed at once
+    /// by an admission cap.
+    pub connections_rejected: IntCounterVec,
+    /// `kinlink_http_unupgraded_connections`: HTTP connections not (yet) WebSockets.
+    pub http_unupgraded: IntGauge,
+    /// `kinlink_turn_stream_timeouts_total{stage}`: TCP/TLS clients cut off by a deadline.
+    pub turn_stream_timeouts: IntCounterVec,
+    /// `kinlink_turn_tls_handshake_failures_total{reason}`.
+    pub turn_tls_handshake_failures: IntCounterVec,
+}
+
+/// Listeners that restart, accept and admit (labels of the listener metrics).
+pub const LISTENERS: [&str; 4] = ["http", "turn_udp", "turn_tcp", "turn_tls"];
+/// `kinlink_connections_rejected_total` reasons.
+pub const ADMISSION_REASONS: [&str; 3] = ["total", "per_ip", "unupgraded"];
+/// `kinlink_turn_stream_timeouts_total` stages.
+pub const STREAM_TIMEOUT_STAGES: [&str; 3] = ["first_message", "frame", "idle"];
+/// `kinlink_turn_tls_handshake_failures_total` reasons.
+pub const TLS_FAILURE_REASONS: [&str; 4] = ["timeout", "eof", "protocol", "io"];
+/// `kinlink_check_tokens_total` results.
+pub const CHECK_TOKEN_RESULTS: [&str; 6] = ["issued", "unauthorized", "forbidden", "rate_limited", "rate_limited_token", "rate_limited_ip"];
+
+/// The process-wide panic counter: a panic hook has no `Metrics` to hand, so every registry
+/// registers this one counter (see [`count_panics`]).
+static PANICS: std::sync::LazyLock<IntCounter> =
+    std::sync::LazyLock::new(|| IntCounter::new("kinlink_panics_total", "Panics anywhere in the process; each is a bug.").expect("valid metric"));
+
+/// Installs (once) a panic hook that counts panics and then runs the previous hook. A panic
+/// in a task kills only that task, so without this one would go unnoticed.
+pub fn count_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.inc();
+            previous(info);
+        }));
+    });
 }
 
 /// `kinlink_turn_auth_failures_total` reasons.
 pub const TURN_AUTH_REASONS: [&str; 8] =
     ["malformed", "bad_nonce", "stale_nonce", "wrong_realm", "bad_integrity", "expired", "wrong_credentials", "missing"];
 /// `kinlink_turn_dropped_packets_total` reasons.
-pub const TURN_DROP_REASONS: [&str; 6] = ["malformed", "no_allocation", "no_channel", "no_permission", "bandwidth", "queue_full"];
+pub const TURN_DROP_REASONS: [&str; 8] =
+    ["malformed", "no_allocation", "no_channel", "no_permission", "denied_peer", "too_large", "bandwidth", "queue_full"];
 /// `kinlink_turn_quota_rejections_total` scopes.
-pub const TURN_QUOTA_SCOPES: [&str; 6] = ["server", "family", "device", "ports", "permissions", "channels"];
+pub const TURN_QUOTA_SCOPES: [&str; 7] = ["server", "family", "device", "check", "ports", "permissions", "channels"];
 
 /// `kinlink_signal_connections_closed_total` reasons that are not a [`CloseCode`].
 pub const EXTRA_CLOSE_REASONS: [&str; 3] = ["client", "write_timeout", "error"];
@@ -242,12 +287,59 @@ impl Metrics {
                 "TURN TLS certificate reloads (file change or SIGHUP), by result: ok, error.",
                 "result",
             ),
+            panics: reg(&registry, PANICS.clone()),
+            listener_restarts: counter_vec(
+                "kinlink_listener_restarts_total",
+                "Listener tasks that ended unexpectedly and were restarted, by listener.",
+                "listener",
+            ),
+            accept_errors: counter_vec("kinlink_accept_errors_total", "Failed accept() calls, by listener.", "listener"),
+            connections_rejected: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "kinlink_connections_rejected_total",
+                        "TCP connections closed at once by an admission cap, by listener and reason.",
+                    ),
+                    &["listener", "reason"],
+                )
+                .expect("valid metric"),
+            ),
+            http_unupgraded: gauge("kinlink_http_unupgraded_connections", "HTTP connections not (yet) upgraded to a WebSocket."),
+            turn_stream_timeouts: counter_vec(
+                "kinlink_turn_stream_timeouts_total",
+                "TURN TCP/TLS clients closed by a deadline, by stage: first_message, frame, idle.",
+                "stage",
+            ),
+            turn_tls_handshake_failures: counter_vec(
+                "kinlink_turn_tls_handshake_failures_total",
+                "TURN TLS handshakes that failed, by reason: timeout, eof, protocol, io.",
+                "reason",
+            ),
             registry: registry.clone(),
         };
+        count_panics();
+        for l in LISTENERS {
+            m.listener_restarts.with_label_values(&[l]);
+            m.accept_errors.with_label_values(&[l]);
+        }
+        for l in ["http", "turn_stream"] {
+            for r in ADMISSION_REASONS {
+                if l == "http" || r != "unupgraded" {
+                    m.connections_rejected.with_label_values(&[l, r]);
+                }
+            }
+        }
+        for s in STREAM_TIMEOUT_STAGES {
+            m.turn_stream_timeouts.with_label_values(&[s]);
+        }
+        for r in TLS_FAILURE_REASONS {
+            m.turn_tls_handshake_failures.with_label_values(&[r]);
+        }
         for r in ["ok", "error"] {
             m.turn_tls_reloads.with_label_values(&[r]);
         }
-        for r in ["issued", "unauthorized", "rate_limited"] {
+        for r in CHECK_TOKEN_RESULTS {
             m.check_tokens.with_label_values(&[r]);
         }
         for o in crate::signal::negotiation::Outcome::ALL {

@@ -47,8 +47,7 @@ fn load_or_create(dir: &Path, file: &str, key: &'static str) -> Result<Secret, S
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     let value = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-    write_private(&path, &value).map_err(err)?;
-    Ok(Secret::new(value))
+    write_private(&path, &value).map_err(err)
 }
 
 #[cfg(unix)]
@@ -62,21 +61,33 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)
 }
 
-fn write_private(path: &Path, value: &str) -> std::io::Result<()> {
+/// Writes the secret to a private temporary file, then links it into place: the link either
+/// creates `path` whole or fails because another process won the race, and then the winner's
+/// secret is the one to use (two processes must never run on different secrets).
+fn write_private(path: &Path, value: &str) -> std::io::Result<Secret> {
+    let tmp = path.with_extension(format!("tmp-{}-{:016x}", std::process::id(), rand::random::<u64>()));
     let mut options = std::fs::OpenOptions::new();
-    // create_new: two processes starting at once must not overwrite each other's secret.
     options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    match options.open(path) {
-        Ok(mut f) => {
-            f.write_all(value.as_bytes())?;
-            f.sync_all()
+    let written = options.open(&tmp).and_then(|mut f| {
+        f.write_all(value.as_bytes())?;
+        f.sync_all()
+    });
+    let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(Secret::new(value)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let winner = std::fs::read_to_string(path)?;
+            if winner.trim().is_empty() {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "exists but is empty"));
+            }
+            Ok(Secret::new(winner.trim()))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
     }
 }
@@ -103,5 +114,31 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn processes_racing_to_create_agree_on_the_winner() {
+        for round in 0..20 {
+            let dir = std::env::temp_dir().join(format!("kinlink-secrets-race-{}-{round}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let (dir, barrier) = (dir.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        let mut c = Config { data_dir: dir, ..Config::default() };
+                        resolve(&mut c).unwrap();
+                        c.auth.token_secret.unwrap()
+                    })
+                })
+                .collect();
+            let secrets: Vec<Secret> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            assert!(secrets.windows(2).all(|w| w[0] == w[1]), "round {round}: racers disagree");
+            let on_disk = std::fs::read_to_string(dir.join("token_secret")).unwrap();
+            assert_eq!(on_disk, secrets[0].expose());
+            assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2, "no temporary files left");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
     }
 }

@@ -30,6 +30,7 @@ pub struct Server {
     state: AppState,
     drain: watch::Sender<bool>,
     turn: Option<TurnService>,
+    http_limits: http::listener::HttpLimits,
 }
 
 impl Server {
@@ -53,8 +54,11 @@ impl Server {
             Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("metrics.listen: cannot bind {addr}"))?),
             None => None,
         };
+        let health = crate::health::Health::new();
         let turn = if config.turn.enabled && config.turn.urls.is_empty() {
-            let service = TurnService::start(&config.turn, metrics.clone()).await?;
+            let mut others = vec![http.local_addr()?];
+            others.extend(metrics_listener.as_ref().map(TcpListener::local_addr).transpose()?);
+            let service = TurnService::start(&config.turn, metrics.clone(), health.clone(), &others).await?;
             // Advertise the ports actually bound (port 0 in tests).
             config.turn.udp_listen = Listen(service.udp.clone());
             config.turn.tcp_listen = Listen(service.tcp.clone());
@@ -80,8 +84,9 @@ impl Server {
             tracing::warn!("check.demo is on: anyone reaching this server can mint throw-away devices and use TURN");
         }
         let minter = crate::check::Minter::new(config.check.clone(), token_secret.clone(), std::time::Instant::now());
-        let state = AppState::new(env, draining, minter);
-        Ok(Server { config, http, metrics: metrics_listener, state, drain, turn })
+        let state = AppState::new(env, draining, minter, health);
+        let http_limits = http::listener::HttpLimits::new(&config.http);
+        Ok(Server { config, http, metrics: metrics_listener, state, drain, turn, http_limits })
     }
 
     /// The bound public address (useful with port 0).
@@ -111,16 +116,12 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let Server { config, http, metrics, state, drain, turn } = self;
+        let Server { config, http, metrics, state, drain, turn, http_limits } = self;
         let separate_metrics = metrics.is_some();
         let http_addr = http.local_addr()?;
         let metrics_addr = metrics.as_ref().map(TcpListener::local_addr).transpose()?;
-        let mut draining = drain.subscribe();
-        let public = axum::serve(http, http::app(state.clone(), !separate_metrics))
-            .with_graceful_shutdown(async move {
-                let _ = draining.wait_for(|d| *d).await;
-            });
-        let public = tokio::spawn(async move { public.await });
+        let public = http::listener::serve(http, http::app(state.clone(), !separate_metrics), http_limits, state.shared().env.metrics.clone(), drain.subscribe());
+        let public = tokio::spawn(public);
         let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
         let metrics_task = metrics.map(|listener| {
             let serve = axum::serve(listener, http::metrics_app(state.clone())).with_graceful_shutdown(async move {

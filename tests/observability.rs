@@ -116,7 +116,7 @@ async fn metrics_pass_promtool_and_cover_every_dashboard_query() {
     assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}");
 
     // Bounded labels only: never a family, device, user or IP.
-    let allowed = ["reason", "code", "type", "direction", "transport", "scope", "outcome", "status", "version", "result", "le"];
+    let allowed = ["reason", "code", "type", "direction", "transport", "scope", "outcome", "status", "version", "result", "listener", "stage", "le"];
     let exported: BTreeSet<String> = scrape
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

@@ -372,7 +372,8 @@ async fn ice_servers_endpoint_returns_verifiable_credentials() {
     assert_eq!(r.headers()["cache-control"], "no-store");
     let body: serde_json::Value = r.json().await.unwrap();
     let ttl = body["iceServersTtl"].as_u64().unwrap();
-    assert_eq!(ttl, 86_400);
+    // turn.credential_ttl_secs is a day, but TURN access never outlives the 1-hour token.
+    assert!((3590..=3600).contains(&ttl), "{ttl}");
     let servers = body["iceServers"].as_array().unwrap();
     // The host is the one the request used; the ports are the TURN listeners actually bound.
     let (udp, tcp) = (server.turn_udp.unwrap().port(), server.turn_tcp.unwrap().port());

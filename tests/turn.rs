@@ -331,18 +331,47 @@ async fn ipv4_and_ipv6_listeners_serve_at_once() {
 }
 
 #[tokio::test]
-async fn own_udp_listener_is_refused_as_a_peer_but_a_tcp_port_number_is_not() {
+async fn own_listeners_are_refused_as_peers_but_other_relays_are_not() {
     let server = TestServer::start().await;
     let (user, pass) = rest_credentials("fam", "loop", 600);
     let client = turn_client(server.turn_udp.unwrap(), user, pass).await;
     let relay = tokio::time::timeout(WAIT, client.allocate()).await.unwrap().unwrap();
-    // The TURN UDP listener itself: relaying into it would loop.
-    let _ = tokio::time::timeout(WAIT, relay.send_to(b"loop", server.turn_udp.unwrap())).await.unwrap();
-    server.wait_metric(r#"kinlink_turn_permission_denied_total{reason="own_port"}"#, 1.0).await;
-    // The HTTP listener's number is a TCP port: a UDP datagram to it reaches no kinlink
-    // socket, and a relay that happens to share the number must stay reachable as a peer.
-    relay.send_to(b"not a loop", server.http).await.unwrap();
+    // Every listener of ours: TURN UDP and TCP, HTTP and metrics (loopback is allow-listed in
+    // the tests, so only the own-address rule stands in the way).
+    let own = [server.turn_udp.unwrap(), server.turn_tcp.unwrap(), server.http, server.metrics];
+    for (i, addr) in own.iter().enumerate() {
+        let _ = tokio::time::timeout(WAIT, relay.send_to(b"loop", *addr)).await.unwrap();
+        server.wait_metric(r#"kinlink_turn_permission_denied_total{reason="own_port"}"#, (i + 1) as f64).await;
+    }
+    // Another device's relay on this server is a peer like any other (both relayed).
+    let (user, pass) = rest_credentials("fam", "other", 600);
+    let other = turn_client(server.turn_udp.unwrap(), user, pass).await;
+    let other_relay = tokio::time::timeout(WAIT, other.allocate()).await.unwrap().unwrap();
+    relay.send_to(b"relay to relay", other_relay.local_addr().unwrap()).await.unwrap();
     server.wait_metric(r#"kinlink_turn_relayed_packets_total{direction="client_to_peer"}"#, 1.0).await;
-    assert_eq!(server.metric(r#"kinlink_turn_permission_denied_total{reason="own_port"}"#).await, 1.0);
+    assert_eq!(server.metric(r#"kinlink_turn_permission_denied_total{reason="own_port"}"#).await, 4.0);
+    client.close().await.unwrap();
+    other.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn wildcard_listeners_deny_every_local_address_without_public_ip() {
+    // The default shape: wildcard listeners, no turn.public_ip. The host's own addresses on
+    // the TURN port were once reachable through the relay (a nested allocation was made).
+    let server = TestServer::with(|c| {
+        c.turn.udp_listen = Listen::one("0.0.0.0:0".parse().unwrap());
+        c.turn.allowed_peers = vec!["0.0.0.0/0".into()];
+    })
+    .await;
+    let port = server.turn_udp.unwrap().port();
+    let (user, pass) = rest_credentials("fam", "wild", 600);
+    let client = turn_client(SocketAddr::from(([127, 0, 0, 1], port)), user, pass).await;
+    let relay = tokio::time::timeout(WAIT, client.allocate()).await.unwrap().unwrap();
+    let host_ip = relay.local_addr().unwrap().ip();
+    for target in [SocketAddr::new(host_ip, port), SocketAddr::from(([127, 0, 0, 1], port)), SocketAddr::from(([127, 9, 9, 9], port))] {
+        let _ = tokio::time::timeout(WAIT, relay.send_to(b"nest", target)).await.unwrap();
+    }
+    server.wait_metric(r#"kinlink_turn_permission_denied_total{reason="own_port"}"#, 3.0).await;
+    assert_eq!(server.metric(r#"kinlink_turn_relayed_packets_total{direction="client_to_peer"}"#).await, 0.0);
     client.close().await.unwrap();
 }

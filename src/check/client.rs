@@ -175,18 +175,19 @@ async fn post(tls: &Tls, base: &Target, path: &str, bearer: Option<&str>, timeou
     Ok((status, date, body))
 }
 
+/// Decodes a chunked body. Works on bytes: chunk sizes count bytes, and slicing text at a
+/// byte count panics when it falls inside a multi-byte character.
 fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
+    let mut out = Vec::new();
+    let mut rest = body.as_bytes();
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&rest[..eol]).ok().and_then(|s| usize::from_str_radix(s.trim(), 16).ok());
+        let after = &rest[eol + 2..];
+        let Some(n) = size.filter(|&n| n > 0 && n <= after.len()) else { break };
+        out.extend_from_slice(&after[..n]);
+        rest = after[n..].strip_prefix(b"\r\n").unwrap_or(&after[n..]);
     }
-    out
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Stream>>;
@@ -575,5 +576,9 @@ mod tests {
     #[test]
     fn chunked_bodies_are_joined() {
         assert_eq!(dechunk("4\r\nabcd\r\n3\r\nefg\r\n0\r\n\r\n"), "abcdefg");
+        // A hostile server's chunk size that ends inside a multi-byte character once panicked.
+        assert_eq!(dechunk("1\r\néa\r\n0\r\n\r\n"), "\u{fffd}");
+        assert_eq!(dechunk("2\r\né\r\n0\r\n\r\n"), "é");
+        assert_eq!(dechunk("ffffffffffffffffff\r\nab"), "");
     }
 }

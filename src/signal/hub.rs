@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 
 use super::protocol::{CloseCode, DeviceInfo, ServerMsg};
@@ -32,6 +33,69 @@ pub enum Outbound {
     Close(CloseCode),
 }
 
+impl Outbound {
+    fn bytes(&self) -> usize {
+        match self {
+            Outbound::Text { text, .. } => text.len(),
+            Outbound::Close(_) => 0,
+        }
+    }
+}
+
+/// A device's outbound queue, bounded in messages *and* bytes: 256 queued 64 KiB frames
+/// are 16 MB per slow reader, so the byte bound is what keeps memory per device small.
+pub fn outbound(messages: usize, max_bytes: usize) -> (OutboundTx, OutboundRx) {
+    let (tx, rx) = mpsc::channel(messages);
+    let queued = Arc::new(AtomicUsize::new(0));
+    (OutboundTx { tx, queued: queued.clone(), max_bytes }, OutboundRx { rx, queued })
+}
+
+/// The sending half of [`outbound`].
+#[derive(Debug, Clone)]
+pub struct OutboundTx {
+    tx: mpsc::Sender<Outbound>,
+    queued: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+impl OutboundTx {
+    /// Queues `msg` unless the queue is full in messages or bytes (a close always fits).
+    pub fn try_send(&self, msg: Outbound) -> Result<(), mpsc::error::TrySendError<Outbound>> {
+        let n = msg.bytes();
+        let before = self.queued.fetch_add(n, Ordering::Relaxed);
+        if n > 0 && before + n > self.max_bytes {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            return Err(mpsc::error::TrySendError::Full(msg));
+        }
+        self.tx.try_send(msg).inspect_err(|_| {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+        })
+    }
+}
+
+/// The receiving half of [`outbound`].
+#[derive(Debug)]
+pub struct OutboundRx {
+    rx: mpsc::Receiver<Outbound>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl OutboundRx {
+    /// The next message, once one is queued; `None` when every sender is gone.
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        let msg = self.rx.recv().await?;
+        self.queued.fetch_sub(msg.bytes(), Ordering::Relaxed);
+        Some(msg)
+    }
+
+    /// The next message if one is queued.
+    pub fn try_recv(&mut self) -> Result<Outbound, mpsc::error::TryRecvError> {
+        let msg = self.rx.try_recv()?;
+        self.queued.fetch_sub(msg.bytes(), Ordering::Relaxed);
+        Ok(msg)
+    }
+}
+
 /// A registered device, as the hub keeps it.
 #[derive(Debug, Clone)]
 pub struct Member {
@@ -44,7 +108,7 @@ pub struct Member {
     /// The connection.
     pub session: SessionId,
     /// Its outbound queue.
-    pub tx: mpsc::Sender<Outbound>,
+    pub tx: OutboundTx,
 }
 
 /// Why a device could not join.
@@ -203,12 +267,12 @@ mod tests {
         LocalHub::new(HubLimits { max_devices_per_family: per_family, max_devices: total }, Arc::new(Metrics::new()))
     }
 
-    fn member(f: &str, d: &str, session: SessionId) -> (Member, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(4);
+    fn member(f: &str, d: &str, session: SessionId) -> (Member, OutboundRx) {
+        let (tx, rx) = outbound(4, usize::MAX);
         (Member { family: f.into(), device: d.into(), user: format!("u-{d}").into(), session, tx }, rx)
     }
 
-    fn text(rx: &mut mpsc::Receiver<Outbound>) -> String {
+    fn text(rx: &mut OutboundRx) -> String {
         match rx.try_recv() {
             Ok(Outbound::Text { text, .. }) => text.to_string(),
             other => panic!("expected text, got {other:?}"),
@@ -271,5 +335,18 @@ mod tests {
             h.deliver("g", "d", "x".into(), Instant::now()).unwrap();
         }
         assert_eq!(h.deliver("g", "d", "x".into(), Instant::now()), Err(DeliverError::QueueFull));
+    }
+
+    #[test]
+    fn outbound_queues_are_bounded_in_bytes_too() {
+        let (tx, mut rx) = outbound(256, 100_000);
+        let big: Utf8Bytes = "x".repeat(60_000).into();
+        assert!(tx.try_send(Outbound::Text { text: big.clone(), relayed_at: None }).is_ok());
+        // A second 60 KB frame would pass the message bound (2 of 256), not the byte bound.
+        assert!(matches!(tx.try_send(Outbound::Text { text: big.clone(), relayed_at: None }), Err(mpsc::error::TrySendError::Full(_))));
+        assert!(tx.try_send(Outbound::Text { text: "small".into(), relayed_at: None }).is_ok());
+        assert!(tx.try_send(Outbound::Close(CloseCode::Replaced)).is_ok(), "a close always fits");
+        assert!(rx.try_recv().is_ok());
+        assert!(tx.try_send(Outbound::Text { text: big, relayed_at: None }).is_ok(), "room again once read");
     }
 }

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 
-use super::hub::{DeliverError, Hub, JoinError, Member, Outbound, SessionId};
+use super::hub::{DeliverError, Hub, JoinError, Member, OutboundTx, SessionId};
+#[cfg(test)]
+use super::hub::{Outbound, OutboundRx};
 use super::negotiation::{Negotiations, ReportError, Reported, Route, State};
 use super::protocol::{self, ClientMsg, CloseCode, ErrorCode, RelayKind, ServerMsg};
 use crate::auth::{self, AuthError, TokenVerifier};
@@ -75,6 +76,8 @@ struct Registered {
     user: Arc<str>,
     /// When the token stops being valid (plus leeway).
     token_expires: Instant,
+    /// The token's `exp` (unix seconds): TURN credentials never outlive it.
+    token_exp: u64,
     /// When to push fresh ICE credentials.
     ice_refresh: Instant,
 }
@@ -88,7 +91,7 @@ pub struct Session {
     /// Host header of the upgrade, for ICE URLs.
     host: Option<String>,
     /// Handed to the hub at registration.
-    tx: Option<mpsc::Sender<Outbound>>,
+    tx: Option<OutboundTx>,
     registered: Option<Registered>,
     register_deadline: Instant,
     rate: TokenBucket,
@@ -105,7 +108,7 @@ impl Session {
     pub fn new(
         id: SessionId,
         env: Arc<SessionEnv>,
-        tx: mpsc::Sender<Outbound>,
+        tx: OutboundTx,
         upgrade_token: Option<String>,
         host: Option<String>,
         now: Instant,
@@ -193,9 +196,17 @@ impl Session {
         }
     }
 
-    /// A pong arrived.
-    pub fn handle_pong(&mut self) {
+    /// A pong arrived. It counts against the message rate like any frame (a flood of
+    /// unsolicited pongs costs the server as much as messages do).
+    pub fn handle_pong(&mut self, now: Instant) {
         self.missed_pongs = 0;
+        self.admit(now);
+    }
+
+    /// A ping arrived (the WebSocket layer answers it). It counts against the message rate:
+    /// 156,000 pings in 3 s were once each answered.
+    pub fn handle_ping(&mut self, now: Instant) {
+        self.admit(now);
     }
 
     /// Something was delivered to this device by the hub and written out.
@@ -301,16 +312,19 @@ impl Session {
             device: member.device.clone(),
             user: member.user.clone(),
             token_expires: now + Duration::from_secs((claims.exp + self.env.token_leeway.as_secs()).saturating_sub(auth::unix_now())),
+            token_exp: claims.exp,
             ice_refresh: now,
         };
         match self.env.hub.join(member) {
             Ok(devices) => {
                 self.env.metrics.signal_registrations.inc();
-                let ttl = self.env.ice.ttl_secs();
-                let ice = self.env.ice.block(family, device, self.host.as_deref(), auth::unix_now());
+                let unix = auth::unix_now();
+                let ttl = self.env.ice.ttl_secs(reg.token_exp, unix);
+                let ice = self.env.ice.block(family, device, self.host.as_deref(), unix, ttl);
                 let msg = ServerMsg::Registered { device_id: device, devices: &devices, ice_servers: &ice, ice_servers_ttl: ttl };
                 self.send(msg);
-                self.registered = Some(Registered { ice_refresh: now + refresh_after(ttl), ..reg });
+                let ice_refresh = self.next_ice_refresh(now, &reg, unix, ttl);
+                self.registered = Some(Registered { ice_refresh, ..reg });
                 tracing::info!(session = self.id, "device registered");
             }
             Err(e) => {
@@ -390,11 +404,24 @@ impl Session {
         }
     }
 
+    /// When to push fresh credentials: at three quarters of their lifetime, unless the token's
+    /// expiry cut them short (a push could not give more; the connection ends with the token).
+    fn next_ice_refresh(&self, now: Instant, r: &Registered, unix: u64, ttl: u64) -> Instant {
+        if self.env.ice.capped_by_token(r.token_exp, unix) {
+            r.token_expires.max(now + Duration::from_secs(1))
+        } else {
+            now + refresh_after(ttl)
+        }
+    }
+
     fn push_ice_servers(&mut self, now: Instant) {
+        let Some(r) = &self.registered else { return };
+        let unix = auth::unix_now();
+        let ttl = self.env.ice.ttl_secs(r.token_exp, unix);
+        let next = self.next_ice_refresh(now, r, unix, ttl);
         let Some(r) = &mut self.registered else { return };
-        let ttl = self.env.ice.ttl_secs();
-        r.ice_refresh = now + refresh_after(ttl);
-        let ice = self.env.ice.block(&r.family, &r.device, self.host.as_deref(), auth::unix_now());
+        r.ice_refresh = next;
+        let ice = self.env.ice.block(&r.family, &r.device, self.host.as_deref(), unix, ttl);
         self.env.metrics.signal_ice_refreshes.inc();
         self.send(ServerMsg::IceServers { ice_servers: &ice, ice_servers_ttl: ttl });
     }
@@ -461,12 +488,12 @@ mod tests {
 
     struct Dev {
         s: Session,
-        rx: mpsc::Receiver<Outbound>,
+        rx: OutboundRx,
     }
 
     impl Dev {
         fn new(env: &Arc<SessionEnv>, id: SessionId, now: Instant) -> Dev {
-            let (tx, rx) = mpsc::channel(8);
+            let (tx, rx) = super::super::hub::outbound(8, usize::MAX);
             Dev { s: Session::new(id, env.clone(), tx, None, Some("h:1".into()), now), rx }
         }
         fn register(env: &Arc<SessionEnv>, id: SessionId, f: &str, d: &str, now: Instant) -> Dev {
@@ -608,7 +635,7 @@ mod tests {
     fn upgrade_token_is_used_when_register_has_none() {
         let env = env_with(SignalConfig::default());
         let now = Instant::now();
-        let (tx, _rx) = mpsc::channel(8);
+        let (tx, _rx) = super::super::hub::outbound(8, usize::MAX);
         let mut s = Session::new(1, env, tx, Some(token("f", "u", "d")), None, now);
         s.handle_text(now, r#"{"type":"register","familyId":"f","userId":"u","deviceId":"d"}"#);
         assert!(matches!(s.poll_output(), Some(Output::Text(t)) if t.as_str().starts_with(r#"{"type":"registered""#)));
@@ -681,7 +708,7 @@ mod tests {
         assert_eq!(d.s.poll_timeout(), t);
         d.s.handle_timeout(t);
         assert_eq!(d.s.poll_output(), Some(Output::Ping));
-        d.s.handle_pong();
+        d.s.handle_pong(t);
         d.s.handle_timeout(t + Duration::from_secs(10));
         assert_eq!(d.s.poll_output(), Some(Output::Ping));
         d.s.handle_timeout(t + Duration::from_secs(20));
@@ -690,7 +717,7 @@ mod tests {
         assert_eq!(d.s.poll_output(), Some(Output::Close(CloseCode::HeartbeatTimeout)));
         // Idle.
         let mut d = Dev::register(&env, 3, "g", "a", t0);
-        d.s.handle_pong();
+        d.s.handle_pong(t0);
         d.s.handle_timeout(t0 + Duration::from_secs(100));
         assert_eq!(d.s.poll_output(), Some(Output::Close(CloseCode::Normal)));
     }
@@ -714,7 +741,7 @@ mod tests {
     fn ice_refresh_with_long_token() {
         let env = env_with(SignalConfig { ping_interval_secs: 1_000_000, idle_timeout_secs: 0, ..SignalConfig::default() });
         let t0 = Instant::now();
-        let (tx, _rx) = mpsc::channel(8);
+        let (tx, _rx) = super::super::hub::outbound(8, usize::MAX);
         let long = auth::mint_token(&Secret::new(SECRET), "f", "u", "a", 10 * 86_400, auth::unix_now());
         let mut s = Session::new(1, env.clone(), tx, Some(long), None, t0);
         s.handle_text(t0, r#"{"type":"register","familyId":"f","userId":"u","deviceId":"a"}"#);
@@ -731,6 +758,28 @@ mod tests {
 
     /// Network input never panics: random bytes and mutations of valid frames, bounded and
     /// seeded so a failure reproduces.
+    #[test]
+    fn turn_credentials_never_outlive_the_token() {
+        let env = env_with(SignalConfig::default());
+        let t0 = Instant::now();
+        let mut d = Dev::new(&env, 1, t0);
+        let t = auth::mint_token(&Secret::new(SECRET), "f", "u", "d", 600, auth::unix_now());
+        d.s.handle_text(t0, &format!(r#"{{"type":"register","familyId":"f","userId":"u","deviceId":"d","token":"{t}"}}"#));
+        let v: serde_json::Value = serde_json::from_str(&d.next_text()).unwrap();
+        let ttl = v["iceServersTtl"].as_u64().unwrap();
+        assert!((595..=600).contains(&ttl), "a 600 s token gets at most 600 s of TURN, not a day: {ttl}");
+        let turn = v["iceServers"].as_array().unwrap().iter().find(|s| s["username"].is_string()).unwrap();
+        let expiry: u64 = turn["username"].as_str().unwrap().split(':').next().unwrap().parse().unwrap();
+        assert!(expiry <= auth::unix_now() + 600);
+        // No refresh push before the token ends (it could not give more); the session ends
+        // with the token.
+        d.s.handle_pong(t0 + Duration::from_secs(400));
+        d.s.handle_timeout(t0 + Duration::from_secs(460));
+        while let Some(out) = d.s.poll_output() {
+            assert!(!matches!(&out, Output::Text(t) if t.contains("ice-servers")), "{out:?}");
+        }
+    }
+
     #[test]
     fn random_and_mutated_frames_never_panic() {
         use rand::{Rng, SeedableRng};

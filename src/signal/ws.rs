@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::hub::{Outbound, SessionId};
 use super::protocol::CloseCode;
@@ -28,8 +28,9 @@ pub async fn drive(
     let metrics = env.metrics.clone();
     metrics.signal_connections.inc();
     metrics.signal_connections_accepted.inc();
+    tracing::debug!(session = id, "connection opened");
     let write_timeout = Duration::from_secs(env.limits.write_timeout_secs);
-    let (tx, mut rx) = mpsc::channel(env.limits.outbound_queue);
+    let (tx, mut rx) = super::hub::outbound(env.limits.outbound_queue, env.limits.outbound_queue_bytes);
     let mut session = Session::new(id, env, tx, token, host, Instant::now());
     let mut drain_seen = false;
     if *draining.borrow_and_update() {
@@ -56,9 +57,9 @@ pub async fn drive(
                 None | Some(Ok(Message::Close(_))) => break 'conn "client",
                 Some(Ok(Message::Text(t))) => session.handle_text(Instant::now(), t.as_str()),
                 Some(Ok(Message::Binary(b))) => session.handle_binary(Instant::now(), &b),
-                Some(Ok(Message::Pong(_))) => session.handle_pong(),
-                // Pings are answered by the WebSocket layer itself.
-                Some(Ok(Message::Ping(_))) => {}
+                Some(Ok(Message::Pong(_))) => session.handle_pong(Instant::now()),
+                // Pings are answered by the WebSocket layer itself, but counted here.
+                Some(Ok(Message::Ping(_))) => session.handle_ping(Instant::now()),
                 Some(Err(e)) if is_too_big(&e) => session.handle_oversize(),
                 Some(Err(_)) => break 'conn "error",
             },

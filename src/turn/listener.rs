@@ -1,18 +1,21 @@
 //! The client legs: the UDP listener, and TCP/TLS streams with RFC 8656 framing. Each reads a
 //! message, hands it to the core under the lock, and sends what comes back.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
+use super::policy::{Cidr, OwnAddr};
 use super::relay::{lock, ClientSink, Core, SocketBinder};
 use super::server::{ClientAction, FiveTuple, Transport};
 use super::stun::{frame_len, HEADER_LEN};
+use crate::connlimit::ConnLimiter;
 use crate::metrics::Metrics;
+use crate::ratelimit::LogLimiter;
 
 /// What the listeners share.
 #[derive(Clone)]
@@ -29,6 +32,17 @@ pub struct Ctx {
     pub buffer_bytes: usize,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Deadlines of TCP/TLS clients.
+    pub stream_timeouts: StreamTimeouts,
+}
+
+/// Deadlines that bound what a TCP/TLS client can hold without sending anything useful.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamTimeouts {
+    /// TLS handshake plus the first complete message; also the time to finish a started frame.
+    pub handshake: Duration,
+    /// No complete frame for this long closes the connection.
+    pub idle: Duration,
 }
 
 impl Ctx {
@@ -132,31 +146,77 @@ enum Outgoing {
 }
 
 /// Accepts TCP connections (and, with `tls`, wraps them) until the task is aborted.
-pub async fn serve_tcp(listener: TcpListener, ctx: Ctx, limit: Arc<Semaphore>, tls: Option<super::tls::Acceptor>) {
+/// Admission (`turn.max_stream_connections`, per IP) happens right after `accept`, and a
+/// failing `accept` (out of descriptors) backs off instead of spinning (as mini-redis does).
+pub async fn serve_tcp(listener: Arc<TcpListener>, ctx: Ctx, limit: Arc<ConnLimiter>, tls: Option<super::tls::Acceptor>) {
     let local = match listener.local_addr() {
         Ok(a) => a,
         Err(_) => return,
     };
+    let label = if tls.is_some() { "turn_tls" } else { "turn_tcp" };
+    let log = LogLimiter::new(Instant::now(), Duration::from_secs(1));
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let Ok((stream, from)) = listener.accept().await else { continue };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!("TURN stream connection refused: turn.max_stream_connections reached");
-            continue;
+        let (stream, from) = match listener.accept().await {
+            Ok(accepted) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                accepted
+            }
+            Err(e) => {
+                ctx.metrics.accept_errors.with_label_values(&[label]).inc();
+                if let Some(suppressed) = log.allow(Instant::now()) {
+                    tracing::warn!(listener = label, error = %e, suppressed, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let guard = match limit.admit(from.ip()) {
+            Ok(g) => g,
+            Err(refused) => {
+                ctx.metrics.connections_rejected.with_label_values(&["turn_stream", refused.label()]).inc();
+                if let Some(suppressed) = log.allow(Instant::now()) {
+                    tracing::warn!(listener = label, reason = refused.label(), suppressed, "TURN stream connection refused: turn.max_stream_connections(_per_ip) reached");
+                }
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             let tuple = FiveTuple { client: from, server: local, transport: if tls.is_some() { Transport::Tls } else { Transport::Tcp } };
+            let accepted = tokio::time::Instant::now();
             match tls {
-                None => serve_stream(stream, tuple, ctx).await,
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(s) => serve_stream(s, tuple, ctx).await,
-                    Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                None => serve_stream(stream, tuple, ctx, accepted).await,
+                Some(acceptor) => match tokio::time::timeout_at(accepted + ctx.stream_timeouts.handshake, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => serve_stream(s, tuple, ctx, accepted).await,
+                    Ok(Err(e)) => {
+                        let reason = tls_failure_reason(&e);
+                        ctx.metrics.turn_tls_handshake_failures.with_label_values(&[reason]).inc();
+                        tracing::debug!(reason, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        ctx.metrics.turn_tls_handshake_failures.with_label_values(&["timeout"]).inc();
+                    }
                 },
             }
-            drop(permit);
+            drop(guard);
         });
+    }
+}
+
+/// First pause after a failed `accept`; doubled on each further failure up to the max.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The bounded label for a failed TLS handshake.
+fn tls_failure_reason(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => "eof",
+        std::io::ErrorKind::InvalidData => "protocol",
+        _ => "io",
     }
 }
 
@@ -166,7 +226,8 @@ const STREAM_QUEUE: usize = 512;
 const WRITE_BATCH: usize = 128;
 
 /// One TCP/TLS client: frames in, frames out; its allocation ends with the connection.
-pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, tuple: FiveTuple, ctx: Ctx) {
+/// `accepted` starts the first-message deadline (the TLS handshake used part of it).
+pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, tuple: FiveTuple, ctx: Ctx, accepted: tokio::time::Instant) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STREAM_QUEUE);
     let writer = tokio::spawn(async move {
@@ -186,6 +247,11 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(st
     let sink = ClientSink::Stream(tx.clone());
     let mut buf = vec![0u8; 4096];
     let mut filled = 0usize;
+    let timeouts = ctx.stream_timeouts;
+    // Until the first complete frame: the first-message deadline. Then the idle deadline from
+    // the last complete frame, or the frame deadline from the first byte of an unfinished one.
+    let mut last_frame: Option<tokio::time::Instant> = None;
+    let mut partial_since: Option<tokio::time::Instant> = None;
     'conn: loop {
         // Handle every complete frame in the buffer.
         let mut start = 0;
@@ -213,14 +279,31 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(st
             }
             start += len;
         }
+        if start > 0 {
+            last_frame = Some(tokio::time::Instant::now());
+            partial_since = None;
+        }
         buf.copy_within(start..filled, 0);
         filled -= start;
+        if filled > 0 && partial_since.is_none() {
+            partial_since = Some(tokio::time::Instant::now());
+        }
         if filled == buf.len() {
             buf.resize(buf.len() * 2, 0);
         }
-        match rd.read(&mut buf[filled..]).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => filled += n,
+        let (deadline, stage) = match (last_frame, partial_since) {
+            (None, _) => (accepted + timeouts.handshake, "first_message"),
+            (Some(_), Some(since)) => (since + timeouts.handshake, "frame"),
+            (Some(last), None) => (last + timeouts.idle, "idle"),
+        };
+        match tokio::time::timeout_at(deadline, rd.read(&mut buf[filled..])).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => filled += n,
+            Err(_) => {
+                ctx.metrics.turn_stream_timeouts.with_label_values(&[stage]).inc();
+                tracing::debug!(stage, "TURN stream client timed out");
+                break;
+            }
         }
     }
     lock(&ctx.core).handle_client_closed(Instant::now(), &tuple);
@@ -229,17 +312,29 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(st
     let _ = writer.await;
 }
 
-/// The address a listener bound, for the peer policy's own-port list.
-pub fn own_addresses(bound: &[SocketAddr], public_ip: Option<std::net::IpAddr>) -> Vec<SocketAddr> {
-    let mut own = Vec::new();
-    for a in bound {
-        if a.ip().is_unspecified() {
-            if let Some(ip) = public_ip {
-                own.push(SocketAddr::new(ip, a.port()));
-            }
-        } else {
-            own.push(*a);
-        }
+/// kinlink's own sockets as a peer could address them, for the peer policy. A specific listen
+/// address is reachable on that address; a wildcard one on every local address: every
+/// interface's (IPv4 and IPv6), all of loopback, the unspecified address (which reaches the
+/// host on Linux), and `extra` (the public IP and the relay IPs, which may be NATed to us).
+pub fn own_addresses(bound: &[SocketAddr], extra: &[IpAddr]) -> Vec<OwnAddr> {
+    let mut local: Vec<Cidr> = ["127.0.0.0/8", "::1/128", "0.0.0.0/32", "::/128"].iter().map(|c| c.parse().expect("built-in CIDR")).collect();
+    match if_addrs::get_if_addrs() {
+        Ok(ifs) => local.extend(ifs.iter().map(|i| Cidr::host(i.ip()))),
+        Err(e) => tracing::warn!(error = %e, "cannot list local interfaces: only loopback and turn.public_ip are denied as own addresses"),
     }
-    own
+    local.extend(extra.iter().map(|ip| Cidr::host(*ip)));
+    local.dedup();
+    bound
+        .iter()
+        .map(|a| {
+            let ips = if a.ip().is_unspecified() {
+                local.clone()
+            } else {
+                let mut ips = vec![Cidr::host(a.ip())];
+                ips.extend(extra.iter().map(|ip| Cidr::host(*ip)));
+                ips
+            };
+            OwnAddr { ips, port: a.port() }
+        })
+        .collect()
 }

@@ -21,12 +21,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::config::TurnConfig;
+use crate::connlimit::ConnLimiter;
+use crate::health::{supervise, Health};
 use crate::metrics::Metrics;
-use listener::Ctx;
+use listener::{Ctx, StreamTimeouts};
 use relay::Core;
 use server::{Settings, TurnServer};
 
@@ -79,8 +80,10 @@ fn optional_v6<T>(addr: SocketAddr, key: &str, bound: std::io::Result<T>) -> any
 }
 
 impl TurnService {
-    /// Binds the listeners and starts serving.
-    pub async fn start(cfg: &TurnConfig, metrics: Arc<Metrics>) -> anyhow::Result<TurnService> {
+    /// Binds the listeners and starts serving. `other_own` are kinlink's other listeners
+    /// (HTTP, metrics), which the relay must not reach either; `health` shows the listener
+    /// tasks on `/readyz`.
+    pub async fn start(cfg: &TurnConfig, metrics: Arc<Metrics>, health: Arc<Health>, other_own: &[SocketAddr]) -> anyhow::Result<TurnService> {
         let secret = cfg.secret.clone().context("turn.secret is resolved")?;
         let tls_files = match (cfg.tls_enabled(), &cfg.tls_cert, &cfg.tls_key) {
             (true, Some(cert), Some(key)) => Some(tls::Acceptor::new(cert.clone(), key.clone()).context("turns: certificate")?),
@@ -94,12 +97,12 @@ impl TurnService {
         }
         let mut tcp = Vec::new();
         for &addr in &cfg.tcp_listen.0 {
-            tcp.extend(optional_v6(addr, "turn.tcp_listen", bind_tcp(addr))?);
+            tcp.extend(optional_v6(addr, "turn.tcp_listen", bind_tcp(addr))?.map(Arc::new));
         }
         let mut tls = Vec::new();
         if tls_files.is_some() {
             for &addr in &cfg.tls_listen.0 {
-                tls.extend(optional_v6(addr, "turn.tls_listen", bind_tcp(addr))?);
+                tls.extend(optional_v6(addr, "turn.tls_listen", bind_tcp(addr))?.map(Arc::new));
             }
         }
         let udp_addrs = udp.iter().map(|s| s.local_addr()).collect::<Result<Vec<_>, _>>()?;
@@ -121,10 +124,12 @@ impl TurnService {
             tracing::warn!(relay_ip = %relay_ipv4, "turn.public_ip is not set: relayed addresses use this host IP; set it behind NAT");
         }
 
-        // Relayed data is UDP, so only UDP listeners can be looped into: a TCP listener sharing
-        // a port number with some relay is not "own" (denying it made a 1-in-40,000 relay
-        // unreachable as a peer).
-        let own = listener::own_addresses(&udp_addrs, cfg.public_ip);
+        // Every listener of ours, on every address it answers on. A relay that happens to
+        // share its port number with a TCP listener stays reachable: the core exempts live
+        // relay ports (see `TurnServer::policy_check`).
+        let bound: Vec<SocketAddr> = udp_addrs.iter().chain(&tcp_addrs).chain(&tls_addrs).chain(other_own).copied().collect();
+        let extra: Vec<IpAddr> = cfg.public_ip.into_iter().chain([relay_ipv4, relay_ipv6]).collect();
+        let own = listener::own_addresses(&bound, &extra);
         let policy = policy::PeerPolicy::new(
             policy::parse_list("turn.allowed_peers", &cfg.allowed_peers).map_err(anyhow::Error::msg)?,
             policy::parse_list("turn.denied_peers", &cfg.denied_peers).map_err(anyhow::Error::msg)?,
@@ -140,6 +145,7 @@ impl TurnService {
             family_allocations: q.family_allocations,
             device_allocations: q.device_allocations,
             total_allocations: q.total_allocations,
+            check_allocations: q.check_allocations,
             permissions_per_allocation: q.permissions_per_allocation,
             channels_per_allocation: q.channels_per_allocation,
             family_bytes_per_sec: q.family_bytes_per_sec,
@@ -151,20 +157,36 @@ impl TurnService {
             relay_ipv4,
             relay_ipv6,
             buffer_bytes: cfg.relay_socket_buffer_bytes,
-            metrics,
+            metrics: metrics.clone(),
+            stream_timeouts: StreamTimeouts {
+                handshake: Duration::from_secs(cfg.handshake_timeout_secs),
+                idle: Duration::from_secs(cfg.stream_idle_timeout_secs),
+            },
         };
-        let limit = Arc::new(Semaphore::new(cfg.max_stream_connections));
+        let limit = ConnLimiter::new(cfg.max_stream_connections, cfg.max_stream_connections_per_ip);
         let mut tasks = Vec::new();
+        // Every listener runs under a supervisor: if one ends (a panic on some input), it is
+        // restarted and `/readyz` shows it down meanwhile.
         for s in udp {
-            tasks.push(tokio::spawn(listener::serve_udp(s, ctx.clone())));
+            let ctx = ctx.clone();
+            let name = format!("turn udp {}", s.local_addr()?);
+            tasks.push(supervise(name, "turn_udp", health.clone(), metrics.clone(), move || listener::serve_udp(s.clone(), ctx.clone())));
         }
         for l in tcp {
-            tasks.push(tokio::spawn(listener::serve_tcp(l, ctx.clone(), limit.clone(), None)));
+            let (ctx, limit) = (ctx.clone(), limit.clone());
+            let name = format!("turn tcp {}", l.local_addr()?);
+            tasks.push(supervise(name, "turn_tcp", health.clone(), metrics.clone(), move || {
+                listener::serve_tcp(l.clone(), ctx.clone(), limit.clone(), None)
+            }));
         }
         if let Some(acceptor) = tls_files {
             tasks.push(tokio::spawn(acceptor.clone().watch(Duration::from_secs(cfg.tls_reload_poll_secs), ctx.metrics.clone())));
             for l in tls {
-                tasks.push(tokio::spawn(listener::serve_tcp(l, ctx.clone(), limit.clone(), Some(acceptor.clone()))));
+                let (ctx, limit, acceptor) = (ctx.clone(), limit.clone(), acceptor.clone());
+                let name = format!("turn tls {}", l.local_addr()?);
+                tasks.push(supervise(name, "turn_tls", health.clone(), metrics.clone(), move || {
+                    listener::serve_tcp(l.clone(), ctx.clone(), limit.clone(), Some(acceptor.clone()))
+                }));
             }
         }
         let timer_core = core.clone();
@@ -172,7 +194,9 @@ impl TurnService {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                relay::lock(&timer_core).handle_timeout(Instant::now());
+                // The wall clock is read here, beside the monotonic one, so the core follows
+                // the same clock credentials are minted from.
+                relay::lock(&timer_core).handle_timeout(Instant::now(), crate::auth::unix_now());
             }
         }));
         tracing::info!(udp = ?udp_addrs, tcp = ?tcp_addrs, tls = ?tls_addrs, relay_ip = %cfg.public_ip.unwrap_or(relay_ipv4), "TURN serving");

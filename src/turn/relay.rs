@@ -134,13 +134,19 @@ pub fn bind_udp(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<UdpSoc
 
 /// Reads peer datagrams for one allocation and forwards what the core frames.
 async fn peer_loop(socket: Arc<UdpSocket>, tuple: FiveTuple, core: Core, sink: ClientSink, metrics: Arc<Metrics>) {
-    let mut buf = vec![0u8; PEER_HEADROOM + MAX_PEER_DATAGRAM + 4];
+    // One byte more than the largest datagram relayed: a read that fills it was truncated by
+    // the kernel, and a truncated payload must not be relayed as if it were whole.
+    let mut buf = vec![0u8; PEER_HEADROOM + MAX_PEER_DATAGRAM + 1 + 4];
     loop {
-        let (n, peer) = match socket.recv_from(&mut buf[PEER_HEADROOM..PEER_HEADROOM + MAX_PEER_DATAGRAM]).await {
+        let (n, peer) = match socket.recv_from(&mut buf[PEER_HEADROOM..PEER_HEADROOM + MAX_PEER_DATAGRAM + 1]).await {
             Ok(r) => r,
             // ICMP errors surface as recv errors on some platforms: keep going.
             Err(_) => continue,
         };
+        if n > MAX_PEER_DATAGRAM {
+            metrics.turn_dropped.with_label_values(&["too_large"]).inc();
+            continue;
+        }
         let framed = lock(&core).handle_peer(Instant::now(), &tuple, peer, &mut buf, n);
         let Some(range) = framed else { continue };
         match &sink {

@@ -17,6 +17,7 @@ use hmac::{Hmac, Mac};
 use md5::Digest;
 
 use super::policy::{Denied, PeerPolicy};
+use crate::ratelimit::LogLimiter;
 use super::stun::{attr, method, Builder, Class, Message};
 use crate::auth::{turn_password, valid_id};
 use crate::config::Secret;
@@ -85,6 +86,9 @@ pub struct Settings {
     pub device_allocations: usize,
     /// Allocations on this server.
     pub total_allocations: usize,
+    /// Allocations all self-check families together may hold (families named
+    /// [`crate::check::FAMILY_PREFIX`]`…`), so `/check` can never take the server's capacity.
+    pub check_allocations: usize,
     /// Permissions (peer IPs) per allocation.
     pub permissions_per_allocation: usize,
     /// Channels per allocation.
@@ -143,6 +147,16 @@ pub trait Binder<R> {
 /// How long a port reserved with EVEN-PORT's R bit is held (RFC 8656 suggests about 30 s).
 const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 
+/// A port held with EVEN-PORT's R bit: it counts against the quotas of the device that made
+/// it until it is claimed or expires, and goes with the allocation that made it.
+struct Reservation<R> {
+    relay: R,
+    local: SocketAddr,
+    expires: Instant,
+    family: Arc<str>,
+    device: Arc<str>,
+}
+
 struct Permission {
     ip: IpAddr,
     expires: Instant,
@@ -167,6 +181,8 @@ struct Allocation<R> {
     /// The Allocate transaction and its success response, for retransmissions.
     allocate_tid: [u8; 12],
     allocate_reply: Vec<u8>,
+    /// The odd port this allocation reserved, released with it.
+    reservation: Option<[u8; 8]>,
 }
 
 struct FamilyUsage {
@@ -195,9 +211,18 @@ pub struct TurnServer<R> {
     nonce_key: [u8; 16],
     allocations: HashMap<FiveTuple, Allocation<R>>,
     /// Odd ports held for a later Allocate with RESERVATION-TOKEN.
-    reservations: HashMap<[u8; 8], (R, SocketAddr, Instant)>,
+    reservations: HashMap<[u8; 8], Reservation<R>>,
+    /// Allocations and reservations per family.
     families: HashMap<Arc<str>, FamilyUsage>,
+    /// Allocations and reservations per device.
     devices: HashMap<(Arc<str>, Arc<str>), usize>,
+    /// Allocations and reservations of self-check families.
+    check_usage: usize,
+    /// Relay ports in use: a peer on one of them is another allocation of this server (the
+    /// relay-to-relay case), not one of its listeners.
+    relay_ports: HashMap<u16, usize>,
+    /// Refusals (auth, quota, policy) logged at most once a second, with a count of the rest.
+    refusal_log: LogLimiter,
     draining: bool,
 }
 
@@ -219,6 +244,9 @@ impl<R: Clone> TurnServer<R> {
             reservations: HashMap::new(),
             families: HashMap::new(),
             devices: HashMap::new(),
+            check_usage: 0,
+            relay_ports: HashMap::new(),
+            refusal_log: LogLimiter::new(epoch, Duration::from_secs(1)),
             draining: false,
         }
     }
@@ -235,6 +263,14 @@ impl<R: Clone> TurnServer<R> {
 
     fn unix(&self, now: Instant) -> u64 {
         self.epoch_unix + now.saturating_duration_since(self.epoch).as_secs()
+    }
+
+    /// Re-reads the wall clock the driver sampled at `now`. Credentials are minted from the
+    /// wall clock, so the core follows it (an NTP step included) instead of adding monotonic
+    /// time to one reading taken at start. Nonces stay on the monotonic clock: they are ours.
+    fn sync_wall_clock(&mut self, now: Instant, unix: u64) {
+        let mono_secs = now.saturating_duration_since(self.epoch).as_secs();
+        self.epoch_unix = unix.saturating_sub(mono_secs);
     }
 
     /// Handles a datagram or stream frame from a client.
@@ -330,12 +366,18 @@ impl<R: Clone> TurnServer<R> {
         let (Some(Some(peer)), Some(data)) = (msg.xor_peer_addresses().next(), msg.get(attr::DATA)) else {
             return self.drop_packet("malformed");
         };
+        let peer = normalize(peer);
         let Some(alloc) = self.allocations.get(&tuple) else { return self.drop_packet("no_allocation") };
         if alloc.expires <= now {
             return self.drop_packet("no_allocation");
         }
         if !alloc.permissions.iter().any(|p| p.ip == peer.ip() && p.expires > now) {
             return self.drop_packet("no_permission");
+        }
+        // A permission is for an IP; the port is the sender's choice, so the policy (own
+        // listeners above all) is applied to the full address of every Send.
+        if alloc.relayed.is_ipv6() != peer.is_ipv6() || self.policy_check(peer).is_err() {
+            return self.drop_packet("denied_peer");
         }
         let (relay, family) = (alloc.relay.clone(), alloc.family.clone());
         if !self.spend(now, &family, data.len()) {
@@ -413,12 +455,20 @@ impl<R: Clone> TurnServer<R> {
     }
 
     /// Expires allocations, permissions and channels; call about once a second.
-    pub fn handle_timeout(&mut self, now: Instant) {
+    /// `unix` is the wall clock read with `now`: the core follows it (see `sync_wall_clock`).
+    pub fn handle_timeout(&mut self, now: Instant, unix: u64) {
+        self.sync_wall_clock(now, unix);
         let expired: Vec<FiveTuple> = self.allocations.iter().filter(|(_, a)| a.expires <= now).map(|(t, _)| *t).collect();
         for t in expired {
             self.remove(now, &t, "expired");
         }
-        self.reservations.retain(|_, (_, _, expires)| *expires > now);
+        let stale: Vec<[u8; 8]> = self.reservations.iter().filter(|(_, r)| r.expires <= now).map(|(t, _)| *t).collect();
+        for t in stale {
+            if let Some(r) = self.reservations.remove(&t) {
+                self.release(&r.family, &r.device);
+                self.forget_port(r.local.port());
+            }
+        }
         for a in self.allocations.values_mut() {
             a.permissions.retain(|p| p.expires > now);
             a.channels.retain(|c| c.expires > now);
@@ -432,18 +482,13 @@ impl<R: Clone> TurnServer<R> {
 
     fn remove(&mut self, now: Instant, tuple: &FiveTuple, why: &'static str) {
         let Some(a) = self.allocations.remove(tuple) else { return };
-        if let Some(u) = self.families.get_mut(&a.family) {
-            u.allocations -= 1;
-            if u.allocations == 0 {
-                self.families.remove(&a.family);
-            }
-        }
-        let key = (a.family.clone(), a.device.clone());
-        if let Some(n) = self.devices.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                self.devices.remove(&key);
-            }
+        self.release(&a.family, &a.device);
+        self.forget_port(a.relayed.port());
+        // Its reserved odd port goes with it (RFC 8656 leaves this open; holding it would let
+        // Allocate + Refresh(0) pile up sockets without any allocation).
+        if let Some(r) = a.reservation.and_then(|t| self.reservations.remove(&t)) {
+            self.release(&r.family, &r.device);
+            self.forget_port(r.local.port());
         }
         self.metrics.turn_allocations.set(self.allocations.len() as i64);
         self.metrics.turn_allocation_duration.observe(now.saturating_duration_since(a.created).as_secs_f64());
@@ -467,12 +512,14 @@ impl<R: Clone> TurnServer<R> {
 
     /// `Ok(())` for a fresh nonce of ours, `Err(true)` for a stale one, `Err(false)` for junk.
     fn check_nonce(&self, now: Instant, client: IpAddr, nonce: &[u8]) -> Result<(), bool> {
-        let s = std::str::from_utf8(nonce).map_err(|_| false)?;
-        if s.len() != 26 {
+        // Bytes, not text: an attacker chooses the nonce, and slicing decoded text at a byte
+        // index panics when a multi-byte character straddles it.
+        let (Some(expiry), Some(mac)) = (nonce.get(..10), nonce.get(10..)) else { return Err(false) };
+        if nonce.len() != 26 || !nonce.iter().all(u8::is_ascii_hexdigit) {
             return Err(false);
         }
-        let expiry = u64::from_str_radix(&s[..10], 16).map_err(|_| false)?;
-        if self.nonce_mac(expiry, client) != s[10..] {
+        let expiry = std::str::from_utf8(expiry).ok().and_then(|e| u64::from_str_radix(e, 16).ok()).ok_or(false)?;
+        if self.nonce_mac(expiry, client).as_bytes() != mac {
             return Err(false);
         }
         if expiry <= now.saturating_duration_since(self.epoch).as_secs() {
@@ -490,7 +537,9 @@ impl<R: Clone> TurnServer<R> {
 
     fn auth_failure(&self, now: Instant, tuple: FiveTuple, msg: &Message<'_>, reason: &'static str) -> Vec<u8> {
         self.metrics.turn_auth_failures.with_label_values(&[reason]).inc();
-        tracing::info!(reason, transport = tuple.transport.as_str(), "TURN request refused");
+        if let Some(suppressed) = self.refusal_log.allow(now) {
+            tracing::info!(reason, transport = tuple.transport.as_str(), suppressed, "TURN request refused (one line a second; kinlink_turn_auth_failures_total counts all)");
+        }
         self.challenge(now, tuple, msg.method, msg.tid, 401, "Unauthorized")
     }
 
@@ -533,8 +582,7 @@ impl<R: Clone> TurnServer<R> {
             return Err(self.auth_failure(now, tuple, msg, "malformed"));
         }
         let password = turn_password(&self.settings.secret, username);
-        let input = format!("{username}:{}:{password}", self.settings.realm);
-        let key = if sha256 { sha2::Sha256::digest(input.as_bytes()).to_vec() } else { md5::Md5::digest(input.as_bytes()).to_vec() };
+        let key = long_term_key(username, &self.settings.realm, &password, sha256);
         let ok = if sha256 { msg.verify_integrity_sha256(&key) } else { msg.verify_integrity(&key) };
         if !ok {
             return Err(self.auth_failure(now, tuple, msg, "bad_integrity"));
@@ -599,9 +647,11 @@ impl<R: Clone> TurnServer<R> {
         }
     }
 
-    fn quota_reject(&self, msg: &Message<'_>, a: &Authed, scope: &'static str) -> Vec<u8> {
+    fn quota_reject(&self, now: Instant, msg: &Message<'_>, a: &Authed, scope: &'static str) -> Vec<u8> {
         self.metrics.turn_quota_rejections.with_label_values(&[scope]).inc();
-        tracing::info!(scope, "allocation refused: quota reached");
+        if let Some(suppressed) = self.refusal_log.allow(now) {
+            tracing::info!(scope, suppressed, "allocation refused: quota reached (one line a second; kinlink_turn_quota_rejections_total counts all)");
+        }
         self.error_reply(msg, a, 486, "Allocation Quota Reached")
     }
 
@@ -638,27 +688,38 @@ impl<R: Clone> TurnServer<R> {
         if self.draining {
             return self.error_reply(msg, &a, 508, "Insufficient Capacity: server draining");
         }
-        if self.allocations.len() >= self.settings.total_allocations {
-            return self.quota_reject(msg, &a, "server");
-        }
-        if self.families.get(&a.family).map_or(0, |u| u.allocations) >= self.settings.family_allocations {
-            return self.quota_reject(msg, &a, "family");
-        }
-        let dev_key = (a.family.clone(), a.device.clone());
-        if self.devices.get(&dev_key).copied().unwrap_or(0) >= self.settings.device_allocations {
-            return self.quota_reject(msg, &a, "device");
+        // A claimed reservation stops counting before the quotas are checked: the allocation
+        // that replaces it counts instead.
+        let claimed = match token {
+            Some(t) => match self.reservations.remove(&t) {
+                Some(r) => {
+                    self.release(&r.family, &r.device);
+                    self.forget_port(r.local.port());
+                    if r.expires <= now {
+                        return self.error_reply(msg, &a, 508, "Insufficient Capacity: no such reservation");
+                    }
+                    Some((r.relay, r.local))
+                }
+                None => return self.error_reply(msg, &a, 508, "Insufficient Capacity: no such reservation"),
+            },
+            None => None,
+        };
+        // EVEN-PORT with R holds two ports: both count.
+        let needed = if even == Some(true) { 2 } else { 1 };
+        if let Err(scope) = self.quota_room(&a.family, &a.device, needed) {
+            return self.quota_reject(now, msg, &a, scope);
         }
         let mut reserved_token = None;
-        let bound = match (token, even) {
-            (Some(t), _) => match self.reservations.remove(&t) {
-                Some((r, local, expires)) if expires > now => Ok((r, local)),
-                _ => return self.error_reply(msg, &a, 508, "Insufficient Capacity: no such reservation"),
-            },
+        let bound = match (claimed, even) {
+            (Some(bound), _) => Ok(bound),
             (None, Some(true)) => match bind_pair(binder, ipv6) {
                 Ok((even, odd)) => {
                     let mut t = [0u8; 8];
                     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut t);
-                    self.reservations.insert(t, (odd.0, odd.1, now + RESERVATION_LIFETIME));
+                    self.charge(&a.family, &a.device, odd.1.port());
+                    let reservation =
+                        Reservation { relay: odd.0, local: odd.1, expires: now + RESERVATION_LIFETIME, family: a.family.clone(), device: a.device.clone() };
+                    self.reservations.insert(t, reservation);
                     reserved_token = Some(t);
                     Ok(even)
                 }
@@ -671,7 +732,9 @@ impl<R: Clone> TurnServer<R> {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.turn_quota_rejections.with_label_values(&["ports"]).inc();
-                tracing::warn!(error = %e, "allocation refused: no relay port");
+                if let Some(suppressed) = self.refusal_log.allow(now) {
+                    tracing::warn!(error = %e, suppressed, "allocation refused: no relay port");
+                }
                 return self.error_reply(msg, &a, 508, "Insufficient Capacity");
             }
         };
@@ -685,13 +748,7 @@ impl<R: Clone> TurnServer<R> {
             b.attr(attr::RESERVATION_TOKEN, &t);
         }
         let reply = self.finish(b, Some((&a.key, a.sha256)));
-        let usage = self.families.entry(a.family.clone()).or_insert(FamilyUsage {
-            allocations: 0,
-            tokens: self.settings.family_bytes_per_sec as f64,
-            refilled: now,
-        });
-        usage.allocations += 1;
-        *self.devices.entry(dev_key).or_insert(0) += 1;
+        self.charge(&a.family, &a.device, local.port());
         self.allocations.insert(
             tuple,
             Allocation {
@@ -706,12 +763,73 @@ impl<R: Clone> TurnServer<R> {
                 channels: Vec::new(),
                 allocate_tid: msg.tid,
                 allocate_reply: reply.clone(),
+                reservation: reserved_token,
             },
         );
         self.metrics.turn_allocations.set(self.allocations.len() as i64);
         self.metrics.turn_allocations_created.with_label_values(&[tuple.transport.as_str()]).inc();
         tracing::debug!(transport = tuple.transport.as_str(), lifetime_secs = lifetime.as_secs(), "allocation created");
         reply
+    }
+
+    /// Whether `needed` more relay ports fit every quota; `Err(scope)` names the one that is full.
+    fn quota_room(&self, family: &Arc<str>, device: &Arc<str>, needed: usize) -> Result<(), &'static str> {
+        let s = &self.settings;
+        if self.allocations.len() + self.reservations.len() + needed > s.total_allocations {
+            return Err("server");
+        }
+        if is_check_family(family) && self.check_usage + needed > s.check_allocations {
+            return Err("check");
+        }
+        if self.families.get(family).map_or(0, |u| u.allocations) + needed > s.family_allocations {
+            return Err("family");
+        }
+        if self.devices.get(&(family.clone(), device.clone())).copied().unwrap_or(0) + needed > s.device_allocations {
+            return Err("device");
+        }
+        Ok(())
+    }
+
+    /// Counts one relay port (an allocation or a reservation) against its owner's quotas.
+    fn charge(&mut self, family: &Arc<str>, device: &Arc<str>, port: u16) {
+        let rate = self.settings.family_bytes_per_sec as f64;
+        let now = self.epoch; // the bucket is refilled from `refilled` on first use
+        let usage = self.families.entry(family.clone()).or_insert(FamilyUsage { allocations: 0, tokens: rate, refilled: now });
+        usage.allocations += 1;
+        *self.devices.entry((family.clone(), device.clone())).or_insert(0) += 1;
+        if is_check_family(family) {
+            self.check_usage += 1;
+        }
+        *self.relay_ports.entry(port).or_insert(0) += 1;
+    }
+
+    /// Gives back what [`Self::charge`] took (the port is forgotten by [`Self::forget_port`]).
+    fn release(&mut self, family: &Arc<str>, device: &Arc<str>) {
+        if let Some(u) = self.families.get_mut(family) {
+            u.allocations = u.allocations.saturating_sub(1);
+            if u.allocations == 0 {
+                self.families.remove(family);
+            }
+        }
+        let key = (family.clone(), device.clone());
+        if let Some(n) = self.devices.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.devices.remove(&key);
+            }
+        }
+        if is_check_family(family) {
+            self.check_usage = self.check_usage.saturating_sub(1);
+        }
+    }
+
+    fn forget_port(&mut self, port: u16) {
+        if let Some(n) = self.relay_ports.get_mut(&port) {
+            *n -= 1;
+            if *n == 0 {
+                self.relay_ports.remove(&port);
+            }
+        }
     }
 
     fn refresh(&mut self, now: Instant, tuple: FiveTuple, msg: &Message<'_>, a: &Authed) -> Vec<u8> {
@@ -735,14 +853,16 @@ impl<R: Clone> TurnServer<R> {
     }
 
     /// Policy and family checks for a peer address named in a request.
-    fn peer_allowed(&self, relayed: SocketAddr, peer: SocketAddr) -> Result<SocketAddr, (u16, &'static str)> {
+    fn peer_allowed(&self, now: Instant, relayed: SocketAddr, peer: SocketAddr) -> Result<SocketAddr, (u16, &'static str)> {
         let peer = normalize(peer);
         if peer.is_ipv6() != relayed.is_ipv6() {
             return Err((443, "Peer Address Family Mismatch"));
         }
-        if let Err(d) = self.policy.check(peer) {
+        if let Err(d) = self.policy_check(peer) {
             self.metrics.turn_permission_denied.with_label_values(&[d.reason()]).inc();
-            tracing::info!(reason = d.reason(), "peer refused by policy");
+            if let Some(suppressed) = self.refusal_log.allow(now) {
+                tracing::info!(reason = d.reason(), suppressed, "peer refused by policy (one line a second; kinlink_turn_permission_denied_total counts all)");
+            }
             return Err((403, match d {
                 Denied::SpecialRange => "Forbidden: peer address not allowed",
                 Denied::DenyList => "Forbidden: peer address denied",
@@ -752,6 +872,17 @@ impl<R: Clone> TurnServer<R> {
         Ok(peer)
     }
 
+    /// The peer policy, except that a port one of our relays holds is another allocation of
+    /// this server (two devices both relayed through it), not a listener: relayed data is UDP
+    /// and a UDP relay port cannot be a UDP listener's, so only a TCP listener could share the
+    /// number, and UDP sent there reaches the relay.
+    fn policy_check(&self, peer: SocketAddr) -> Result<(), Denied> {
+        match self.policy.check(peer) {
+            Err(Denied::OwnPort) if self.relay_ports.contains_key(&peer.port()) => Ok(()),
+            other => other,
+        }
+    }
+
     fn create_permission(&mut self, now: Instant, tuple: FiveTuple, msg: &Message<'_>, a: &Authed) -> Vec<u8> {
         let Some(relayed) = self.allocations.get(&tuple).filter(|al| al.expires > now).map(|al| al.relayed) else {
             return self.error_reply(msg, a, 437, "Allocation Mismatch");
@@ -759,7 +890,7 @@ impl<R: Clone> TurnServer<R> {
         let mut peers = Vec::new();
         for p in msg.xor_peer_addresses() {
             let Some(p) = p else { return self.error_reply(msg, a, 400, "Bad Request: bad XOR-PEER-ADDRESS") };
-            match self.peer_allowed(relayed, p) {
+            match self.peer_allowed(now, relayed, p) {
                 Ok(p) => peers.push(p.ip()),
                 Err((code, reason)) => return self.error_reply(msg, a, code, reason),
             }
@@ -795,7 +926,7 @@ impl<R: Clone> TurnServer<R> {
         let Some(Some(peer)) = msg.xor_peer_addresses().next() else {
             return self.error_reply(msg, a, 400, "Bad Request: XOR-PEER-ADDRESS missing");
         };
-        let peer = match self.peer_allowed(relayed, peer) {
+        let peer = match self.peer_allowed(now, relayed, peer) {
             Ok(p) => p,
             Err((code, reason)) => return self.error_reply(msg, a, code, reason),
         };
@@ -845,6 +976,21 @@ fn install_permission<R>(alloc: &mut Allocation<R>, ip: IpAddr, now: Instant) {
         Some(p) => p.expires = now + PERMISSION_LIFETIME,
         None => alloc.permissions.push(Permission { ip, expires: now + PERMISSION_LIFETIME }),
     }
+}
+
+/// The long-term credential key (RFC 8489 §9.2.2): MD5, or SHA-256 for
+/// MESSAGE-INTEGRITY-SHA256, of `username:realm:password`.
+pub fn long_term_key(username: &str, realm: &str, password: &str, sha256: bool) -> Vec<u8> {
+    let input = format!("{username}:{realm}:{password}");
+    if sha256 {
+        sha2::Sha256::digest(input.as_bytes()).to_vec()
+    } else {
+        md5::Md5::digest(input.as_bytes()).to_vec()
+    }
+}
+
+fn is_check_family(family: &str) -> bool {
+    family.starts_with(crate::check::FAMILY_PREFIX)
 }
 
 /// IPv4-mapped IPv6 peers are compared and relayed as IPv4.

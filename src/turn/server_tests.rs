@@ -8,7 +8,7 @@ use md5::Digest;
 
 use super::*;
 use crate::auth::turn_credential;
-use crate::turn::policy::PeerPolicy;
+use crate::turn::policy::{OwnAddr, PeerPolicy};
 use crate::turn::stun::{attr, method, Builder, Class, Message};
 
 const SECRET: &str = "turn-unit-secret-0123456789";
@@ -24,6 +24,7 @@ fn settings() -> Settings {
         family_allocations: 3,
         device_allocations: 2,
         total_allocations: 5,
+        check_allocations: 2,
         permissions_per_allocation: 4,
         channels_per_allocation: 4,
         family_bytes_per_sec: 0,
@@ -68,7 +69,8 @@ fn tuple(port: u16) -> FiveTuple {
 
 fn harness_with(settings: Settings) -> Harness {
     let metrics = Arc::new(Metrics::new());
-    let policy = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![], vec!["127.0.0.1:3478".parse().unwrap()]);
+    let own = vec![OwnAddr { ips: vec!["127.0.0.0/8".parse().unwrap(), "203.0.113.10".parse().unwrap()], port: 3478 }];
+    let policy = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![], own);
     let t0 = Instant::now();
     Harness { s: TurnServer::new(settings, policy, metrics.clone(), t0, UNIX0), b: FakeBinder { last_v6: false, next: 50000, fail: false }, t0, metrics }
 }
@@ -263,7 +265,9 @@ fn even_port_reservation_pairs_rtp_and_rtcp() {
     let mut h = harness();
     let mut c = creds_for("fam", "dev", 3600, SECRET);
     h.allocate(h.t0, tuple(4000), &mut c, 1); // nonce; occupies one port
-    let rtp = h.reply(h.t0, tuple(4001), &request(method::ALLOCATE, tid(10), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::EVEN_PORT, &[0x80])], Some(&c), &[]));
+    let mut c_rtp = creds_for("fam", "dev3", 3600, SECRET);
+    c_rtp.nonce = c.nonce.clone();
+    let rtp = h.reply(h.t0, tuple(4001), &request(method::ALLOCATE, tid(10), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::EVEN_PORT, &[0x80])], Some(&c_rtp), &[]));
     let m = Message::parse(&rtp).unwrap();
     assert_eq!(m.class, Class::Success, "{:?}", code(&m));
     let port = super::super::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap().port();
@@ -284,7 +288,7 @@ fn even_port_reservation_pairs_rtp_and_rtcp() {
     c3.nonce = c.nonce.clone();
     let r = h.reply(h.t0, tuple(4010), &request(method::ALLOCATE, tid(20), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::EVEN_PORT, &[0x80])], Some(&c3), &[]));
     let token = Message::parse(&r).unwrap().get(attr::RESERVATION_TOKEN).unwrap().to_vec();
-    h.s.handle_timeout(h.at(31));
+    h.s.handle_timeout(h.at(31), UNIX0 + 31);
     let late = h.reply(h.at(31), tuple(4011), &request(method::ALLOCATE, tid(21), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::RESERVATION_TOKEN, &token)], Some(&c3), &[]));
     assert_eq!(code_of(&late), Some(508));
 }
@@ -359,7 +363,7 @@ fn channels_bind_relay_frame_and_expire() {
     assert_eq!(&buf[r], &[0x40, 0x00, 0x00, 0x05, b'h', b'e', b'l', b'l', b'o', 0, 0, 0]);
     // The channel's permission lapses at 300 s unless refreshed, the channel at 600 s.
     assert!(h.s.handle_peer(h.at(301), &t, peer, &mut buf, 5).is_none());
-    h.s.handle_timeout(h.at(601));
+    h.s.handle_timeout(h.at(601), UNIX0 + 601);
     assert!(matches!(h.send(h.at(601), t, &frame), ClientAction::None));
 }
 
@@ -375,9 +379,9 @@ fn refresh_deletes_and_allocations_expire() {
     assert_eq!(h.s.allocation_count(), 0);
     assert_eq!(code_of(&h.reply(h.t0, t, &request(method::REFRESH, tid(6), &[], Some(&c), &[]))), Some(437));
     h.allocate(h.t0, t, &mut c, 7);
-    h.s.handle_timeout(h.at(599));
+    h.s.handle_timeout(h.at(599), UNIX0 + 599);
     assert_eq!(h.s.allocation_count(), 1);
-    h.s.handle_timeout(h.at(600));
+    h.s.handle_timeout(h.at(600), UNIX0 + 600);
     assert_eq!(h.s.allocation_count(), 0);
     assert_eq!(h.metrics.turn_allocation_duration.get_sample_count(), 2);
 }
@@ -522,4 +526,126 @@ fn userhash_without_username_is_refused_with_the_reason() {
     assert_eq!(code(&m), Some(400));
     assert!(m.error_code().unwrap().1.contains("USERHASH"));
     assert_eq!(h.s.allocation_count(), 0);
+}
+
+#[test]
+fn a_nonce_with_a_multibyte_character_across_byte_10_is_refused_not_a_panic() {
+    let mut h = harness();
+    let mut c = creds_for("fam", "dev", 3600, SECRET);
+    // 26 bytes of UTF-8 with 'é' (2 bytes) at bytes 9..11: slicing the text at 10 panicked.
+    let mut nonce = b"000000000".to_vec();
+    nonce.extend_from_slice("é".as_bytes());
+    nonce.extend_from_slice(b"000000000000000");
+    assert_eq!(nonce.len(), 26);
+    for bad in [nonce, vec![0xff; 26], b"zzzzzzzzzzzzzzzzzzzzzzzzzz".to_vec(), b"0".to_vec(), Vec::new()] {
+        c.nonce = bad;
+        let r = h.reply(h.t0, tuple(4000), &request(method::ALLOCATE, tid(1), &[(attr::REQUESTED_TRANSPORT, UDP)], Some(&c), &[]));
+        assert_eq!(code_of(&r), Some(438), "junk nonce is answered with a fresh one");
+    }
+    assert_eq!(h.metrics.turn_auth_failures.with_label_values(&["bad_nonce"]).get(), 5);
+    assert_eq!(h.s.allocation_count(), 0);
+}
+
+fn even_port_r(h: &mut Harness, t: FiveTuple, c: &Creds, id: u8) -> Vec<u8> {
+    h.reply(h.t0, t, &request(method::ALLOCATE, tid(id), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::EVEN_PORT, &[0x80])], Some(c), &[]))
+}
+
+#[test]
+fn even_port_reservations_count_against_quotas_and_go_with_their_allocation() {
+    let mut h = harness_with(Settings { device_allocations: 4, family_allocations: 4, total_allocations: 100, ..settings() });
+    let mut c = creds_for("fam", "dev", 3600, SECRET);
+    h.allocate(h.t0, tuple(4000), &mut c, 1);
+    let t = tuple(4001);
+    // Allocate(EVEN-PORT R) + Refresh(0), repeated, once held a socket per round with no
+    // allocation at all: now the reservation is released with its allocation.
+    for round in 0..50u8 {
+        let r = even_port_r(&mut h, t, &c, 2 * round + 10);
+        assert_eq!(Message::parse(&r).unwrap().class, Class::Success, "round {round}: {:?}", code_of(&r));
+        let del = h.reply(h.t0, t, &request(method::REFRESH, tid(2 * round + 11), &[(attr::LIFETIME, &[0, 0, 0, 0])], Some(&c), &[]));
+        assert_eq!(Message::parse(&del).unwrap().class, Class::Success);
+        assert_eq!(h.s.reservations.len(), 0, "round {round}");
+    }
+    assert_eq!(h.s.allocation_count(), 1);
+    // A reservation counts: 1 allocation + (1 + 1 reserved) = 3 of the device's 4, so a
+    // second EVEN-PORT R (2 more) is refused, a plain Allocate (1 more) is not.
+    assert_eq!(Message::parse(&even_port_r(&mut h, tuple(4002), &c, 200)).unwrap().class, Class::Success);
+    assert_eq!(code_of(&even_port_r(&mut h, tuple(4003), &c, 202)), Some(486));
+    let plain = h.reply(h.t0, tuple(4004), &request(method::ALLOCATE, tid(204), &[(attr::REQUESTED_TRANSPORT, UDP)], Some(&c), &[]));
+    assert_eq!(Message::parse(&plain).unwrap().class, Class::Success);
+    assert_eq!(code_of(&h.reply(h.t0, tuple(4005), &request(method::ALLOCATE, tid(206), &[(attr::REQUESTED_TRANSPORT, UDP)], Some(&c), &[]))), Some(486));
+    // Expired reservations give their quota back.
+    h.s.handle_timeout(h.at(31), UNIX0 + 31);
+    assert_eq!(h.s.reservations.len(), 0);
+    let again = h.reply(h.at(31), tuple(4006), &request(method::ALLOCATE, tid(208), &[(attr::REQUESTED_TRANSPORT, UDP)], Some(&c), &[]));
+    assert_eq!(Message::parse(&again).unwrap().class, Class::Success, "{:?}", code_of(&again));
+}
+
+#[test]
+fn check_families_share_their_own_small_quota() {
+    let mut h = harness_with(Settings { device_allocations: 10, family_allocations: 10, total_allocations: 100, ..settings() });
+    let mut port = 6000;
+    let mut alloc = |h: &mut Harness, fam: &str| {
+        port += 1;
+        let mut c = creds_for(fam, "check-a", 3600, SECRET);
+        code_of(&h.allocate(h.t0, tuple(port), &mut c, 1))
+    };
+    assert_eq!(alloc(&mut h, "check-0000000000000001"), None);
+    assert_eq!(alloc(&mut h, "check-0000000000000002"), None);
+    assert_eq!(alloc(&mut h, "check-0000000000000003"), Some(486), "check quota 2 across check families");
+    assert_eq!(alloc(&mut h, "family"), None, "other families unaffected");
+    assert_eq!(h.metrics.turn_quota_rejections.with_label_values(&["check"]).get(), 1);
+}
+
+#[test]
+fn send_indications_are_checked_against_own_ports_by_full_address() {
+    let mut h = harness();
+    let mut c = creds_for("fam", "dev", 3600, SECRET);
+    let t = tuple(4000);
+    h.allocate(h.t0, t, &mut c, 1);
+    // A permission for 127.0.0.1 (allowed) was once enough to Send to 127.0.0.1:3478, our
+    // own listener: the port is the sender's choice, so every Send is checked in full.
+    let r = h.reply(h.t0, t, &request(method::CREATE_PERMISSION, tid(10), &[], Some(&c), &["127.0.0.1:9000".parse().unwrap()]));
+    assert_eq!(Message::parse(&r).unwrap().class, Class::Success);
+    for (to, relayed) in [("127.0.0.1:9000", true), ("127.0.0.1:3478", false), ("[::ffff:127.0.0.1]:3478", false), ("127.0.0.1:3479", true)] {
+        let mut send = Builder::new(method::SEND, Class::Indication, tid(11));
+        send.xor_addr(attr::XOR_PEER_ADDRESS, to.parse().unwrap()).attr(attr::DATA, b"x");
+        let sent = matches!(h.send(h.t0, t, &send.finish()), ClientAction::Relay { .. });
+        assert_eq!(sent, relayed, "{to}");
+    }
+    assert_eq!(h.metrics.turn_dropped.with_label_values(&["denied_peer"]).get(), 2);
+    // Our public IP on the listener port is refused at CreatePermission and ChannelBind...
+    let r = h.reply(h.t0, t, &request(method::CHANNEL_BIND, tid(12), &[(attr::CHANNEL_NUMBER, &[0x40, 0, 0, 0])], Some(&c), &["203.0.113.10:3478".parse().unwrap()]));
+    assert_eq!(code_of(&r), Some(403));
+    // ...but another allocation's relay port on our own IP is a legitimate peer (both devices
+    // relayed through this server), even when a listener shares the number.
+    let mut c2 = creds_for("fam", "dev2", 3600, SECRET);
+    c2.nonce = c.nonce.clone();
+    h.b.next = 3478;
+    let other = h.reply(h.t0, tuple(4001), &request(method::ALLOCATE, tid(13), &[(attr::REQUESTED_TRANSPORT, UDP)], Some(&c2), &[]));
+    let m = Message::parse(&other).unwrap();
+    let relayed = super::super::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap();
+    assert_eq!(relayed, "203.0.113.10:3478".parse().unwrap());
+    let r = h.reply(h.t0, t, &request(method::CREATE_PERMISSION, tid(14), &[], Some(&c), &[relayed]));
+    assert_eq!(Message::parse(&r).unwrap().class, Class::Success);
+}
+
+#[test]
+fn the_core_follows_the_wall_clock_credentials_are_minted_from() {
+    let mut h = harness();
+    // A credential valid until UNIX0 + 100.
+    let mut c = creds_for("fam", "dev", 100, SECRET);
+    assert_eq!(Message::parse(&h.allocate(h.t0, tuple(4000), &mut c, 1)).unwrap().class, Class::Success);
+    // NTP steps the wall clock an hour forward while only a second passes monotonically:
+    // the credential is expired now, as the minting clock says.
+    h.s.handle_timeout(h.at(1), UNIX0 + 3600);
+    let mut c2 = creds_for("fam", "dev", 100, SECRET);
+    c2.nonce = c.nonce.clone();
+    let r = h.reply(h.at(1), tuple(4001), &request(method::ALLOCATE, tid(20), &[(attr::REQUESTED_TRANSPORT, UDP)], Some(&c2), &[]));
+    assert_eq!(code_of(&r), Some(401));
+    assert_eq!(h.metrics.turn_auth_failures.with_label_values(&["expired"]).get(), 1);
+    // And a step backwards makes fresh credentials work at once.
+    let mut h = harness();
+    let mut fresh = creds_for("fam", "dev", -3000 + 60, SECRET); // minted by a clock 3000 s behind
+    h.s.handle_timeout(h.at(1), UNIX0 - 3000);
+    assert_eq!(Message::parse(&h.allocate(h.at(1), tuple(4002), &mut fresh, 1)).unwrap().class, Class::Success);
 }

@@ -1,11 +1,16 @@
 //! HTTP routes: the `/signal` WebSocket upgrade, `GET /v1/ice-servers`, health, readiness and
-//! metrics. `app` and `metrics_app` are plain routers, so tests can also call them directly.
+//! metrics. `app` and `metrics_app` are plain routers, so tests can also call them directly;
+//! [`listener`] serves them with admission caps and a header-read timeout.
+
+pub mod listener;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::Extension;
+use std::net::SocketAddr;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -33,12 +38,14 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// The self-check's token minter.
     pub check: crate::check::Minter,
+    /// The listener tasks, for `/readyz`.
+    pub health: Arc<crate::health::Health>,
     next_session: AtomicU64,
 }
 
 impl AppState {
     /// New state; `ready` starts false until the server has bound its listeners.
-    pub fn new(env: Arc<SessionEnv>, draining: watch::Receiver<bool>, check: crate::check::Minter) -> Self {
+    pub fn new(env: Arc<SessionEnv>, draining: watch::Receiver<bool>, check: crate::check::Minter, health: Arc<crate::health::Health>) -> Self {
         let connections = Arc::new(Semaphore::new(env.limits.max_connections));
         AppState(Arc::new(Shared {
             env,
@@ -46,6 +53,7 @@ impl AppState {
             draining,
             ready: AtomicBool::new(false),
             check,
+            health,
             next_session: AtomicU64::new(1),
         }))
     }
@@ -86,12 +94,21 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// 200 "ready" with every listener task listed; 503 while starting, draining, or while a
+/// listener is down (its supervisor restarts it).
 async fn readyz(State(st): State<AppState>) -> Response {
     let s = st.shared();
-    if s.ready.load(Ordering::Relaxed) && !*s.draining.borrow() {
-        "ready\n".into_response()
+    let listeners = s.health.listeners();
+    let mut body = String::new();
+    for (name, up) in &listeners {
+        body.push_str(&format!("{name}: {}\n", if *up { "up" } else { "down" }));
+    }
+    if !s.ready.load(Ordering::Relaxed) || *s.draining.borrow() {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready\n{body}")).into_response()
+    } else if listeners.iter().any(|(_, up)| !up) {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: a listener is down\n{body}")).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+        format!("ready\n{body}").into_response()
     }
 }
 
@@ -117,11 +134,12 @@ async fn check_page() -> Response {
         .into_response()
 }
 
-async fn check_tokens(State(st): State<AppState>, headers: HeaderMap) -> Response {
+async fn check_tokens(State(st): State<AppState>, peer: Option<Extension<ConnectInfo<SocketAddr>>>, headers: HeaderMap) -> Response {
     use crate::check::MintError;
     let s = st.shared();
     let env = &s.env;
-    match s.check.mint(&env.verifier, bearer(&headers), std::time::Instant::now()) {
+    let ip = peer.map(|p| p.0 .0.ip());
+    match s.check.mint(&env.verifier, bearer(&headers), ip, std::time::Instant::now()) {
         Ok(tokens) => {
             env.metrics.check_tokens.with_label_values(&["issued"]).inc();
             tracing::info!("check tokens minted for a throw-away family");
@@ -131,7 +149,8 @@ async fn check_tokens(State(st): State<AppState>, headers: HeaderMap) -> Respons
             env.metrics.check_tokens.with_label_values(&[e.label()]).inc();
             match e {
                 MintError::Unauthorized(reason) => unauthorized(env, reason, &e.to_string()),
-                MintError::RateLimited => {
+                MintError::CheckToken => json_error(StatusCode::FORBIDDEN, ErrorCode::Unauthorized, &e.to_string()),
+                MintError::RateLimited | MintError::TokenRateLimited | MintError::IpRateLimited => {
                     let mut resp = json_error(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, &e.to_string());
                     resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
                     resp
@@ -171,6 +190,7 @@ fn json_error(status: StatusCode, code: ErrorCode, message: &str) -> Response {
 
 async fn signal(
     State(st): State<AppState>,
+    hold: Option<Extension<listener::ConnHold>>,
     headers: HeaderMap,
     Query(query): Query<TokenQuery>,
     upgrade: WebSocketUpgrade,
@@ -201,6 +221,7 @@ async fn signal(
         .on_upgrade(move |socket| async move {
             crate::signal::ws::drive(socket, env, id, token, host, draining).await;
             drop(permit);
+            drop(hold);
         })
 }
 
@@ -218,7 +239,9 @@ async fn ice_servers(State(st): State<AppState>, headers: HeaderMap) -> Response
         }
     };
     env.metrics.http_ice_servers.with_label_values(&["200"]).inc();
-    let ice = env.ice.block(&claims.fam, &claims.dev, host(&headers).as_deref(), auth::unix_now());
-    let body = serde_json::json!({ "iceServers": ice, "iceServersTtl": env.ice.ttl_secs() });
+    let now = auth::unix_now();
+    let ttl = env.ice.ttl_secs(claims.exp, now);
+    let ice = env.ice.block(&claims.fam, &claims.dev, host(&headers).as_deref(), now, ttl);
+    let body = serde_json::json!({ "iceServers": ice, "iceServersTtl": ttl });
     ([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response()
 }

@@ -1,0 +1,120 @@
+//! The HTTP listener's accept loop, served with hyper directly: every connection is admitted
+//! against a per-IP cap and a cap on connections not (yet) upgraded to a WebSocket, must send
+//! its request head within `http.header_read_timeout_secs`, and a failing `accept` backs off.
+//! `axum::serve` offers none of these, and without them one host holding silent sockets
+//! (slowloris) exhausts descriptors for TURN too.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+use crate::connlimit::{ConnGuard, ConnLimiter};
+use crate::metrics::Metrics;
+use crate::ratelimit::LogLimiter;
+
+/// The admission caps and deadline of the HTTP listener (`http.*`).
+#[derive(Clone)]
+pub struct HttpLimits {
+    /// `http.header_read_timeout_secs`.
+    pub header_read_timeout: Duration,
+    /// `http.max_unupgraded_connections` and `http.max_unupgraded_per_ip`.
+    pub unupgraded: Arc<ConnLimiter>,
+    /// `http.max_connections_per_ip` (total unbounded here: `signal.max_connections` caps
+    /// WebSockets, `unupgraded` the rest).
+    pub per_ip: Arc<ConnLimiter>,
+}
+
+impl HttpLimits {
+    /// From `http.*`.
+    pub fn new(cfg: &crate::config::HttpConfig) -> Self {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(cfg.header_read_timeout_secs),
+            unupgraded: ConnLimiter::new(cfg.max_unupgraded_connections, cfg.max_unupgraded_per_ip),
+            per_ip: ConnLimiter::new(usize::MAX, cfg.max_connections_per_ip),
+        }
+    }
+}
+
+/// Held by a connection for as long as it is open, upgraded or not; a WebSocket handler takes
+/// a clone into the upgraded session (request extension), so the per-IP count covers it.
+#[derive(Clone)]
+pub struct ConnHold(#[allow(dead_code)] Arc<ConnGuard>);
+
+/// Serves `router` on `listener` until `stop` turns true; then stops accepting and asks open
+/// HTTP connections to finish (upgraded WebSockets drain through their own sessions).
+pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+    let log = LogLimiter::new(Instant::now(), Duration::from_secs(1));
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        };
+        let (stream, from) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(10);
+                a
+            }
+            Err(e) => {
+                metrics.accept_errors.with_label_values(&["http"]).inc();
+                if let Some(suppressed) = log.allow(Instant::now()) {
+                    tracing::warn!(listener = "http", error = %e, suppressed, "accept failed; backing off");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let admitted = limits.per_ip.admit(from.ip()).map_err(|_| "per_ip").and_then(|all| {
+            limits.unupgraded.admit(from.ip()).map(|pending| (all, pending)).map_err(|_| "unupgraded")
+        });
+        let (all, pending) = match admitted {
+            Ok(guards) => guards,
+            Err(reason) => {
+                metrics.connections_rejected.with_label_values(&["http", reason]).inc();
+                if let Some(suppressed) = log.allow(Instant::now()) {
+                    tracing::warn!(reason, suppressed, "HTTP connection refused: http.max_connections_per_ip / max_unupgraded_* reached");
+                }
+                continue;
+            }
+        };
+        let hold = ConnHold(Arc::new(all));
+        let router = router.clone();
+        let metrics = metrics.clone();
+        let mut stop = stop.clone();
+        let timeout = limits.header_read_timeout;
+        tokio::spawn(async move {
+            metrics.http_unupgraded.inc();
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(from));
+                req.extensions_mut().insert(hold.clone());
+                let router = router.clone();
+                async move { Ok::<_, Infallible>(router.oneshot(req.map(axum::body::Body::new)).await.unwrap_or_else(|e| match e {})) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            // The connection future ends when the connection closes or is handed over to a
+            // WebSocket: either way it is no longer "unupgraded".
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+            metrics.http_unupgraded.dec();
+            drop(pending);
+        });
+    }
+}
