@@ -54,6 +54,17 @@ def port_of(listen):
     return int(listen.rsplit(":", 1)[1])
 
 
+def checkable(text, tmp):
+    """The rendered config with stand-ins for the certificate files, which live in a mounted
+    Secret in the pod: `kinlink config check` refuses a configuration whose files are missing."""
+    turn = tomllib.loads(text).get("turn", {})
+    for key in ("tls_cert", "tls_key"):
+        if key in turn:
+            (Path(tmp) / key).write_text("stand-in")
+            text = text.replace(turn[key], str(Path(tmp) / key))
+    return text
+
+
 def check_rendering(name, docs, kinlink):
     by_kind = {}
     for d in docs:
@@ -65,12 +76,12 @@ def check_rendering(name, docs, kinlink):
     text = cm["data"]["kinlink.toml"]
 
     # The rendered config is one kinlink itself accepts.
+    cfg = tomllib.loads(text)
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "kinlink.toml"
-        cfg_path.write_text(text)
+        cfg_path.write_text(checkable(text, tmp))
         env = dict(os.environ, KINLINK_AUTH__TOKEN_SECRET="x" * 32, KINLINK_TURN__SECRET="y" * 32, KINLINK_DATA_DIR=tmp)
         must([kinlink, "--config", str(cfg_path), "config", "check"], f"{name}: kinlink config check", env=env)
-    cfg = tomllib.loads(text)
 
     # Container ports agree with the listeners in the config.
     ports = {p["name"]: (p["containerPort"], p.get("protocol", "TCP")) for p in c["ports"]}
@@ -117,6 +128,12 @@ def check_rendering(name, docs, kinlink):
     if "checksum/config" not in dep["spec"]["template"]["metadata"].get("annotations", {}):
         fail(f"{name}: no checksum/config annotation")
 
+    # No service-link variables in any pod the chart makes.
+    for d in docs:
+        spec = d["spec"]["template"]["spec"] if d["kind"] == "Deployment" else d["spec"] if d["kind"] == "Pod" else None
+        if spec is not None and spec.get("enableServiceLinks") is not False:
+            fail(f"{name}: {d['kind']} {d['metadata']['name']} does not set enableServiceLinks: false")
+
     # Security context.
     psc, sc = pod["securityContext"], c["securityContext"]
     if not psc.get("runAsNonRoot") or psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
@@ -150,6 +167,30 @@ def check_rendering(name, docs, kinlink):
             if json.loads(d["data"]["kinlink.json"]) != json.loads((ROOT / "grafana/kinlink.json").read_text()):
                 fail(f"{name}: dashboard ConfigMap differs from grafana/kinlink.json")
     return by_kind
+
+
+def service_link_env(docs, ip="10.96.0.12"):
+    """The variables Kubernetes injects into pods for these Services (docs: "Discovering
+    services / Environment variables")."""
+    env = {}
+    for svc in (d for d in docs if d["kind"] == "Service"):
+        if svc["spec"].get("clusterIP") == "None":
+            continue
+        n = svc["metadata"]["name"].upper().replace("-", "_")
+        ports = svc["spec"]["ports"]
+        env[f"{n}_SERVICE_HOST"] = ip
+        env[f"{n}_SERVICE_PORT"] = str(ports[0]["port"])
+        env[f"{n}_PORT"] = f"{ports[0].get('protocol', 'TCP').lower()}://{ip}:{ports[0]['port']}"
+        for p in ports:
+            proto = p.get("protocol", "TCP")
+            if p.get("name"):
+                env[f"{n}_SERVICE_PORT_{p['name'].upper().replace('-', '_')}"] = str(p["port"])
+            base = f"{n}_PORT_{p['port']}_{proto}"
+            env[base] = f"{proto.lower()}://{ip}:{p['port']}"
+            env[base + "_PROTO"] = proto.lower()
+            env[base + "_PORT"] = str(p["port"])
+            env[base + "_ADDR"] = ip
+    return env
 
 
 def chart(kinlink):
@@ -194,6 +235,47 @@ def chart(kinlink):
         (Path(tmp) / "rules.yml").write_text(yaml.safe_dump(yaml.safe_load(out)["spec"]))
         must([promtool, "check", "rules", str(Path(tmp) / "rules.yml")], "promtool check rules (chart)")
 
+    # A release named kinlink: the service-link variables Kubernetes would inject for every
+    # Service the chart renders (were enableServiceLinks on) must not stop kinlink, nor the
+    # helm test's `kinlink check` nor NOTES.txt's `kinlink token`.
+    for name, args in cases:
+        out = must([helm, "template", "kinlink", str(CHART), "--namespace", "kl", *args], f"{name}: helm template (release kinlink)")
+        docs = [d for d in yaml.safe_load_all(out) if d]
+        links = service_link_env(docs)
+        if name == "default" and "KINLINK_SERVICE_HOST" not in links:
+            fail(f"release kinlink should render a Service named kinlink: {sorted(links)[:5]}")
+        cm = next(d for d in docs if d["kind"] == "ConfigMap" and "kinlink.toml" in d.get("data", {}))
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg_path = Path(tmp) / "kinlink.toml"
+            cfg_path.write_text(checkable(cm["data"]["kinlink.toml"], tmp))
+            env = dict(os.environ, **links, KINLINK_AUTH__TOKEN_SECRET="x" * 32, KINLINK_TURN__SECRET="y" * 32, KINLINK_DATA_DIR=tmp)
+            must([kinlink, "--config", str(cfg_path), "config", "check"], f"{name}: config check with {len(links)} service-link variables", env=env)
+            must([kinlink, "--config", str(cfg_path), "token", "--family", "f", "--user", "u", "--device", "d"], f"{name}: kinlink token with service links", env=env)
+            # The helm test pod's environment: no config file, the token secret and /tmp.
+            env = dict(os.environ, **links, KINLINK_AUTH__TOKEN_SECRET="x" * 32, KINLINK_DATA_DIR=tmp)
+            must([kinlink, "config", "check"], f"{name}: the test pod's kinlink with service links", env=env)
+            # A variable that is neither a key nor a service link is still refused, by name.
+            rc, err = run([kinlink, "config", "check"], env=dict(env, KINLINK_SIGNAL__MAX_FRAMEBYTES="1"))
+            if rc == 0 or "KINLINK_SIGNAL__MAX_FRAMEBYTES" not in err:
+                fail(f"an unknown KINLINK_ variable must be refused by name:\n{err}")
+
+    # Pods restart when the secrets change, and only then: checksum/secret follows the values
+    # (and, on a real upgrade, the cluster's Secret via lookup), never a random value.
+    def secret_checksum(*args):
+        out = must([helm, "template", "rel", str(CHART), "--show-only", "templates/deployment.yaml", *args], "render deployment")
+        return yaml.safe_load(out)["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+    if secret_checksum() != secret_checksum():
+        fail("checksum/secret changes between two renders of the same values")
+    base = ["--set", "secrets.tokenSecret=" + "a" * 32, "--set", "secrets.turnSecret=" + "b" * 32]
+    rotated = ["--set", "secrets.tokenSecret=" + "c" * 32, "--set", "secrets.turnSecret=" + "b" * 32]
+    if secret_checksum(*base) == secret_checksum(*rotated) or secret_checksum(*base) != secret_checksum(*base):
+        fail("checksum/secret does not follow the secret values")
+    if secret_checksum("--set", "existingSecret=one") == secret_checksum("--set", "existingSecret=two"):
+        fail("checksum/secret does not follow existingSecret")
+    out = must([helm, "template", "rel", str(CHART), "--show-only", "templates/secret.yaml"], "render secret")
+    if yaml.safe_load(out)["metadata"].get("annotations", {}).get("helm.sh/resource-policy") != "keep":
+        fail("the generated Secret must survive uninstall (helm.sh/resource-policy: keep): the backend holds the same token secret")
+
     # What must not render, and says why.
     bad = [
         (["--set", "turn.hostNetwork=true", "--set", "turn.port=443"], "needs root"),
@@ -222,7 +304,8 @@ def dockerfile():
     hadolint = tool("hadolint")
     must([hadolint, "--failure-threshold", "warning", str(ROOT / "deploy/Dockerfile")], "hadolint")
     text = (ROOT / "deploy/Dockerfile").read_text()
-    for needle in ("USER 65532", "HEALTHCHECK", "EXPOSE 8080/tcp 9090/tcp 3478/udp 3478/tcp 5349/tcp", '"healthcheck"'):
+    for needle in ("USER 65532", "HEALTHCHECK", "EXPOSE 8080/tcp 9090/tcp 3478/udp 3478/tcp 5349/tcp", '"healthcheck"',
+                   "objcopy --strip-debug", "--only-keep-debug"):
         if needle not in text:
             fail(f"Dockerfile lacks {needle!r}")
     print("ok dockerfile")
@@ -230,8 +313,23 @@ def dockerfile():
 
 def compose():
     dc = tool("docker-compose")
-    out = must([dc, "-f", str(ROOT / "deploy/docker-compose.yml"), "config"], "docker-compose config", cwd=ROOT / "deploy")
+    file = str(ROOT / "deploy/docker-compose.yml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRAFANA_", "KINLINK_", "PROMETHEUS_"))}
+    # No default password: without one, compose refuses to render.
+    rc, out = run([dc, "-f", file, "config"], cwd=ROOT / "deploy", env=env)
+    if rc == 0 or "GRAFANA_ADMIN_PASSWORD" not in out:
+        fail(f"compose must refuse to start Grafana without GRAFANA_ADMIN_PASSWORD:\n{out}")
+    out = must([dc, "-f", file, "config"], "docker-compose config", cwd=ROOT / "deploy", env={**env, "GRAFANA_ADMIN_PASSWORD": "s3cret-for-the-check"})
     cfg = yaml.safe_load(out)
+    # A public TURN host: the monitoring stack listens on loopback by default.
+    svc = cfg["services"]
+    if svc["kinlink"]["environment"].get("KINLINK_METRICS__LISTEN") != "127.0.0.1:9090":
+        fail("kinlink's metrics must listen on loopback in compose")
+    if "--web.listen-address=127.0.0.1:9091" not in svc["prometheus"]["command"]:
+        fail(f"Prometheus must listen on loopback: {svc['prometheus']['command']}")
+    graf = svc["grafana"]["environment"]
+    if graf.get("GF_SERVER_HTTP_ADDR") != "127.0.0.1" or graf.get("GF_SECURITY_ADMIN_PASSWORD") in (None, "admin"):
+        fail(f"Grafana must listen on loopback with a chosen password: {graf}")
     if set(cfg["services"]) != {"kinlink", "prometheus", "grafana"}:
         fail(f"compose services: {list(cfg['services'])}")
     # Every file it mounts exists.
@@ -246,18 +344,79 @@ def compose():
     print("ok compose")
 
 
+def effective(unit_text, key):
+    """systemd's list semantics for `key`: assignments add, an empty one resets."""
+    value = []
+    for line in unit_text.splitlines():
+        if line.startswith(key + "="):
+            items = line.split("=", 1)[1].split()
+            value = [] if not items else value + items
+    return value
+
+
 def systemd(kinlink):
-    sa = shutil.which("systemd-analyze")
-    if not sa:
-        print("systemd-analyze not present: skipped (the brief: run it where systemd is present)")
-        return
+    sa = tool("systemd-analyze")
+    unit_path = ROOT / "deploy/systemd/kinlink.service"
+    unit_text = unit_path.read_text()
+    kinlink = str(Path(kinlink).resolve())
     with tempfile.TemporaryDirectory() as tmp:
-        unit = (ROOT / "deploy/systemd/kinlink.service").read_text().replace("/usr/local/bin/kinlink", str(Path(kinlink).resolve()))
         path = Path(tmp) / "kinlink.service"
-        path.write_text(unit)
+        path.write_text(unit_text.replace("/usr/local/bin/kinlink", kinlink))
         out = must([sa, "verify", str(path)], "systemd-analyze verify")
         if out.strip():
             fail(f"systemd-analyze verify warned:\n{out}")
+        # Uncommenting the two documented lines must grant CAP_NET_BIND_SERVICE (they used
+        # to come before the empty assignments that reset the set).
+        if effective(unit_text, "CapabilityBoundingSet") or effective(unit_text, "AmbientCapabilities"):
+            fail("the unit grants capabilities by default")
+        opened = unit_text.replace("#CapabilityBoundingSet=CAP_NET_BIND_SERVICE", "CapabilityBoundingSet=CAP_NET_BIND_SERVICE")
+        opened = opened.replace("#AmbientCapabilities=CAP_NET_BIND_SERVICE", "AmbientCapabilities=CAP_NET_BIND_SERVICE")
+        for key in ["CapabilityBoundingSet", "AmbientCapabilities"]:
+            if effective(opened, key) != ["CAP_NET_BIND_SERVICE"]:
+                fail(f"uncommenting the port-443 lines leaves {key}={effective(opened, key)}")
+        path.write_text(opened.replace("/usr/local/bin/kinlink", kinlink))
+        out = must([sa, "verify", str(path)], "systemd-analyze verify (port-443 variant)")
+
+        # The documented install steps, run into a scratch root.
+        root = Path(tmp) / "root"
+        # The directories every Debian host has; the steps create the rest (install -D).
+        for d in ("usr/local/bin", "etc/systemd/system"):
+            (root / d).mkdir(parents=True)
+        steps = [l.split("#", 1)[1].strip() for l in unit_text.splitlines() if l.startswith("#   install ")]
+        if len(steps) < 3:
+            fail(f"the unit's header should list the install steps, found {steps}")
+        for step in steps:
+            args = step.split()
+            args = [kinlink if a == "target/release/kinlink" else a for a in args]
+            args = [str(root) + a if a.startswith("/") and a != "/dev/null" and a != kinlink else a for a in args]
+            must(args, f"documented step `{step}`", cwd=ROOT)
+        conf = root / "etc/kinlink/kinlink.toml"
+        env_file = root / "etc/kinlink/kinlink.env"
+        if oct(env_file.stat().st_mode & 0o777) != "0o600":
+            fail("the environment file is not 0600")
+        env_file.write_text("KINLINK_AUTH__TOKEN_SECRET=" + "a" * 32 + "\nKINLINK_TURN__SECRET=" + "b" * 32 + "\n")
+        # What systemd does: read EnvironmentFile= as root, start the binary as a DynamicUser.
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        for line in env_file.read_text().splitlines():
+            k, v = line.split("=", 1)
+            env[k] = v
+        state = Path(tmp) / "state"
+        state.mkdir(mode=0o777)
+        state.chmod(0o777)
+        os.chmod(tmp, 0o755)
+        os.chmod(root, 0o755)
+        if os.geteuid() != 0:
+            fail("the unprivileged-user emulation needs root (CI runs as root)")
+        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        installed = str(root) + "/usr/local/bin/kinlink"
+        out = must(as_user + [installed, "--config", str(conf), "--data-dir", str(state), "config", "check"], "config check as the unit's user", env=env)
+        if "<redacted>" not in out:
+            fail(f"secrets from the environment file were not applied:\n{out}")
+        # The old instructions (0640 root:root) must fail, naming the file.
+        conf.chmod(0o640)
+        rc, out = run(as_user + [installed, "--config", str(conf), "--data-dir", str(state), "config", "check"], env=env)
+        if rc == 0 or str(conf) not in out:
+            fail(f"a config file the user cannot read must fail naming it:\n{out}")
     print("ok systemd")
 
 

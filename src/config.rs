@@ -116,6 +116,17 @@ impl<'de> Deserialize<'de> for Listen {
     }
 }
 
+/// An IP and port, with an error that says what is accepted (`localhost:8080` once got only
+/// "invalid socket address syntax").
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    s.trim().parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "`{s}` is not an address like 0.0.0.0:8080, 127.0.0.1:8080 or [::]:8080 (an IP and a port; host names such as localhost are not accepted)"
+        ))
+    })
+}
+
 /// The whole configuration. Every limit has a default; see `deploy/kinlink.example.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -138,6 +149,10 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// The `/check` self-check page.
     pub check: CheckConfig,
+    /// `KINLINK_*` environment variables that were not configuration but Kubernetes
+    /// service links (logged at debug once logging is up). Not a key.
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
 
 /// `check.*`: the self-check page at `/check` and the throw-away tokens it uses.
@@ -177,6 +192,7 @@ impl Default for Config {
             log: LogConfig::default(),
             shutdown: ShutdownConfig::default(),
             check: CheckConfig::default(),
+            ignored_env: Vec::new(),
         }
     }
 }
@@ -186,6 +202,7 @@ impl Default for Config {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Address of the HTTP + WebSocket listener.
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// Seconds a client has to send a whole request head (and, between keep-alive requests,
     /// to start the next one) before the connection is closed: the slowloris bound.
@@ -198,6 +215,9 @@ pub struct HttpConfig {
     /// All connections (WebSockets included) from one source IP. A carrier-grade NAT puts
     /// many households behind one address, so this is high; it stops one host, not one NAT.
     pub max_connections_per_ip: usize,
+    /// Origins (`https://app.example.com`) whose pages may call the JSON endpoints
+    /// (`/v1/ice-servers`, `/v1/check/tokens`) from a browser; `*` for any. Default none.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -208,6 +228,7 @@ impl Default for HttpConfig {
             max_unupgraded_connections: 4096,
             max_unupgraded_per_ip: 64,
             max_connections_per_ip: 1024,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -465,13 +486,25 @@ impl Default for SignalConfig {
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line.
     Json,
+}
+
+impl<'de> Deserialize<'de> for LogFormat {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // By hand: the config crate's enum errors name neither the value nor the choices.
+        let s = String::deserialize(d)?;
+        match s.to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(serde::de::Error::custom(format!("`{s}` is not a log format: use `text` or `json`"))),
+        }
+    }
 }
 
 /// `log.*`
@@ -505,7 +538,7 @@ impl Default for ShutdownConfig {
 }
 
 /// Keys whose environment-variable form is a comma-separated list.
-const LIST_KEYS: &[&str] = &["turn.urls", "turn.allowed_peers", "turn.denied_peers"];
+const LIST_KEYS: &[&str] = &["turn.urls", "turn.allowed_peers", "turn.denied_peers", "http.cors_origins"];
 
 /// Loads the configuration: defaults, then `file`, then the process environment, then
 /// `overrides` (`key`, `value`) pairs from the command line.
@@ -521,14 +554,40 @@ pub fn load_with_env(
 ) -> Result<Config, ConfigError> {
     let mut builder = config::Config::builder();
     if let Some(path) = file {
-        if !path.exists() {
-            return Err(ConfigError::Source(format!("config file {} does not exist", path.display())));
-        }
+        // Read here, not by the config crate, so every I/O error names the file (a
+        // permission error once said only "Permission denied (os error 13)").
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ConfigError::Source(format!("config file {} does not exist", path.display())),
+            std::io::ErrorKind::PermissionDenied => ConfigError::Source(format!(
+                "config file {}: permission denied for this user (under systemd's DynamicUser= the file must be world-readable; keep secrets in the environment file)",
+                path.display()
+            )),
+            _ => ConfigError::Source(format!("config file {}: {e}", path.display())),
+        })?;
+        drop(text);
+        // From the path (not the text just read), so values remember which file they are from.
         builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
     }
-    let env_map: config::Map<String, String> =
-        // An empty variable counts as unset: compose files and charts pass `${X:-}` through.
-        env.into_iter().filter(|(k, v)| k.starts_with("KINLINK_") && !v.is_empty()).collect();
+    // Only variables that name a key are configuration. Kubernetes injects service links for
+    // every Service in the namespace (`KINLINK_SERVICE_HOST`, `KINLINK_TURN_PORT=tcp://…`
+    // for a release named kinlink): those are set aside; anything else unknown is an error.
+    let known = known_keys();
+    let mut env_map = config::Map::new();
+    let mut ignored_env = Vec::new();
+    for (k, v) in env {
+        let Some(rest) = k.strip_prefix("KINLINK_") else { continue };
+        let key = rest.to_ascii_lowercase().replace("__", ".");
+        if known.contains(&key) {
+            // An empty variable counts as unset: compose files and charts pass `${X:-}` through.
+            if !v.is_empty() {
+                env_map.insert(k, v);
+            }
+        } else if is_service_link(&k) {
+            ignored_env.push(k);
+        } else {
+            return Err(ConfigError::invalid(&key, format!("unknown key (environment variable {k}); see deploy/kinlink.example.toml")));
+        }
+    }
     let mut environment = config::Environment::with_prefix("KINLINK")
         .prefix_separator("_")
         .separator("__")
@@ -549,17 +608,87 @@ pub fn load_with_env(
         .map_err(|e| ConfigError::invalid(key, e.to_string()))?;
     }
     let merged = builder.build().map_err(|e| ConfigError::Source(e.to_string()))?;
+    let lookup = merged.clone();
     let cfg: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
         let key = e.path().to_string();
-        let message = e.into_inner().to_string();
+        let mut message = e.into_inner().to_string();
         if key == "." {
-            ConfigError::Source(message)
-        } else {
-            ConfigError::Invalid { key, message }
+            return ConfigError::Source(message);
         }
+        // Say which value was refused and where it was set: a file, the environment, or a
+        // command-line override.
+        if let Some(value) = raw_value(&lookup, &key) {
+            let shown = value.to_string();
+            if !message.contains(&shown) {
+                message = format!("`{shown}`: {message}");
+            }
+            let origin = match (value.origin(), file) {
+                (Some("the environment"), _) => "the environment".to_string(),
+                (Some(_), Some(path)) => path.display().to_string(),
+                _ => "a --set override".to_string(),
+            };
+            message = format!("{message} (set in {origin})");
+        }
+        ConfigError::Invalid { key, message }
     })?;
+    let mut cfg = cfg;
+    cfg.ignored_env = ignored_env;
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The merged value at a dotted key with its origin (`Config::get` would rebuild it and lose
+/// where it came from).
+fn raw_value(cfg: &config::Config, key: &str) -> Option<config::Value> {
+    let mut parts = key.split('.');
+    let mut value = config::Source::collect(cfg).ok()?.remove(parts.next()?)?;
+    for part in parts {
+        value = value.into_table().ok()?.remove(part)?;
+    }
+    Some(value)
+}
+
+/// Every key's dotted path (`http.listen`, `turn.quota.family_allocations`, ...).
+pub fn known_keys() -> std::collections::HashSet<String> {
+    // Optional keys are absent from a default's serialization: fill them in first.
+    let mut full = Config::default();
+    full.auth.token_secret = Some(Secret::new("x"));
+    full.turn.secret = Some(Secret::new("x"));
+    full.turn.tls_cert = Some("x".into());
+    full.turn.tls_key = Some("x".into());
+    full.turn.public_ip = Some(std::net::Ipv4Addr::LOCALHOST.into());
+    let table: toml::Table = toml::from_str(&toml::to_string(&full).expect("the config serializes")).expect("and parses back");
+    fn walk(prefix: &str, t: &toml::Table, out: &mut std::collections::HashSet<String>) {
+        for (k, v) in t {
+            match v {
+                toml::Value::Table(inner) => walk(&format!("{prefix}{k}."), inner, out),
+                _ => {
+                    out.insert(format!("{prefix}{k}"));
+                }
+            }
+        }
+    }
+    let mut out = std::collections::HashSet::new();
+    walk("", &table, &mut out);
+    out
+}
+
+/// Whether `var` has the shape of a Kubernetes service-link variable: `{SVC}_SERVICE_HOST`,
+/// `{SVC}_SERVICE_PORT[_{NAME}]`, `{SVC}_PORT`, `{SVC}_PORT_{N}_{PROTO}[_PROTO|_PORT|_ADDR]`.
+/// A double underscore is never one (service names are DNS labels, config keys nest with it).
+fn is_service_link(var: &str) -> bool {
+    if var.contains("__") {
+        return false;
+    }
+    let t: Vec<&str> = var.split('_').collect();
+    let proto = |p: &str| matches!(p, "TCP" | "UDP" | "SCTP");
+    let number = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    let port_proto = |t: &[&str]| matches!(t, [.., "PORT", n, p] if number(n) && proto(p));
+    t.ends_with(&["SERVICE", "HOST"])
+        || t.windows(2).any(|w| w == ["SERVICE", "PORT"])
+        || t.ends_with(&["PORT"])
+        || port_proto(&t)
+        || matches!(t.split_last(), Some((&("PROTO" | "PORT" | "ADDR"), head)) if port_proto(head))
 }
 
 /// A log filter is a comma-separated list of `level` or `target=level` directives, with a
@@ -687,6 +816,18 @@ impl Config {
             crate::turn::policy::parse_list(key, list).map_err(|e| ConfigError::invalid(key, e.trim_start_matches(&format!("{key}: ")).to_string()))?;
         }
         validate_log_level(&self.log.level).map_err(|m| ConfigError::invalid("log.level", m))?;
+        for origin in &self.http.cors_origins {
+            let ok = origin == "*"
+                || origin.parse::<axum::http::Uri>().is_ok_and(|u| {
+                    matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() && matches!(u.path(), "" | "/") && !origin.ends_with('/')
+                });
+            if !ok {
+                return Err(ConfigError::invalid(
+                    "http.cors_origins",
+                    format!("`{origin}` is not an origin like https://app.example.com (scheme, host, optional port, no path) or *"),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -754,6 +895,55 @@ mod tests {
         // Empty variables are unset, not invalid values.
         assert_eq!(cfg.turn.public_ip, None);
         assert!(cfg.auth.token_secret.is_none());
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_not_config_but_unknown_keys_still_are_errors() {
+        // What Kubernetes injects for Services `kinlink` and `kinlink-turn` of a release
+        // named kinlink (tests/deploy.rs derives the full set from `helm template`).
+        let links = [
+            ("KINLINK_SERVICE_HOST", "10.96.0.12"),
+            ("KINLINK_SERVICE_PORT", "8080"),
+            ("KINLINK_SERVICE_PORT_HTTP", "8080"),
+            ("KINLINK_PORT", "tcp://10.96.0.12:8080"),
+            ("KINLINK_PORT_8080_TCP", "tcp://10.96.0.12:8080"),
+            ("KINLINK_PORT_8080_TCP_PROTO", "tcp"),
+            ("KINLINK_PORT_8080_TCP_PORT", "8080"),
+            ("KINLINK_PORT_8080_TCP_ADDR", "10.96.0.12"),
+            ("KINLINK_TURN_SERVICE_HOST", "10.96.0.13"),
+            ("KINLINK_TURN_SERVICE_PORT_TURN_UDP", "3478"),
+            ("KINLINK_TURN_PORT_3478_UDP_ADDR", "10.96.0.13"),
+            ("KINLINK_TURN_PORT_49152_UDP", "udp://10.96.0.13:49152"),
+        ];
+        let mut vars = env(&links);
+        vars.push(("KINLINK_HTTP__LISTEN".into(), "127.0.0.1:1234".into()));
+        let cfg = load_with_env(None, &[], vars).unwrap();
+        assert_eq!(cfg.http.listen.to_string(), "127.0.0.1:1234");
+        assert_eq!(cfg.ignored_env.len(), links.len());
+        // Keys are still checked: a typo in a nested key, or a plain unknown variable.
+        for (var, key) in [("KINLINK_SIGNAL__NO_SUCH_KEY", "signal.no_such_key"), ("KINLINK_DATADIR", "datadir"), ("KINLINK_HTTP__PORT", "http.port")] {
+            let err = load_with_env(None, &[], env(&[(var, "1")])).unwrap_err().to_string();
+            assert!(err.starts_with(key) && err.contains(var), "{var}: {err}");
+        }
+        assert!(known_keys().contains("turn.quota.check_allocations") && known_keys().contains("auth.token_secret"));
+    }
+
+    #[test]
+    fn errors_name_the_value_and_where_it_was_set() {
+        let dir = std::env::temp_dir().join(format!("kinlink-config-origin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kinlink.toml");
+        std::fs::write(&file, "[http]\nlisten = \"localhost:8080\"\n").unwrap();
+        let err = load_with_env(Some(&file), &[], env(&[])).unwrap_err().to_string();
+        assert!(err.starts_with("http.listen: `localhost:8080`") && err.contains("0.0.0.0:8080") && err.contains(&file.display().to_string()), "{err}");
+        std::fs::write(&file, "[log]\nformat = \"yaml\"\n").unwrap();
+        let err = load_with_env(Some(&file), &[], env(&[])).unwrap_err().to_string();
+        assert!(err.contains("`yaml`") && err.contains("`text`") && err.contains("`json`") && err.contains(&file.display().to_string()), "{err}");
+        let err = load_with_env(None, &[], env(&[("KINLINK_LOG__FORMAT", "yaml")])).unwrap_err().to_string();
+        assert!(err.contains("the environment"), "{err}");
+        let err = load_with_env(None, &[("log.format".into(), "yaml".into())], env(&[])).unwrap_err().to_string();
+        assert!(err.contains("--set"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -13,11 +13,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Config { action: ConfigAction::Check }) => {
-            println!("# configuration is valid; effective values (secrets redacted):");
-            print!("{}", config.to_redacted_toml());
-            ExitCode::SUCCESS
-        }
+        Some(Command::Config { action: ConfigAction::Check }) => config_check(&config),
         Some(Command::Token { family, user, device, ttl }) => {
             for (name, id) in [("--family", &family), ("--user", &user), ("--device", &device)] {
                 if !kinlink::auth::valid_id(id) {
@@ -25,8 +21,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             }
-            if let Err(e) = kinlink::secrets::resolve(&mut config) {
-                eprintln!("kinlink: {e}");
+            if let Err(e) = kinlink::secrets::resolve_existing(&mut config) {
+                eprintln!("kinlink: token: {e}");
                 return ExitCode::FAILURE;
             }
             let secret = config.auth.token_secret.as_ref().expect("resolved above");
@@ -53,6 +49,9 @@ fn main() -> ExitCode {
 
 fn serve(config: kinlink::Config) -> ExitCode {
     init_logging(&config);
+    for var in &config.ignored_env {
+        tracing::debug!(var, "environment variable ignored: a Kubernetes service link, not configuration");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -80,6 +79,32 @@ fn serve(config: kinlink::Config) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `kinlink config check`: the effective configuration, then what devices will be handed and
+/// where each secret comes from; files the configuration names must exist.
+fn config_check(config: &kinlink::Config) -> ExitCode {
+    println!("# configuration is valid; effective values (secrets redacted):");
+    print!("{}", config.to_redacted_toml());
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    println!();
+    println!("# What this configuration serves:");
+    for line in kinlink::turn::advertised(config) {
+        println!("#   {line}");
+    }
+    for key in ["auth.token_secret", "turn.secret"] {
+        println!("#   {key}: {}", kinlink::secrets::source(config, key, &env));
+    }
+    let mut missing = false;
+    for (key, path) in [("turn.tls_cert", &config.turn.tls_cert), ("turn.tls_key", &config.turn.tls_key)] {
+        if let Some(path) = path {
+            if let Err(e) = std::fs::metadata(path) {
+                eprintln!("kinlink: configuration error: {key}: cannot read {}: {e}", path.display());
+                missing = true;
+            }
+        }
+    }
+    if missing { ExitCode::from(2) } else { ExitCode::SUCCESS }
 }
 
 fn check(

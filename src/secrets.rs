@@ -34,6 +34,52 @@ pub fn resolve(cfg: &mut Config) -> Result<Vec<&'static str>, SecretError> {
     Ok(generated)
 }
 
+/// Fills the secrets that are not configured from the data directory, never creating one:
+/// for commands that must agree with a running server (`kinlink token`), where a fresh secret
+/// would sign tokens the server refuses. Errors say where the secret was looked for.
+pub fn resolve_existing(cfg: &mut Config) -> Result<(), String> {
+    for (key, file, var) in [("auth.token_secret", "token_secret", "KINLINK_AUTH__TOKEN_SECRET")] {
+        if cfg.auth.token_secret.is_some() {
+            continue;
+        }
+        let path = cfg.data_dir.join(file);
+        match std::fs::read_to_string(&path) {
+            Ok(s) if !s.trim().is_empty() => cfg.auth.token_secret = Some(Secret::new(s.trim())),
+            Ok(_) | Err(_) => {
+                let dir = std::fs::canonicalize(&cfg.data_dir).unwrap_or_else(|_| cfg.data_dir.clone());
+                return Err(format!(
+                    "{key} is not configured and {} does not exist (data directory {}): this is not the server's secret, \
+                     and a new one would sign tokens the server refuses. Run from the directory `kinlink serve` runs in, \
+                     pass its --data-dir, or set {var}",
+                    path.display(),
+                    dir.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where a secret comes from, for `kinlink config check`.
+pub fn source(cfg: &Config, key: &str, env: &[(String, String)]) -> String {
+    let (value, file, var) = match key {
+        "auth.token_secret" => (&cfg.auth.token_secret, "token_secret", "KINLINK_AUTH__TOKEN_SECRET"),
+        _ => (&cfg.turn.secret, "turn_secret", "KINLINK_TURN__SECRET"),
+    };
+    if value.is_some() {
+        if env.iter().any(|(k, v)| k == var && !v.is_empty()) {
+            return format!("environment ({var})");
+        }
+        return "the config file or --set".into();
+    }
+    let path = cfg.data_dir.join(file);
+    if path.exists() {
+        format!("generated earlier, read from {}", path.display())
+    } else {
+        format!("not set: `kinlink serve` generates it into {} at first start", path.display())
+    }
+}
+
 fn load_or_create(dir: &Path, file: &str, key: &'static str) -> Result<Secret, SecretError> {
     let path = dir.join(file);
     let err = |source| SecretError { key, path: path.display().to_string(), source };

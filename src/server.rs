@@ -34,12 +34,23 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the listeners. Unset secrets are taken from (or generated into) `data_dir`.
-    pub async fn bind(mut config: Config) -> anyhow::Result<Server> {
+    /// Binds the listeners. Unset secrets are taken from (or generated into) `data_dir`; a
+    /// data directory this call created is removed again when binding fails.
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        let dir = config.data_dir.clone();
+        let existed = dir.exists();
+        let bound = Self::bind_inner(config).await;
+        if bound.is_err() && !existed {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        bound
+    }
+
+    async fn bind_inner(mut config: Config) -> anyhow::Result<Server> {
         for key in crate::secrets::resolve(&mut config)? {
             tracing::warn!(key, data_dir = %config.data_dir.display(), "secret not configured: using one generated in the data directory; set it explicitly in production");
         }
-        raise_nofile_limit(config.signal.max_connections);
+        raise_nofile_limit(&config);
         let metrics = Arc::new(Metrics::new());
         metrics.turn_relay_capacity.set(i64::try_from(config.metrics.relay_capacity_bytes_per_sec).unwrap_or(i64::MAX));
         let hub: Arc<dyn Hub> = Arc::new(LocalHub::new(
@@ -84,7 +95,7 @@ impl Server {
             tracing::warn!("check.demo is on: anyone reaching this server can mint throw-away devices and use TURN");
         }
         let minter = crate::check::Minter::new(config.check.clone(), token_secret.clone(), std::time::Instant::now());
-        let state = AppState::new(env, draining, minter, health);
+        let state = AppState::new(env, draining, minter, health, config.http.cors_origins.clone());
         let http_limits = http::listener::HttpLimits::new(&config.http);
         Ok(Server { config, http, metrics: metrics_listener, state, drain, turn, http_limits })
     }
@@ -141,6 +152,11 @@ impl Server {
             })
         };
         shared.ready.store(true, Ordering::Relaxed);
+        let base = crate::probe::local_base(http_addr);
+        tracing::info!(
+            "next: mint a device token with `kinlink token --family FAMILY --user USER --device DEVICE` (same data \
+             directory or auth.token_secret), then open {base}/check in a browser or run `kinlink check`"
+        );
         tracing::info!(
             http = %http_addr,
             metrics = %metrics_addr.map_or_else(|| "on http".to_string(), |a| a.to_string()),
@@ -184,16 +200,31 @@ impl Server {
     }
 }
 
+/// Descriptors the configuration can use at its limits: one per WebSocket, per TURN stream
+/// connection, per relay socket (allocations and reservations), plus listeners and slack.
+pub fn descriptors_needed(config: &Config) -> u64 {
+    let turn = if config.turn.enabled && config.turn.urls.is_empty() {
+        config.turn.quota.total_allocations as u64 + config.turn.max_stream_connections as u64
+    } else {
+        0
+    };
+    config.signal.max_connections as u64 + config.http.max_unupgraded_connections as u64 + turn + 64
+}
+
 /// Each connection is a file descriptor: raise the soft limit to the hard one (as coturn
-/// does) and say so when even that is below `signal.max_connections`.
-fn raise_nofile_limit(max_connections: usize) {
+/// does) and warn, with the exact fix, only when even that is below what the configured
+/// limits can use.
+fn raise_nofile_limit(config: &Config) {
+    let need = descriptors_needed(config);
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) if limit < max_connections as u64 + 64 => tracing::warn!(
+        Ok(limit) if limit < need => tracing::warn!(
             limit,
-            max_connections,
-            "open-file limit is below signal.max_connections: raise LimitNOFILE / ulimit -n"
+            need,
+            "open-file limit {limit} is below what the configured limits can use ({need} = signal.max_connections + \
+             http.max_unupgraded_connections + turn.quota.total_allocations + turn.max_stream_connections + 64): \
+             raise it (systemd LimitNOFILE={need}, docker --ulimit nofile={need}:{need}, or ulimit -n {need}) or lower those limits"
         ),
-        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Ok(limit) => tracing::debug!(limit, need, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
     }
 }

@@ -110,3 +110,25 @@ async fn check_tokens_need_a_device_token_unless_demo() {
     let html = page.text().await.unwrap();
     assert!(html.contains("RTCPeerConnection") && !html.contains("src=\"http"), "no external assets");
 }
+
+#[tokio::test]
+async fn check_page_ends_with_a_failure_when_ice_fails() {
+    // Relay only, and the relay refuses loopback peers (the default policy): ICE cannot
+    // succeed. The page used to hang on "Running…" (the answerer waited for its data channel
+    // forever); every step must end with pass or fail within its deadline.
+    let dir = temp_dir("browser-ice-fails");
+    let (cert, key) = self_signed_cert(&dir);
+    let server = TestServer::with(|c| {
+        c.check.demo = true;
+        serve_tls(c, &cert, &key);
+        c.turn.allowed_peers.clear();
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let r = chromium(&["single", &format!("http://{}", server.http), "relay"]).await;
+    assert_eq!(r["done"], true, "{r:#}");
+    assert_eq!(r["ok"], false, "{r:#}");
+    assert_eq!(r["checks"]["P2P connection"]["state"], "fail", "{:#}", r["checks"]);
+    assert!(started.elapsed() < Duration::from_secs(60), "ended in {:?}", started.elapsed());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -59,6 +59,18 @@ async fn wrong_public_ip_fails_with_the_hint() {
 }
 
 #[tokio::test]
+async fn a_private_relay_address_gets_the_exact_hint() {
+    // A default local run: relays carry a private address (loopback here), which the default
+    // peer policy refuses as a peer. The hint must say so, not just "turn.allowed_peers".
+    let server = TestServer::with(|c| c.turn.allowed_peers.clear()).await;
+    let url = format!("http://{}", server.http);
+    let t = token("fam", "u", "d");
+    let (ok, out) = tokio::task::spawn_blocking(move || check(&[&url, "--token", &t, "--timeout", "2"])).await.unwrap();
+    assert!(!ok, "{out}");
+    assert!(out.contains("127.0.0.1 is a private address") && out.contains("turn.public_ip") && out.contains("127.0.0.0/8"), "{out}");
+}
+
+#[tokio::test]
 async fn check_reports_a_closed_port() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");

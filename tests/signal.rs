@@ -426,3 +426,27 @@ async fn health_and_metrics_endpoints() {
     let r = reqwest::get(format!("http://{}/metrics", server.http)).await.unwrap();
     assert_eq!(r.status(), 404);
 }
+
+#[tokio::test]
+async fn a_client_close_is_answered_with_a_close_frame() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode as Code, CloseFrame};
+    use tokio_tungstenite::tungstenite::Message;
+    let server = TestServer::start().await;
+    let (mut c, _) = Client::register(&server, "fam", "u", "phone").await;
+    c.ws.send(Message::Close(Some(CloseFrame { code: Code::Normal, reason: "bye".into() }))).await.unwrap();
+    // A clean close: the server's own Close frame comes back (ws.close(1000) then ends with
+    // wasClean and 1000, not 1006).
+    let answer = tokio::time::timeout(WAIT, async {
+        loop {
+            match c.ws.next().await {
+                Some(Ok(Message::Close(f))) => return Some(f.map(|f| u16::from(f.code))),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(answer, Some(Some(1000)));
+}

@@ -432,7 +432,22 @@ async fn relay_check(tls: &Tls, url: &TurnUrl, creds: [(&str, &str); 2], timeout
     };
     let mut a = allocate(tls, url, creds[0].0, creds[0].1, timeout).await.map_err(|e| port_hint(&e))?;
     let mut b = allocate(tls, url, creds[1].0, creds[1].1, timeout).await.map_err(|e| port_hint(&e))?;
-    let fail = |e: anyhow::Error| (format!("{e:#}"), "the server refused a peer: turn.allowed_peers / denied_peers".to_string());
+    let relayed_ip = b.relayed.ip();
+    let fail = |e: anyhow::Error| {
+        let hint = if crate::turn::is_private(relayed_ip) {
+            // The common first run: no turn.public_ip, so relays carry this host's private
+            // address, which the default peer policy refuses as a peer.
+            format!(
+                "the relay address {relayed_ip} is a private address, which the default peer policy refuses as a peer (and \
+                 peers on the internet could not reach). Set turn.public_ip to this host's public IP; for a LAN-only \
+                 install, allow the LAN instead (turn.allowed_peers = [\"{}\"])",
+                lan_of(relayed_ip)
+            )
+        } else {
+            "the server refused a peer: turn.allowed_peers / denied_peers".to_string()
+        };
+        (format!("{e:#}"), hint)
+    };
     a.permit(b.relayed, timeout).await.map_err(fail)?;
     b.permit(a.relayed, timeout).await.map_err(fail)?;
     let probe = format!("kinlink-check-{}", rand::random::<u32>());
@@ -447,6 +462,19 @@ async fn relay_check(tls: &Tls, url: &TurnUrl, creds: [(&str, &str); 2], timeout
             format!("allocated {} and {}, but a datagram between them never arrived", a.relayed, b.relayed),
             format!("the relayed address {} is not reachable: turn.public_ip is wrong (it must be the address peers can reach), or the relay ports (turn.relay_ports) are closed", a.relayed.ip()),
         )),
+    }
+}
+
+/// The private network an address is in, for the allow-list hint.
+fn lan_of(ip: std::net::IpAddr) -> &'static str {
+    match ip {
+        std::net::IpAddr::V4(v4) if v4.octets()[0] == 10 => "10.0.0.0/8",
+        std::net::IpAddr::V4(v4) if v4.octets()[0] == 172 => "172.16.0.0/12",
+        std::net::IpAddr::V4(v4) if v4.octets()[0] == 192 => "192.168.0.0/16",
+        std::net::IpAddr::V4(v4) if v4.octets()[0] == 127 => "127.0.0.0/8",
+        std::net::IpAddr::V4(_) => "100.64.0.0/10",
+        std::net::IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => "fe80::/10",
+        std::net::IpAddr::V6(_) => "fc00::/7",
     }
 }
 

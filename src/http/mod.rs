@@ -40,12 +40,20 @@ pub struct Shared {
     pub check: crate::check::Minter,
     /// The listener tasks, for `/readyz`.
     pub health: Arc<crate::health::Health>,
+    /// `http.cors_origins`.
+    pub cors_origins: Vec<String>,
     next_session: AtomicU64,
 }
 
 impl AppState {
     /// New state; `ready` starts false until the server has bound its listeners.
-    pub fn new(env: Arc<SessionEnv>, draining: watch::Receiver<bool>, check: crate::check::Minter, health: Arc<crate::health::Health>) -> Self {
+    pub fn new(
+        env: Arc<SessionEnv>,
+        draining: watch::Receiver<bool>,
+        check: crate::check::Minter,
+        health: Arc<crate::health::Health>,
+        cors_origins: Vec<String>,
+    ) -> Self {
         let connections = Arc::new(Semaphore::new(env.limits.max_connections));
         AppState(Arc::new(Shared {
             env,
@@ -54,6 +62,7 @@ impl AppState {
             ready: AtomicBool::new(false),
             check,
             health,
+            cors_origins,
             next_session: AtomicU64::new(1),
         }))
     }
@@ -68,6 +77,7 @@ impl AppState {
 /// when `with_metrics` (no separate metrics listener).
 pub fn app(state: AppState, with_metrics: bool) -> Router {
     let mut router = Router::new()
+        .route("/", get(index))
         .route("/signal", get(signal))
         .route("/v1/ice-servers", get(ice_servers))
         .route("/healthz", get(healthz))
@@ -78,7 +88,25 @@ pub fn app(state: AppState, with_metrics: bool) -> Router {
     if state.shared().check.enabled() {
         router = router.route("/check", get(check_page)).route("/v1/check/tokens", axum::routing::post(check_tokens));
     }
-    router.with_state(state)
+    let cors = cors(&state.shared().cors_origins);
+    router.layer(cors).with_state(state)
+}
+
+/// CORS for `http.cors_origins`: browsers on those origins may call the JSON endpoints with
+/// a bearer token (preflight answered, `Authorization` allowed). No origins: no CORS headers,
+/// so cross-origin pages cannot read the answers.
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| header::HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .max_age(std::time::Duration::from_secs(600))
 }
 
 /// The metrics listener's router: `/metrics`, `/healthz`, `/readyz`.
@@ -88,6 +116,44 @@ pub fn metrics_app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
+}
+
+/// What a person opening the server's address in a browser sees.
+async fn index(State(st): State<AppState>) -> Response {
+    let check = if st.shared().check.enabled() {
+        r#"<li><a href="/check">/check</a>: prove this deployment from your browser (signaling, STUN, TURN, a WebRTC data channel)</li>"#
+    } else {
+        ""
+    };
+    let page = format!(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>kinlink</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body style="font-family: system-ui, sans-serif; max-width: 40em; margin: 2em auto; line-height: 1.5">
+<h1>kinlink {version}</h1>
+<p>A signaling relay and TURN/STUN server that lets the devices of a family find each other and talk peer to peer.
+This address is an API for apps, not a website.</p>
+<ul>
+{check}
+<li><code>/signal</code>: the WebSocket devices connect to (with a device token)</li>
+<li><code>/v1/ice-servers</code>: STUN/TURN servers and credentials for a bearer device token</li>
+<li><a href="/healthz">/healthz</a>, <a href="/readyz">/readyz</a>: health</li>
+</ul>
+<p>Documentation: <a href="https://github.com/kinlink/kinlink#readme">README</a>,
+<a href="https://github.com/kinlink/kinlink/blob/main/docs/protocol.md">protocol</a>,
+<a href="https://github.com/kinlink/kinlink/blob/main/docs/deploy.md">deployment</a>.</p>
+</body></html>
+"#,
+        version = env!("CARGO_PKG_VERSION"),
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CONTENT_SECURITY_POLICY, "default-src 'none'; base-uri 'none'; form-action 'none'"),
+        ],
+        page,
+    )
+        .into_response()
 }
 
 async fn healthz() -> &'static str {

@@ -4,5 +4,6 @@
 pub mod hub;
 pub mod negotiation;
 pub mod protocol;
+pub mod schema;
 pub mod session;
 pub mod ws;

@@ -40,7 +40,8 @@ impl Outcome {
 }
 
 /// The `state` of a `p2p-status` report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum State {
     /// The peer connection reached `connected`.
     Connected,
@@ -51,7 +52,8 @@ pub enum State {
 }
 
 /// The `route` of a `p2p-status` report: the selected pair's local candidate type, or `http`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum Route {
     /// Host candidate.
     Host,

@@ -7,13 +7,14 @@
 
 use std::borrow::Cow;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 pub use super::negotiation::{Route, State};
 
 /// Error codes sent in `error {code}`; the set is documented and stable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum ErrorCode {
     /// Missing, invalid or expired token, or ids that do not match it.
@@ -153,7 +154,8 @@ impl CloseCode {
 }
 
 /// Relayed message kinds; also the `type` label of the relay metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
 pub enum RelayKind {
     /// SDP offer.
     Offer,
@@ -255,7 +257,9 @@ struct Incoming<'a> {
     to_device_id: Option<Cow<'a, str>>,
     #[serde(borrow)]
     sdp: Option<&'a RawValue>,
-    #[serde(borrow)]
+    // `null` is a candidate too (end of candidates, what a naive `onicecandidate` sends):
+    // present-but-null must not read as missing.
+    #[serde(borrow, default, deserialize_with = "present")]
     candidate: Option<&'a RawValue>,
     #[serde(borrow)]
     peer_device_id: Option<Cow<'a, str>>,
@@ -268,8 +272,19 @@ struct Incoming<'a> {
     reference: Option<&'a RawValue>,
 }
 
+/// A field that is present, whatever its JSON value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(d).map(Some)
+}
+
 /// Parses one text frame.
 pub fn parse<'a>(text: &'a str) -> Result<ClientMsg<'a>, ParseError<'a>> {
+    parse_with_ref(text).map(|(msg, _)| msg)
+}
+
+/// Parses one text frame and returns the client's `ref` with it, so every answer to the
+/// message (an error from a later stage too) can echo it.
+pub fn parse_with_ref<'a>(text: &'a str) -> Result<(ClientMsg<'a>, Option<&'a RawValue>), ParseError<'a>> {
     let bad = |message: String, reference| ParseError { code: ErrorCode::BadMessage, message, reference };
     let msg: Incoming<'a> = match serde_json::from_str(text) {
         Ok(m) => m,
@@ -289,7 +304,7 @@ pub fn parse<'a>(text: &'a str) -> Result<ClientMsg<'a>, ParseError<'a>> {
             reference,
         })
     };
-    match kind {
+    let parsed = match kind {
         "register" => Ok(ClientMsg::Register {
             family_id: need(msg.family_id, "familyId")?,
             user_id: need(msg.user_id, "userId")?,
@@ -337,7 +352,8 @@ pub fn parse<'a>(text: &'a str) -> Result<ClientMsg<'a>, ParseError<'a>> {
             Ok(ClientMsg::P2pStatus { peer_device_id, family_id: msg.family_id, state, route, connect_ms: msg.connect_ms })
         }
         other => Err(bad(format!("unknown message type `{}`", clip(other)), reference)),
-    }
+    };
+    parsed.map(|msg| (msg, reference))
 }
 
 /// A client-chosen word echoed in an error, cut short so an error never amplifies its input.
@@ -346,7 +362,7 @@ fn clip(word: &str) -> String {
 }
 
 /// One online device, as listed in `registered`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceInfo {
     /// Device id.
@@ -356,7 +372,7 @@ pub struct DeviceInfo {
 }
 
 /// One `RTCIceServer`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct IceServer {
     /// STUN/TURN URLs.
     pub urls: Vec<String>,
@@ -369,7 +385,7 @@ pub struct IceServer {
 }
 
 /// Messages the server sends.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum ServerMsg<'a> {
     /// Reply to `register`.
@@ -418,6 +434,7 @@ pub enum ServerMsg<'a> {
         message: &'a str,
         /// The client's `ref`, when it sent one.
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        #[schemars(with = "Option<serde_json::Value>")]
         reference: Option<&'a RawValue>,
     },
 }
@@ -430,18 +447,27 @@ impl ServerMsg<'_> {
 }
 
 /// The relayed form of `offer`/`answer`/`ice-candidate`, as the target receives it.
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-struct Relayed<'a> {
+pub struct Relayed<'a> {
+    /// `offer`, `answer` or `ice-candidate`.
     #[serde(rename = "type")]
-    kind: &'static str,
+    kind: RelayKind,
+    /// The sender's family (also the receiver's).
     family_id: &'a str,
+    /// The sending device.
     from_device_id: &'a str,
+    /// The sending device's user.
     from_user_id: &'a str,
+    /// The receiving device.
     to_device_id: &'a str,
+    /// With `offer` and `answer`: the sender's SDP, verbatim.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<serde_json::Value>")]
     sdp: Option<&'a RawValue>,
+    /// With `ice-candidate`: the sender's candidate, verbatim (`null` at the end of candidates).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<serde_json::Value>")]
     candidate: Option<&'a RawValue>,
 }
 
@@ -452,7 +478,7 @@ pub fn relayed_text(kind: RelayKind, family: &str, from_dev: &str, from_user: &s
         RelayKind::IceCandidate => (None, Some(payload)),
     };
     let msg = Relayed {
-        kind: kind.as_str(),
+        kind,
         family_id: family,
         from_device_id: from_dev,
         from_user_id: from_user,

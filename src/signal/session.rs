@@ -101,6 +101,8 @@ pub struct Session {
     missed_pongs: u32,
     closed: bool,
     out: VecDeque<Output>,
+    /// The `ref` of the client message being handled.
+    reply_ref: Option<Box<RawValue>>,
 }
 
 impl Session {
@@ -128,6 +130,7 @@ impl Session {
             missed_pongs: 0,
             closed: false,
             out: VecDeque::new(),
+            reply_ref: None,
             env,
         }
     }
@@ -248,8 +251,20 @@ impl Session {
         if text.len() > max {
             return self.error(ErrorCode::TooLarge, &format!("message exceeds {max} bytes; dropped"), None);
         }
-        match protocol::parse(text) {
-            Err(e) => self.error(e.code, &e.message, e.reference),
+        let (msg, reference) = match protocol::parse_with_ref(text) {
+            Err(e) => return self.error(e.code, &e.message, e.reference),
+            Ok(parsed) => parsed,
+        };
+        // Every error answering this message echoes its `ref` (peer-offline from the relay
+        // stage included), as docs/protocol.md shows.
+        self.reply_ref = reference.map(|r| r.to_owned());
+        self.dispatch(now, msg);
+        self.reply_ref = None;
+    }
+
+    fn dispatch(&mut self, now: Instant, msg: ClientMsg<'_>) {
+        match Ok::<_, ()>(msg) {
+            Err(()) => {}
             Ok(ClientMsg::Register { family_id, user_id, device_id, token }) => {
                 self.register(now, &family_id, &user_id, &device_id, token.as_deref())
             }
@@ -432,7 +447,9 @@ impl Session {
 
     fn error(&mut self, code: ErrorCode, message: &str, reference: Option<&RawValue>) {
         self.env.metrics.signal_errors.with_label_values(&[code.as_str()]).inc();
-        self.send(ServerMsg::Error { code, message, reference });
+        let reply_ref = self.reply_ref.take();
+        self.send(ServerMsg::Error { code, message, reference: reference.or(reply_ref.as_deref()) });
+        self.reply_ref = reply_ref;
     }
 
     fn close(&mut self, code: CloseCode) {

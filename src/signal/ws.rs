@@ -54,7 +54,13 @@ pub async fn drive(
         let deadline = tokio::time::Instant::from_std(session.poll_timeout());
         tokio::select! {
             msg = socket.recv() => match msg {
-                None | Some(Ok(Message::Close(_))) => break 'conn "client",
+                None => break 'conn "client",
+                Some(Ok(Message::Close(_))) => {
+                    // The WebSocket layer has queued the answering Close frame: flush it, or
+                    // the client sees 1006 (wasClean false) instead of its own 1000.
+                    let _ = tokio::time::timeout(write_timeout, futures_util::SinkExt::flush(&mut socket)).await;
+                    break 'conn "client";
+                }
                 Some(Ok(Message::Text(t))) => session.handle_text(Instant::now(), t.as_str()),
                 Some(Ok(Message::Binary(b))) => session.handle_binary(Instant::now(), &b),
                 Some(Ok(Message::Pong(_))) => session.handle_pong(Instant::now()),

@@ -52,6 +52,62 @@ fn primary_ip(v6: bool) -> Option<IpAddr> {
     (!ip.is_unspecified()).then_some(ip)
 }
 
+/// The IPv4 address relay sockets bind on, and where it came from: the listener's address
+/// when it is specific, else the host's primary IPv4 (so XOR-RELAYED-ADDRESS is reachable
+/// even without `turn.public_ip`).
+fn relay_bind_ipv4(cfg: &TurnConfig) -> (IpAddr, &'static str) {
+    match cfg.udp_listen.0.iter().chain(&cfg.tcp_listen.0).map(|a| a.ip()).find(|ip| ip.is_ipv4()) {
+        Some(ip) if !ip.is_unspecified() => (ip, "the TURN listener's address"),
+        _ => match primary_ip(false) {
+            Some(ip) => (ip, "this host's primary IPv4 (the source of its default route)"),
+            None => (IpAddr::from([127, 0, 0, 1]), "loopback: this host has no IPv4 route"),
+        },
+    }
+}
+
+/// Private, loopback, link-local or CGNAT: an address peers on the internet cannot reach.
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_private() || v4.is_loopback() || v4.is_link_local() || v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64,
+        IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00 || (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+/// What devices will be handed and told, for `kinlink config check`: the ICE URLs and the
+/// relayed address with where it comes from.
+pub fn advertised(cfg: &crate::Config) -> Vec<String> {
+    let t = &cfg.turn;
+    if !t.enabled {
+        return vec!["TURN/STUN: off (turn.enabled = false): devices get no ICE servers".into()];
+    }
+    let mut with_secret = t.clone();
+    with_secret.secret.get_or_insert_with(|| crate::config::Secret::new("-"));
+    let ice = crate::ice::IceConfig::new(&with_secret);
+    let urls: Vec<String> = ice.block("f", "d", Some("HOST"), 0, 60).into_iter().flat_map(|s| s.urls).collect();
+    let host = if t.public_host.is_empty() {
+        "HOST is the Host header of each device's request (set turn.public_host when devices reach signaling through a proxy or another name)".to_string()
+    } else {
+        format!("HOST is turn.public_host = {}", t.public_host)
+    };
+    let mut lines = vec![format!("ICE URLs handed to devices: {}", urls.join(", ")), format!("  {host}")];
+    if !t.urls.is_empty() {
+        lines.push("  (turn.urls is set: kinlink's own TURN server does not run)".into());
+        return lines;
+    }
+    let (ip, from) = match t.public_ip {
+        Some(ip) => (ip, "turn.public_ip"),
+        None => relay_bind_ipv4(t),
+    };
+    lines.push(format!("Relayed addresses (XOR-RELAYED-ADDRESS): {ip}, from {from}"));
+    if is_private(ip) {
+        lines.push(format!(
+            "  WARNING: {ip} is a private address: peers outside this network cannot reach it. Set turn.public_ip to the \
+             public IP (behind NAT), or, for a LAN-only install, add the LAN to turn.allowed_peers"
+        ));
+    }
+    lines
+}
+
 /// Binds a TCP listener; an IPv6 one only takes IPv6, so it can share the port with IPv4.
 fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
@@ -112,10 +168,7 @@ impl TurnService {
         // Relays bind on the listener's IP when it is specific, else on the host's primary IP,
         // so XOR-RELAYED-ADDRESS is always a reachable address even without turn.public_ip.
         let listen_ips: Vec<IpAddr> = cfg.udp_listen.0.iter().chain(&cfg.tcp_listen.0).map(|a| a.ip()).collect();
-        let relay_ipv4 = match listen_ips.iter().find(|ip| ip.is_ipv4()) {
-            Some(&ip) if !ip.is_unspecified() => ip,
-            _ => primary_ip(false).unwrap_or(IpAddr::from([127, 0, 0, 1])),
-        };
+        let (relay_ipv4, _) = relay_bind_ipv4(cfg);
         let relay_ipv6 = match listen_ips.iter().find(|ip| ip.is_ipv6()) {
             Some(&ip) if !ip.is_unspecified() => ip,
             _ => primary_ip(true).unwrap_or(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),

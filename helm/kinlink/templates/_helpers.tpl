@@ -35,6 +35,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- .Values.existingSecret | default (include "kinlink.fullname" .) }}
 {{- end }}
 
+{{/*
+What the pods' secrets are, for checksum/secret: the given values, and what the cluster holds
+now in the Secret the pods read (lookup; empty under `helm template`). Not the random values a
+first install generates: they would differ between this hash and the Secret itself. So pods
+restart when the values change, and on `helm upgrade` after the Secret (ours or an
+existingSecret rotated by hand or by an operator) changed.
+*/}}
+{{- define "kinlink.secretChecksum" -}}
+{{- $live := (lookup "v1" "Secret" .Release.Namespace (include "kinlink.secretName" .)).data | default dict -}}
+{{- printf "%s|%s|%s|%s|%s" .Values.existingSecret .Values.secrets.tokenSecret .Values.secrets.turnSecret (get $live "token-secret" | default "") (get $live "turn-secret" | default "") | sha256sum -}}
+{{- end }}
+
 {{/* The lowest port the pod binds; below 1024 needs NET_BIND_SERVICE. */}}
 {{- define "kinlink.lowestPort" -}}
 {{- $ports := list (int .Values.http.port) (int .Values.metrics.port) -}}
