@@ -156,22 +156,17 @@ fn binding_like(m: u16, tid: [u8; 12]) -> Builder {
     b
 }
 
-async fn allocate_flood(turn: SocketAddr, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) {
-    let s = UdpSocket::bind("127.0.3.1:0").await.unwrap();
+/// Floods from its own OS thread (a blocking socket), so the flood never starves the
+/// probes' runtime: what is measured is kinlink, not this process.
+fn allocate_flood(turn: SocketAddr, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) {
+    let s = std::net::UdpSocket::bind("127.0.3.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     // One 401 to learn a nonce, so half the flood is forged *authenticated* requests.
-    s.send_to(&binding_like(method::ALLOCATE, [9; 12]).finish_with_fingerprint(), turn).await.unwrap();
+    s.send_to(&binding_like(method::ALLOCATE, [9; 12]).finish_with_fingerprint(), turn).unwrap();
     let mut buf = [0u8; 1500];
-    let (n, _) = tokio::time::timeout(Duration::from_secs(2), s.recv_from(&mut buf)).await.unwrap().unwrap();
+    let (n, _) = s.recv_from(&mut buf).unwrap();
     let nonce = Message::parse(&buf[..n]).unwrap().get(attr::NONCE).unwrap().to_vec();
-    let drain = {
-        let s = std::sync::Arc::new(s);
-        let r = s.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1500];
-            while r.recv_from(&mut buf).await.is_ok() {}
-        });
-        s
-    };
+    s.set_nonblocking(true).unwrap();
     let mut i: u64 = 0;
     // Bounded by the phase and by 50 M packets.
     while !stop.load(Ordering::Relaxed) && i < 50_000_000 {
@@ -181,13 +176,12 @@ async fn allocate_flood(turn: SocketAddr, stop: Arc<AtomicBool>, sent: Arc<Atomi
         if i % 2 == 1 {
             b.attr(attr::USERNAME, b"9999999999:fam:dev").attr(attr::REALM, b"kinlink").attr(attr::NONCE, &nonce).integrity(&[7u8; 16]);
         }
-        if drain.send_to(&b.finish_with_fingerprint(), turn).await.is_ok() {
+        if s.send_to(&b.finish_with_fingerprint(), turn).is_ok() {
             sent.fetch_add(1, Ordering::Relaxed);
         }
+        // Drain what comes back, so the flooder's own buffer never blocks it.
+        while s.recv_from(&mut buf).is_ok() {}
         i += 1;
-        if i.is_multiple_of(256) {
-            tokio::task::yield_now().await;
-        }
     }
 }
 
@@ -212,6 +206,20 @@ async fn register_once(http: SocketAddr, n: u64) -> Option<Duration> {
     tokio::time::timeout(Duration::from_secs(5), work).await.ok().flatten()
 }
 
+/// Sends a request and waits for the answer, retransmitting as STUN clients do (RFC 8489
+/// §6.2.1: 250 ms, doubling, five sends).
+async fn transact(s: &UdpSocket, to: SocketAddr, req: &[u8], buf: &mut [u8]) -> Option<usize> {
+    let mut rto = Duration::from_millis(250);
+    for _ in 0..5 {
+        s.send_to(req, to).await.ok()?;
+        if let Ok(Ok((n, _))) = tokio::time::timeout(rto, s.recv_from(buf)).await {
+            return Some(n);
+        }
+        rto *= 2;
+    }
+    None
+}
+
 /// Time for an Allocate with the 401 challenge; the allocation is deleted after.
 async fn allocate_once(turn: SocketAddr, n: u64) -> Option<Duration> {
     let s = UdpSocket::bind("127.0.0.1:0").await.ok()?;
@@ -221,13 +229,11 @@ async fn allocate_once(turn: SocketAddr, n: u64) -> Option<Duration> {
     let started = Instant::now();
     let work = async {
         let tid = |k: u8| [k; 12];
-        s.send_to(&binding_like(method::ALLOCATE, tid(1)).finish_with_fingerprint(), turn).await.ok()?;
-        let (len, _) = s.recv_from(&mut buf).await.ok()?;
+        let len = transact(&s, turn, &binding_like(method::ALLOCATE, tid(1)).finish_with_fingerprint(), &mut buf).await?;
         let nonce = Message::parse(&buf[..len]).ok()?.get(attr::NONCE)?.to_vec();
         let mut b = binding_like(method::ALLOCATE, tid(2));
         b.attr(attr::USERNAME, cred.username.as_bytes()).attr(attr::REALM, b"kinlink").attr(attr::NONCE, &nonce).integrity(&key);
-        s.send_to(&b.finish_with_fingerprint(), turn).await.ok()?;
-        let (len, _) = s.recv_from(&mut buf).await.ok()?;
+        let len = transact(&s, turn, &b.finish_with_fingerprint(), &mut buf).await?;
         let ok = Message::parse(&buf[..len]).ok()?.class == Class::Success;
         let elapsed = started.elapsed();
         let mut del = Builder::new(method::REFRESH, Class::Request, tid(3));
@@ -263,7 +269,7 @@ async fn phase(name: &str, server: &Server, seconds: u64) {
                 let ips = (1..=10).map(|i| format!("127.0.2.{i}")).collect();
                 Some(tokio::spawn(hold(ips, 200, turn_tcp, b"", stop, counter)))
             }
-            "allocate-flood" => Some(tokio::spawn(allocate_flood(turn, stop, counter))),
+            "allocate-flood" => Some(tokio::task::spawn_blocking(move || allocate_flood(turn, stop, counter))),
             _ => None,
         }
     };

@@ -129,8 +129,8 @@ pub fn count_panics() {
 pub const TURN_AUTH_REASONS: [&str; 8] =
     ["malformed", "bad_nonce", "stale_nonce", "wrong_realm", "bad_integrity", "expired", "wrong_credentials", "missing"];
 /// `kinlink_turn_dropped_packets_total` reasons.
-pub const TURN_DROP_REASONS: [&str; 8] =
-    ["malformed", "no_allocation", "no_channel", "no_permission", "denied_peer", "too_large", "bandwidth", "queue_full"];
+pub const TURN_DROP_REASONS: [&str; 9] =
+    ["malformed", "no_allocation", "no_channel", "no_permission", "denied_peer", "too_large", "bandwidth", "queue_full", "rate_limited"];
 /// `kinlink_turn_quota_rejections_total` scopes.
 pub const TURN_QUOTA_SCOPES: [&str; 7] = ["server", "family", "device", "check", "ports", "permissions", "channels"];
 

@@ -50,6 +50,7 @@ fn settings() -> Settings {
         permissions_per_allocation: 8,
         channels_per_allocation: 8,
         family_bytes_per_sec: 1_000_000,
+        unauthenticated_per_ip_per_sec: 50,
     }
 }
 

@@ -202,6 +202,7 @@ impl TurnService {
             permissions_per_allocation: q.permissions_per_allocation,
             channels_per_allocation: q.channels_per_allocation,
             family_bytes_per_sec: q.family_bytes_per_sec,
+            unauthenticated_per_ip_per_sec: cfg.unauthenticated_per_ip_per_sec,
         };
         let core: Core = Arc::new(Mutex::new(TurnServer::new(settings, policy, metrics.clone(), Instant::now(), crate::auth::unix_now())));
         let ctx = Ctx {

@@ -95,6 +95,9 @@ pub struct Settings {
     pub channels_per_allocation: usize,
     /// Relayed payload bytes per second per family, both directions; 0 is unlimited.
     pub family_bytes_per_sec: u64,
+    /// Requests without valid credentials (Binding, the 401 leg, refused ones) answered per
+    /// second per source IP (IPv6 per /64); past it they are dropped unanswered. 0: no limit.
+    pub unauthenticated_per_ip_per_sec: u32,
 }
 
 /// RFC 8656 defaults.
@@ -143,6 +146,9 @@ pub trait Binder<R> {
     /// The relay now belongs to `tuple`'s allocation: start forwarding what peers send.
     fn start(&mut self, relay: &R, tuple: FiveTuple);
 }
+
+/// Sources whose unauthenticated request rate is tracked at once.
+const MAX_TRACKED_SOURCES: usize = 65_536;
 
 /// How long a port reserved with EVEN-PORT's R bit is held (RFC 8656 suggests about 30 s).
 const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
@@ -223,6 +229,8 @@ pub struct TurnServer<R> {
     relay_ports: HashMap<u16, usize>,
     /// Refusals (auth, quota, policy) logged at most once a second, with a count of the rest.
     refusal_log: LogLimiter,
+    /// `unauthenticated_per_ip_per_sec`, by source.
+    unauthenticated: HashMap<IpAddr, crate::ratelimit::TokenBucket>,
     draining: bool,
 }
 
@@ -247,6 +255,7 @@ impl<R: Clone> TurnServer<R> {
             check_usage: 0,
             relay_ports: HashMap::new(),
             refusal_log: LogLimiter::new(epoch, Duration::from_secs(1)),
+            unauthenticated: HashMap::new(),
             draining: false,
         }
     }
@@ -332,6 +341,12 @@ impl<R: Clone> TurnServer<R> {
         match (msg.class, msg.method) {
             (Class::Indication, method::SEND) => self.send_indication(now, tuple, msg),
             (Class::Request, m) => {
+                // Anyone can send these, and each answer costs more than the request (a 401
+                // is five times its size: a reflection amplifier), so they are rate limited
+                // per source before any work.
+                if !has_integrity(&msg) && !self.admit_unauthenticated(now, tuple.client.ip()) {
+                    return self.drop_packet("rate_limited");
+                }
                 let unknown = msg.unknown_required();
                 if !unknown.is_empty() {
                     let mut b = Builder::new(m, Class::Error, msg.tid);
@@ -348,7 +363,7 @@ impl<R: Clone> TurnServer<R> {
                         ClientAction::Reply(self.finish(b, None))
                     }
                     method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND => {
-                        ClientAction::Reply(self.authenticated_request(now, tuple, msg, binder))
+                        self.authenticated_request(now, tuple, msg, binder)
                     }
                     _ => {
                         let mut b = Builder::new(m, Class::Error, msg.tid);
@@ -458,6 +473,8 @@ impl<R: Clone> TurnServer<R> {
     /// `unix` is the wall clock read with `now`: the core follows it (see `sync_wall_clock`).
     pub fn handle_timeout(&mut self, now: Instant, unix: u64) {
         self.sync_wall_clock(now, unix);
+        // A bucket idle for two seconds is full again: forget it.
+        self.unauthenticated.retain(|_, b| now.saturating_duration_since(b.last_taken()) < Duration::from_secs(2));
         let expired: Vec<FiveTuple> = self.allocations.iter().filter(|(_, a)| a.expires <= now).map(|(t, _)| *t).collect();
         for t in expired {
             self.remove(now, &t, "expired");
@@ -612,19 +629,27 @@ impl<R: Clone> TurnServer<R> {
         self.finish(b, Some((&a.key, a.sha256)))
     }
 
-    fn authenticated_request(&mut self, now: Instant, tuple: FiveTuple, msg: Message<'_>, binder: &mut dyn Binder<R>) -> Vec<u8> {
+    fn authenticated_request(&mut self, now: Instant, tuple: FiveTuple, msg: Message<'_>, binder: &mut dyn Binder<R>) -> ClientAction<R> {
         // A retransmitted Allocate gets the same answer (RFC 8656 §7.2).
         if msg.method == method::ALLOCATE {
             if let Some(a) = self.allocations.get(&tuple) {
                 if a.allocate_tid == msg.tid {
-                    return a.allocate_reply.clone();
+                    return ClientAction::Reply(a.allocate_reply.clone());
                 }
             }
         }
         let a = match self.authenticate(now, tuple, &msg) {
             Ok(a) => a,
-            Err(reply) => return reply,
+            // Refused credentials count against the unauthenticated rate too (a forged-MAC
+            // flood costs an HMAC each).
+            // (A request without any was counted on arrival.)
+            Err(_) if has_integrity(&msg) && !self.admit_unauthenticated(now, tuple.client.ip()) => return self.drop_packet("rate_limited"),
+            Err(reply) => return ClientAction::Reply(reply),
         };
+        ClientAction::Reply(self.authenticated_dispatch(now, tuple, msg, a, binder))
+    }
+
+    fn authenticated_dispatch(&mut self, now: Instant, tuple: FiveTuple, msg: Message<'_>, a: Authed, binder: &mut dyn Binder<R>) -> Vec<u8> {
         if let Some(existing) = self.allocations.get(&tuple) {
             if existing.username != a.username && existing.expires > now {
                 self.metrics.turn_auth_failures.with_label_values(&["wrong_credentials"]).inc();
@@ -770,6 +795,25 @@ impl<R: Clone> TurnServer<R> {
         self.metrics.turn_allocations_created.with_label_values(&[tuple.transport.as_str()]).inc();
         tracing::debug!(transport = tuple.transport.as_str(), lifetime_secs = lifetime.as_secs(), "allocation created");
         reply
+    }
+
+    /// Takes a token from the source's unauthenticated-request bucket. The map is bounded:
+    /// past `MAX_TRACKED_SOURCES` sources, idle ones (full again) are forgotten, and if none
+    /// is, the request is refused (a spoofed-source flood cannot grow it).
+    fn admit_unauthenticated(&mut self, now: Instant, ip: IpAddr) -> bool {
+        let rate = self.settings.unauthenticated_per_ip_per_sec;
+        if rate == 0 {
+            return true;
+        }
+        let source = crate::connlimit::source_key(ip);
+        if !self.unauthenticated.contains_key(&source) && self.unauthenticated.len() >= MAX_TRACKED_SOURCES {
+            self.unauthenticated.retain(|_, b| now.saturating_duration_since(b.last_taken()) < Duration::from_secs(2));
+            if self.unauthenticated.len() >= MAX_TRACKED_SOURCES {
+                return false;
+            }
+        }
+        let bucket = self.unauthenticated.entry(source).or_insert_with(|| crate::ratelimit::TokenBucket::new(rate as f64, rate.saturating_mul(2), now));
+        bucket.take(now)
     }
 
     /// Whether `needed` more relay ports fit every quota; `Err(scope)` names the one that is full.
@@ -987,6 +1031,10 @@ pub fn long_term_key(username: &str, realm: &str, password: &str, sha256: bool) 
     } else {
         md5::Md5::digest(input.as_bytes()).to_vec()
     }
+}
+
+fn has_integrity(msg: &Message<'_>) -> bool {
+    msg.get(attr::MESSAGE_INTEGRITY).is_some() || msg.get(attr::MESSAGE_INTEGRITY_SHA256).is_some()
 }
 
 fn is_check_family(family: &str) -> bool {

@@ -28,6 +28,7 @@ fn settings() -> Settings {
         permissions_per_allocation: 4,
         channels_per_allocation: 4,
         family_bytes_per_sec: 0,
+        unauthenticated_per_ip_per_sec: 0,
     }
 }
 
@@ -648,4 +649,32 @@ fn the_core_follows_the_wall_clock_credentials_are_minted_from() {
     let mut fresh = creds_for("fam", "dev", -3000 + 60, SECRET); // minted by a clock 3000 s behind
     h.s.handle_timeout(h.at(1), UNIX0 - 3000);
     assert_eq!(Message::parse(&h.allocate(h.at(1), tuple(4002), &mut fresh, 1)).unwrap().class, Class::Success);
+}
+
+#[test]
+fn requests_without_credentials_are_rate_limited_per_source() {
+    let mut h = harness_with(Settings { unauthenticated_per_ip_per_sec: 10, ..settings() });
+    let binding = Builder::new(method::BINDING, Class::Request, tid(1)).finish_with_fingerprint();
+    let flooder = tuple(4000);
+    let answered = (0..100).filter(|_| matches!(h.send(h.t0, flooder, &binding), ClientAction::Reply(_))).count();
+    assert_eq!(answered, 20, "the burst (twice the rate), then nothing");
+    assert_eq!(h.metrics.turn_dropped.with_label_values(&["rate_limited"]).get(), 80);
+    // Another source is unaffected; the flooder gets 10 more a second later.
+    let other = FiveTuple { client: "198.51.100.2:5000".parse().unwrap(), ..flooder };
+    assert!(matches!(h.send(h.t0, other, &binding), ClientAction::Reply(_)));
+    let later = (0..100).filter(|_| matches!(h.send(h.at(1), flooder, &binding), ClientAction::Reply(_))).count();
+    assert_eq!(later, 10);
+    // Forged credentials count too (each costs an HMAC); valid ones never do.
+    let mut good = creds_for("fam", "dev", 3600, SECRET);
+    let mut h = harness_with(Settings { unauthenticated_per_ip_per_sec: 1, ..settings() });
+    h.allocate(h.t0, flooder, &mut good, 1); // the 401 leg takes 1 of the burst of 2
+    let mut forged = creds_for("fam", "dev", 3600, "not-the-secret");
+    forged.nonce = good.nonce.clone();
+    let refused = request(method::CREATE_PERMISSION, tid(20), &[], Some(&forged), &["127.0.0.1:9".parse().unwrap()]);
+    assert!(matches!(h.send(h.t0, flooder, &refused), ClientAction::Reply(_)), "401 while tokens last");
+    assert!(matches!(h.send(h.t0, flooder, &refused), ClientAction::None), "then dropped");
+    for i in 0..20u8 {
+        let ok = request(method::CREATE_PERMISSION, tid(30 + i), &[], Some(&good), &["127.0.0.1:9".parse().unwrap()]);
+        assert_eq!(Message::parse(&h.reply(h.t0, flooder, &ok)).unwrap().class, Class::Success);
+    }
 }
