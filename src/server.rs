@@ -89,6 +89,7 @@ impl Server {
             negotiations: std::sync::Mutex::new(crate::signal::negotiation::Negotiations::new(Duration::from_secs(
                 config.signal.negotiation_timeout_secs,
             ))),
+            refusal_log: crate::ratelimit::LogLimiter::new(std::time::Instant::now(), Duration::from_secs(1)),
         });
         let (drain, draining) = watch::channel(false);
         if config.check.enabled && config.check.demo {

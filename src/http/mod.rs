@@ -269,7 +269,9 @@ async fn signal(
     }
     let Ok(permit) = s.connections.clone().try_acquire_owned() else {
         metrics.signal_upgrades_rejected.with_label_values(&["server_full"]).inc();
-        tracing::warn!(limit = s.env.limits.max_connections, "connection refused: signal.max_connections reached");
+        if let Some(suppressed) = s.env.refusal_log.allow(std::time::Instant::now()) {
+            tracing::warn!(limit = s.env.limits.max_connections, suppressed, "connection refused: signal.max_connections reached");
+        }
         return json_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::ServerFull, "too many connections");
     };
     let token = bearer(&headers).map(str::to_string).or(query.token);

@@ -38,6 +38,9 @@ pub struct SessionEnv {
     /// P2P outcomes per device pair; expired by the server's sweeper
     /// ([`SessionEnv::expire_negotiations`]).
     pub negotiations: std::sync::Mutex<Negotiations>,
+    /// Refusals whose rate a client controls (bad tokens, full server) are logged at most
+    /// once a second with a count of the rest; the metrics count every one.
+    pub refusal_log: crate::ratelimit::LogLimiter,
 }
 
 impl SessionEnv {
@@ -312,13 +315,13 @@ impl Session {
         let token = token.or(self.upgrade_token.as_deref()).unwrap_or("");
         let claims = match self.env.verifier.verify(token) {
             Ok(c) => c,
-            Err(e) => return self.auth_failed(e),
+            Err(e) => return self.auth_failed(now, e),
         };
         if claims.fam != family {
-            return self.auth_failed(AuthError::FamilyMismatch);
+            return self.auth_failed(now, AuthError::FamilyMismatch);
         }
         if claims.sub != user || claims.dev != device {
-            return self.auth_failed(AuthError::ClaimsMismatch);
+            return self.auth_failed(now, AuthError::ClaimsMismatch);
         }
         let Some(tx) = self.tx.take() else { return };
         let member = Member { family: family.into(), device: device.into(), user: user.into(), session: self.id, tx };
@@ -347,16 +350,20 @@ impl Session {
                     JoinError::FamilyFull => ErrorCode::FamilyFull,
                     JoinError::ServerFull => ErrorCode::ServerFull,
                 };
-                tracing::warn!(session = self.id, error = %e, "registration refused");
+                if let Some(suppressed) = self.env.refusal_log.allow(now) {
+                    tracing::warn!(session = self.id, error = %e, suppressed, "registration refused");
+                }
                 self.error(code, &e.to_string(), None);
                 self.close(CloseCode::TryAgainLater);
             }
         }
     }
 
-    fn auth_failed(&mut self, e: AuthError) {
+    fn auth_failed(&mut self, now: Instant, e: AuthError) {
         self.env.metrics.auth_failures.with_label_values(&[e.reason()]).inc();
-        tracing::info!(session = self.id, reason = e.reason(), "registration refused");
+        if let Some(suppressed) = self.env.refusal_log.allow(now) {
+            tracing::info!(session = self.id, reason = e.reason(), suppressed, "registration refused");
+        }
         let (code, close) = match e {
             AuthError::FamilyMismatch => (ErrorCode::FamilyMismatch, CloseCode::FamilyMismatch),
             _ => (ErrorCode::Unauthorized, CloseCode::Unauthorized),
@@ -495,6 +502,7 @@ mod tests {
             hub,
             metrics,
             negotiations: std::sync::Mutex::new(Negotiations::new(Duration::from_secs(limits.negotiation_timeout_secs))),
+            refusal_log: crate::ratelimit::LogLimiter::new(Instant::now(), Duration::from_secs(1)),
             limits,
         })
     }
