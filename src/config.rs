@@ -465,6 +465,9 @@ pub struct SignalConfig {
     /// Seconds after a relayed offer within which a `p2p-status` report must arrive, or the
     /// negotiation counts as `abandoned`.
     pub negotiation_timeout_secs: u64,
+    /// Seconds a "direct" report without the remote candidate type waits for the other
+    /// side's report (which makes it `relay` if that side's end is a relay candidate).
+    pub negotiation_settle_secs: u64,
 }
 
 impl Default for SignalConfig {
@@ -486,6 +489,7 @@ impl Default for SignalConfig {
             outbound_queue_bytes: 1024 * 1024,
             write_timeout_secs: 10,
             negotiation_timeout_secs: 120,
+            negotiation_settle_secs: 10,
         }
     }
 }
@@ -766,6 +770,7 @@ impl Config {
             ("signal.outbound_queue_bytes", s.outbound_queue_bytes as u64, 1024, 1024 * MIB),
             ("signal.write_timeout_secs", s.write_timeout_secs, 1, 3600),
             ("signal.negotiation_timeout_secs", s.negotiation_timeout_secs, 1, DAY),
+            ("signal.negotiation_settle_secs", s.negotiation_settle_secs, 1, 600),
             ("turn.credential_ttl_secs", t.credential_ttl_secs, 60, 30 * DAY),
             ("turn.max_lifetime_secs", t.max_lifetime_secs, 1, DAY),
             ("turn.nonce_lifetime_secs", t.nonce_lifetime_secs, 1, DAY),

@@ -86,9 +86,10 @@ impl Server {
             ice: IceConfig::new(&config.turn),
             hub,
             metrics,
-            negotiations: std::sync::Mutex::new(crate::signal::negotiation::Negotiations::new(Duration::from_secs(
-                config.signal.negotiation_timeout_secs,
-            ))),
+            negotiations: std::sync::Mutex::new(crate::signal::negotiation::Negotiations::new(
+                Duration::from_secs(config.signal.negotiation_timeout_secs),
+                Duration::from_secs(config.signal.negotiation_settle_secs),
+            )),
             refusal_log: crate::ratelimit::LogLimiter::new(std::time::Instant::now(), Duration::from_secs(1)),
         });
         let (drain, draining) = watch::channel(false);

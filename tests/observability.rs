@@ -31,7 +31,9 @@ async fn negotiate(server: &TestServer) {
     let (mut a, _) = Client::register(server, "fam", "u", "a").await;
     let reports = [
         ("b", json!({"state": "connected", "route": "host"})),
-        ("c", json!({"state": "connected", "route": "srflx"})),
+        // With the remote type, a direct report is counted at once (without it, it waits for
+        // the other side's: tests/signal.rs).
+        ("c", json!({"state": "connected", "route": "srflx", "remoteRoute": "host"})),
         ("d", json!({"state": "connected", "route": "relay", "connectMs": 900})),
         ("e", json!({"state": "failed"})),
     ];

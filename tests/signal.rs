@@ -450,3 +450,40 @@ async fn a_client_close_is_answered_with_a_close_frame() {
     .unwrap();
     assert_eq!(answer, Some(Some(1000)));
 }
+
+#[tokio::test]
+async fn a_one_sided_relay_is_counted_as_relay_whichever_side_reports_first() {
+    // A's local candidate is a relay, B's is srflx: B alone would report "direct". Old-style
+    // reports (no remoteRoute), in both orders; a direct report waits for the other side's.
+    let server = TestServer::with(|c| c.signal.negotiation_settle_secs = 1).await;
+    let (mut a, _) = Client::register(&server, "fam", "u", "a").await;
+    let mut relay_expected = 0.0;
+    let mut keep = Vec::new();
+    for (i, relay_first) in [(0, true), (1, false)] {
+        let peer = format!("b{i}");
+        let (mut b, _) = Client::register(&server, "fam", "u", &peer).await;
+        assert_eq!(a.recv().await["type"], "device-online");
+        a.send(json!({"type": "offer", "toDeviceId": peer, "sdp": {"type": "offer", "sdp": "v=0\r\n"}})).await;
+        assert_eq!(b.recv().await["type"], "offer");
+        let from_a = json!({"type": "p2p-status", "peerDeviceId": peer, "state": "connected", "route": "relay"});
+        let from_b = json!({"type": "p2p-status", "peerDeviceId": "a", "state": "connected", "route": "srflx"});
+        if relay_first {
+            a.send(from_a).await;
+            b.send(from_b).await;
+        } else {
+            b.send(from_b).await;
+            a.send(from_a).await;
+        }
+        relay_expected += 1.0;
+        server.wait_metric(r#"kinlink_p2p_negotiations_total{outcome="relay"}"#, relay_expected).await;
+        keep.push(b);
+    }
+    // A direct report nobody contradicts is counted as direct after the settle time.
+    let (mut c, _) = Client::register(&server, "fam", "u", "c").await;
+    assert_eq!(a.recv().await["type"], "device-online");
+    a.send(json!({"type": "offer", "toDeviceId": "c", "sdp": {"type": "offer", "sdp": "v=0\r\n"}})).await;
+    assert_eq!(c.recv().await["type"], "offer");
+    c.send(json!({"type": "p2p-status", "peerDeviceId": "a", "state": "connected", "route": "host"})).await;
+    server.wait_metric(r#"kinlink_p2p_negotiations_total{outcome="direct"}"#, 1.0).await;
+    assert_eq!(server.metric(r#"kinlink_p2p_negotiations_total{outcome="relay"}"#).await, 2.0);
+}

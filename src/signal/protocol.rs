@@ -223,6 +223,8 @@ pub enum ClientMsg<'a> {
         state: State,
         /// Local candidate type of the selected pair, or `http`.
         route: Option<Route>,
+        /// Remote candidate type of the selected pair, when the client knows it.
+        remote_route: Option<Route>,
         /// The client's own measure; informational (the server measures offer → connected).
         connect_ms: Option<f64>,
     },
@@ -267,6 +269,8 @@ struct Incoming<'a> {
     state: Option<Cow<'a, str>>,
     #[serde(borrow)]
     route: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    remote_route: Option<Cow<'a, str>>,
     connect_ms: Option<f64>,
     #[serde(rename = "ref", borrow)]
     reference: Option<&'a RawValue>,
@@ -346,10 +350,20 @@ pub fn parse_with_ref<'a>(text: &'a str) -> Result<(ClientMsg<'a>, Option<&'a Ra
                     return Err(bad(format!("p2p-status: unknown route `{}` (host, srflx, prflx, relay, http)", clip(other)), reference))
                 }
             };
+            let remote_route = match msg.remote_route.as_deref() {
+                None => None,
+                Some("host") => Some(Route::Host),
+                Some("srflx") => Some(Route::Srflx),
+                Some("prflx") => Some(Route::Prflx),
+                Some("relay") => Some(Route::Relay),
+                Some(other) => {
+                    return Err(bad(format!("p2p-status: unknown remoteRoute `{}` (host, srflx, prflx, relay)", clip(other)), reference))
+                }
+            };
             if msg.connect_ms.is_some_and(|ms| !(0.0..=86_400_000.0).contains(&ms)) {
                 return Err(bad("p2p-status: `connectMs` out of range".into(), reference));
             }
-            Ok(ClientMsg::P2pStatus { peer_device_id, family_id: msg.family_id, state, route, connect_ms: msg.connect_ms })
+            Ok(ClientMsg::P2pStatus { peer_device_id, family_id: msg.family_id, state, route, remote_route, connect_ms: msg.connect_ms })
         }
         other => Err(bad(format!("unknown message type `{}`", clip(other)), reference)),
     };
@@ -543,7 +557,7 @@ mod tests {
     fn p2p_status_is_parsed_and_checked() {
         let m = parse(r#"{"type":"p2p-status","peerDeviceId":"b","state":"connected","route":"relay","connectMs":812}"#).unwrap();
         match m {
-            ClientMsg::P2pStatus { peer_device_id, family_id: None, state: State::Connected, route: Some(Route::Relay), connect_ms } => {
+            ClientMsg::P2pStatus { peer_device_id, family_id: None, state: State::Connected, route: Some(Route::Relay), remote_route: None, connect_ms } => {
                 assert_eq!(peer_device_id, "b");
                 assert_eq!(connect_ms, Some(812.0));
             }

@@ -92,6 +92,10 @@ pub enum ClientMessage {
         /// The selected pair's local candidate type, or `http`; required with `connected`.
         #[serde(default)]
         route: Option<Route>,
+        /// The selected pair's remote candidate type (not `http`). With it, a one-sided relay
+        /// is counted as relay from either side's report at once.
+        #[serde(default)]
+        remote_route: Option<Route>,
         /// The client's own measure of offer → connected, informational.
         #[serde(default)]
         connect_ms: Option<f64>,
@@ -161,6 +165,7 @@ mod tests {
             r#"{"type":"ice-candidate","toDeviceId":"b","candidate":{"candidate":"c"}}"#,
             r#"{"type":"ice-candidate","toDeviceId":"b","candidate":null}"#,
             r#"{"type":"p2p-status","peerDeviceId":"b","state":"connected","route":"relay","connectMs":12}"#,
+            r#"{"type":"p2p-status","peerDeviceId":"b","state":"connected","route":"srflx","remoteRoute":"relay"}"#,
             r#"{"type":"p2p-status","peerDeviceId":"b","state":"failed"}"#,
             r#"{"type":"offer","toDeviceId":"b","sdp":"x","extra":"ignored"}"#,
         ];
@@ -174,6 +179,7 @@ mod tests {
             r#"{"type":"ice-candidate","toDeviceId":"b"}"#,
             r#"{"type":"p2p-status","peerDeviceId":"b","state":"meh"}"#,
             r#"{"type":"p2p-status","peerDeviceId":"b","state":"connected","route":"tcp"}"#,
+            r#"{"type":"p2p-status","peerDeviceId":"b","state":"connected","route":"host","remoteRoute":"udp"}"#,
             r#"{"type":"dance"}"#,
             r#"{"familyId":"f"}"#,
             r#"{"type":"register","familyId":5,"userId":"u","deviceId":"d"}"#,

@@ -52,12 +52,16 @@ impl SessionEnv {
     /// Closes negotiations without a report as `abandoned`; called about once a second.
     pub fn expire_negotiations(&self, now: Instant) {
         let mut n = self.negotiations();
-        let abandoned = n.expire(now);
+        let expired = n.expire(now);
         self.metrics.p2p_negotiations_open.set(n.open() as i64);
         drop(n);
-        if abandoned > 0 {
-            self.metrics.p2p_negotiations.with_label_values(&["abandoned"]).inc_by(abandoned as u64);
-            tracing::debug!(abandoned, "negotiations abandoned without a report");
+        if expired.abandoned > 0 {
+            self.metrics.p2p_negotiations.with_label_values(&["abandoned"]).inc_by(expired.abandoned as u64);
+            tracing::debug!(abandoned = expired.abandoned, "negotiations abandoned without a report");
+        }
+        for connect in expired.direct {
+            self.metrics.p2p_negotiations.with_label_values(&["direct"]).inc();
+            self.metrics.p2p_connect.observe(connect.as_secs_f64());
         }
     }
 }
@@ -266,16 +270,15 @@ impl Session {
     }
 
     fn dispatch(&mut self, now: Instant, msg: ClientMsg<'_>) {
-        match Ok::<_, ()>(msg) {
-            Err(()) => {}
-            Ok(ClientMsg::Register { family_id, user_id, device_id, token }) => {
+        match msg {
+            ClientMsg::Register { family_id, user_id, device_id, token } => {
                 self.register(now, &family_id, &user_id, &device_id, token.as_deref())
             }
-            Ok(ClientMsg::Relay { kind, to_device_id, family_id, payload }) => {
+            ClientMsg::Relay { kind, to_device_id, family_id, payload } => {
                 self.relay(now, kind, &to_device_id, family_id.as_deref(), payload)
             }
-            Ok(ClientMsg::P2pStatus { peer_device_id, family_id, state, route, connect_ms: _ }) => {
-                self.p2p_status(now, &peer_device_id, family_id.as_deref(), state, route)
+            ClientMsg::P2pStatus { peer_device_id, family_id, state, route, remote_route, connect_ms: _ } => {
+                self.p2p_status(now, &peer_device_id, family_id.as_deref(), state, route, remote_route)
             }
         }
     }
@@ -399,7 +402,7 @@ impl Session {
         }
     }
 
-    fn p2p_status(&mut self, now: Instant, peer: &str, family: Option<&str>, state: State, route: Option<Route>) {
+    fn p2p_status(&mut self, now: Instant, peer: &str, family: Option<&str>, state: State, route: Option<Route>, remote: Option<Route>) {
         let Some(r) = &self.registered else {
             return self.error(ErrorCode::NotRegistered, "register first", None);
         };
@@ -407,7 +410,7 @@ impl Session {
             return self.error(ErrorCode::FamilyMismatch, "familyId is not this device's family", None);
         }
         let mut n = self.env.negotiations();
-        let result = n.report(&r.family, &r.device, peer, state, route, now);
+        let result = n.report(&r.family, &r.device, peer, state, route, remote, now);
         self.env.metrics.p2p_negotiations_open.set(n.open() as i64);
         drop(n);
         match result {
@@ -419,6 +422,7 @@ impl Session {
                 tracing::info!(session = self.id, outcome = outcome.as_str(), connect_ms = connect.map(|d| d.as_millis() as u64), "p2p negotiation ended");
             }
             Ok(Reported::Known) => {}
+            Ok(Reported::Settling) => tracing::debug!(session = self.id, "direct connection reported; waiting for the other side's route"),
             Err(ReportError::Unknown) => {
                 self.error(ErrorCode::NoNegotiation, &format!("no offer was relayed between this device and {}", Shown(peer)), None)
             }
@@ -501,7 +505,10 @@ mod tests {
             ice: IceConfig::new(&turn),
             hub,
             metrics,
-            negotiations: std::sync::Mutex::new(Negotiations::new(Duration::from_secs(limits.negotiation_timeout_secs))),
+            negotiations: std::sync::Mutex::new(Negotiations::new(
+                Duration::from_secs(limits.negotiation_timeout_secs),
+                Duration::from_secs(limits.negotiation_settle_secs),
+            )),
             refusal_log: crate::ratelimit::LogLimiter::new(Instant::now(), Duration::from_secs(1)),
             limits,
         })
