@@ -17,8 +17,16 @@
 //!
 //! ```text
 //! cargo build --release --bins --examples
-//! target/release/examples/abuse_bench --seconds 10
+//! target/release/examples/abuse_bench --seconds 10 [--phases baseline,allocate-flood]
 //! bench/abuse.sh     # the same, output kept in bench/results/
+//! ```
+//!
+//! kinlink inherits the environment, so a limit can be changed for a comparison, e.g.
+//! `KINLINK_TURN__UNAUTHENTICATED_PER_IP_PER_SEC=0` (no per-IP limit on unauthenticated
+//! requests):
+//!
+//! ```text
+//! KINLINK_TURN__UNAUTHENTICATED_PER_IP_PER_SEC=0 target/release/examples/abuse_bench --phases allocate-flood
 //! ```
 
 use std::io::BufRead;
@@ -315,18 +323,20 @@ async fn phase(name: &str, server: &Server, seconds: u64) {
 async fn main() {
     let mut seconds = 10;
     let mut bin = "target/release/kinlink".to_string();
+    let mut phases: Vec<String> = ["baseline", "slowloris", "idle-turn-streams", "allocate-flood"].map(String::from).to_vec();
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
         match k.as_str() {
             "--seconds" => seconds = v.parse::<u64>().unwrap().min(120),
             "--bin" => bin = v,
+            "--phases" => phases = v.split(',').map(String::from).collect(),
             other => panic!("unknown flag {other}"),
         }
     }
     let server = start(&bin);
     println!("kinlink pid {} http {} turn {}", server.child.id(), server.http, server.turn);
-    for name in ["baseline", "slowloris", "idle-turn-streams", "allocate-flood"] {
+    for name in &phases {
         phase(name, &server, seconds).await;
     }
 }

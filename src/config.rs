@@ -215,6 +215,11 @@ pub struct HttpConfig {
     /// All connections (WebSockets included) from one source IP. A carrier-grade NAT puts
     /// many households behind one address, so this is high; it stops one host, not one NAT.
     pub max_connections_per_ip: usize,
+    /// PEM certificate chain: with `tls_key`, `http.listen` serves HTTPS and WSS (reloaded
+    /// when the files change or on SIGHUP).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// Origins (`https://app.example.com`) whose pages may call the JSON endpoints
     /// (`/v1/ice-servers`, `/v1/check/tokens`) from a browser; `*` for any. Default none.
     pub cors_origins: Vec<String>,
@@ -228,6 +233,8 @@ impl Default for HttpConfig {
             max_unupgraded_connections: 4096,
             max_unupgraded_per_ip: 64,
             max_connections_per_ip: 1024,
+            tls_cert: None,
+            tls_key: None,
             cors_origins: Vec::new(),
         }
     }
@@ -664,6 +671,8 @@ pub fn known_keys() -> std::collections::HashSet<String> {
     full.auth.token_secret = Some(Secret::new("x"));
     full.turn.secret = Some(Secret::new("x"));
     full.turn.tls_cert = Some("x".into());
+    full.http.tls_cert = Some("x".into());
+    full.http.tls_key = Some("x".into());
     full.turn.tls_key = Some("x".into());
     full.turn.public_ip = Some(std::net::Ipv4Addr::LOCALHOST.into());
     let table: toml::Table = toml::from_str(&toml::to_string(&full).expect("the config serializes")).expect("and parses back");
@@ -804,6 +813,9 @@ impl Config {
         }
         if !(s.rate_per_sec.is_finite() && s.rate_per_sec > 0.0 && s.rate_per_sec <= 1_000_000.0) {
             return Err(ConfigError::invalid("signal.rate_per_sec", "must be a number above 0 and at most 1000000"));
+        }
+        if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
+            return Err(ConfigError::invalid("http.tls_cert", "http.tls_cert and http.tls_key go together"));
         }
         if self.turn.tls_cert.is_some() != self.turn.tls_key.is_some() {
             return Err(ConfigError::invalid("turn.tls_cert", "turn.tls_cert and turn.tls_key go together"));
@@ -975,6 +987,17 @@ mod tests {
         assert!(err.to_string().contains("turn.public_ip"), "{err}");
         let err = load_with_env(None, &[], env(&[("KINLINK_METRICS__LISTEN", "x")])).unwrap_err();
         assert!(err.to_string().contains("metrics.listen"), "{err}");
+    }
+
+    #[test]
+    fn default_turn_quotas_fit_what_libwebrtc_allocates() {
+        // One allocation per TURN URL (3), per network (Wi-Fi and cellular), per peer
+        // connection: a device of a family of 5 has 4 peers.
+        let q = TurnQuota::default();
+        assert!(q.device_allocations >= 3 * 2 * 4, "{}", q.device_allocations);
+        assert!(q.family_allocations >= 5 * q.device_allocations, "{}", q.family_allocations);
+        assert!(q.check_allocations >= 2 * 3, "a check needs two devices × three URLs");
+        assert!(q.total_allocations >= 10 * q.family_allocations);
     }
 
     #[test]

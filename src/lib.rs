@@ -13,6 +13,7 @@
 //!   [`turn::tls`] (the drivers).
 //! - [`http`]: the axum routers and the HTTP listener ([`http::listener`]); [`check`]: the
 //!   `/check` self-check page and its tokens.
+//! - [`tls`]: certificates for `turns:` and HTTPS, reloaded on change.
 //! - [`connlimit`]: admission caps (total, per source IP) for TCP listeners; [`health`]: the
 //!   listener supervisor and what `/readyz` reports.
 //! - [`metrics`]: every exported metric; [`ratelimit`]: the token bucket both rate limits use.
@@ -36,6 +37,7 @@ pub mod ratelimit;
 pub mod secrets;
 pub mod server;
 pub mod signal;
+pub mod tls;
 pub mod turn;
 
 pub use config::Config;

@@ -96,7 +96,13 @@ fn config_check(config: &kinlink::Config) -> ExitCode {
         println!("#   {key}: {}", kinlink::secrets::source(config, key, &env));
     }
     let mut missing = false;
-    for (key, path) in [("turn.tls_cert", &config.turn.tls_cert), ("turn.tls_key", &config.turn.tls_key)] {
+    let files = [
+        ("turn.tls_cert", &config.turn.tls_cert),
+        ("turn.tls_key", &config.turn.tls_key),
+        ("http.tls_cert", &config.http.tls_cert),
+        ("http.tls_key", &config.http.tls_key),
+    ];
+    for (key, path) in files {
         if let Some(path) = path {
             if let Err(e) = std::fs::metadata(path) {
                 eprintln!("kinlink: configuration error: {key}: cannot read {}: {e}", path.display());

@@ -77,7 +77,7 @@ pub struct Metrics {
     pub p2p_connect: Histogram,
     /// `kinlink_check_tokens_total{result}`: `POST /v1/check/tokens` (issued, unauthorized, rate_limited).
     pub check_tokens: IntCounterVec,
-    /// `kinlink_turn_tls_reloads_total{result}`: certificate reloads (ok, error).
+    /// `kinlink_turn_tls_reloads_total{listener,result}`: certificate reloads (turn, http; ok, error).
     pub turn_tls_reloads: IntCounterVec,
     /// `kinlink_panics_total`: panics anywhere in the process (each one is a bug).
     pub panics: IntCounter,
@@ -92,7 +92,7 @@ pub struct Metrics {
     pub http_unupgraded: IntGauge,
     /// `kinlink_turn_stream_timeouts_total{stage}`: TCP/TLS clients cut off by a deadline.
     pub turn_stream_timeouts: IntCounterVec,
-    /// `kinlink_turn_tls_handshake_failures_total{reason}`.
+    /// `kinlink_turn_tls_handshake_failures_total{listener,reason}` (turn, http).
     pub turn_tls_handshake_failures: IntCounterVec,
 }
 
@@ -282,10 +282,16 @@ impl Metrics {
                 "Self-check token pairs requested, by result: issued, unauthorized, rate_limited.",
                 "result",
             ),
-            turn_tls_reloads: counter_vec(
-                "kinlink_turn_tls_reloads_total",
-                "TURN TLS certificate reloads (file change or SIGHUP), by result: ok, error.",
-                "result",
+            turn_tls_reloads: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "kinlink_turn_tls_reloads_total",
+                        "TLS certificate reloads (file change or SIGHUP), by listener (turn, http) and result (ok, error).",
+                    ),
+                    &["listener", "result"],
+                )
+                .expect("valid metric"),
             ),
             panics: reg(&registry, PANICS.clone()),
             listener_restarts: counter_vec(
@@ -311,10 +317,16 @@ impl Metrics {
                 "TURN TCP/TLS clients closed by a deadline, by stage: first_message, frame, idle.",
                 "stage",
             ),
-            turn_tls_handshake_failures: counter_vec(
-                "kinlink_turn_tls_handshake_failures_total",
-                "TURN TLS handshakes that failed, by reason: timeout, eof, protocol, io.",
-                "reason",
+            turn_tls_handshake_failures: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "kinlink_turn_tls_handshake_failures_total",
+                        "TLS handshakes that failed, by listener (turn, http) and reason (timeout, eof, protocol, io).",
+                    ),
+                    &["listener", "reason"],
+                )
+                .expect("valid metric"),
             ),
             registry: registry.clone(),
         };
@@ -334,10 +346,12 @@ impl Metrics {
             m.turn_stream_timeouts.with_label_values(&[s]);
         }
         for r in TLS_FAILURE_REASONS {
-            m.turn_tls_handshake_failures.with_label_values(&[r]);
+            m.turn_tls_handshake_failures.with_label_values(&["turn", r]);
+            m.turn_tls_handshake_failures.with_label_values(&["http", r]);
         }
         for r in ["ok", "error"] {
-            m.turn_tls_reloads.with_label_values(&[r]);
+            m.turn_tls_reloads.with_label_values(&["turn", r]);
+            m.turn_tls_reloads.with_label_values(&["http", r]);
         }
         for r in CHECK_TOKEN_RESULTS {
             m.check_tokens.with_label_values(&[r]);

@@ -98,7 +98,7 @@ impl Server {
         }
         let minter = crate::check::Minter::new(config.check.clone(), token_secret.clone(), std::time::Instant::now());
         let state = AppState::new(env, draining, minter, health, config.http.cors_origins.clone());
-        let http_limits = http::listener::HttpLimits::new(&config.http);
+        let http_limits = http::listener::HttpLimits::new(&config.http).context("https: certificate")?;
         Ok(Server { config, http, metrics: metrics_listener, state, drain, turn, http_limits })
     }
 
@@ -133,6 +133,11 @@ impl Server {
         let separate_metrics = metrics.is_some();
         let http_addr = http.local_addr()?;
         let metrics_addr = metrics.as_ref().map(TcpListener::local_addr).transpose()?;
+        // HTTPS certificates are reloaded like the TURN ones (turn.tls_reload_poll_secs, SIGHUP).
+        let tls_watch = http_limits.tls.clone().map(|a| {
+            tokio::spawn(a.watch(Duration::from_secs(config.turn.tls_reload_poll_secs), state.shared().env.metrics.clone()))
+        });
+        let scheme = if http_limits.tls.is_some() { "https" } else { "http" };
         let public = http::listener::serve(http, http::app(state.clone(), !separate_metrics), http_limits, state.shared().env.metrics.clone(), drain.subscribe());
         let public = tokio::spawn(public);
         let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -154,13 +159,14 @@ impl Server {
             })
         };
         shared.ready.store(true, Ordering::Relaxed);
-        let base = crate::probe::local_base(http_addr);
+        let base = crate::probe::local_base(http_addr).replacen("http", scheme, 1);
         tracing::info!(
             "next: mint a device token with `kinlink token --family FAMILY --user USER --device DEVICE` (same data \
              directory or auth.token_secret), then open {base}/check in a browser or run `kinlink check`"
         );
         tracing::info!(
             http = %http_addr,
+            scheme,
             metrics = %metrics_addr.map_or_else(|| "on http".to_string(), |a| a.to_string()),
             version = env!("CARGO_PKG_VERSION"),
             "kinlink serving"
@@ -194,6 +200,9 @@ impl Server {
         // what is left of the grace period.
         let _ = tokio::time::timeout(Duration::from_secs(1), public).await;
         sweeper.abort();
+        if let Some(w) = tls_watch {
+            w.abort();
+        }
         let _ = metrics_stop.send(());
         if let Some(task) = metrics_task {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;

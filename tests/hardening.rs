@@ -203,8 +203,8 @@ async fn tls_sockets_that_never_handshake_are_cut_and_counted() {
     garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     assert!(closed_within(&mut garbage, Duration::from_secs(1)).await);
     assert!(closed_within(&mut silent, Duration::from_secs(3)).await);
-    server.wait_metric(r#"kinlink_turn_tls_handshake_failures_total{reason="timeout"}"#, 1.0).await;
-    server.wait_metric(r#"kinlink_turn_tls_handshake_failures_total{reason="protocol"}"#, 1.0).await;
+    server.wait_metric(r#"kinlink_turn_tls_handshake_failures_total{listener="turn",reason="timeout"}"#, 1.0).await;
+    server.wait_metric(r#"kinlink_turn_tls_handshake_failures_total{listener="turn",reason="protocol"}"#, 1.0).await;
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -407,4 +407,33 @@ async fn tokens_are_never_logged_even_at_trace_and_refusals_are_summarised() {
     assert!(leaked.is_empty(), "token logged: {:?}", leaked.first());
     let refused = lines.iter().filter(|l| l.contains("TURN request refused")).count();
     assert!((1..=3).contains(&refused), "{refused} refusal lines for 300 refusals");
+}
+
+#[tokio::test]
+async fn a_slow_reader_holds_a_bounded_number_of_bytes() {
+    // 200 offers of 60 KB to a device that never reads: within the message bound (256), so
+    // only the byte bound stops the queue (it once grew to ~16 MB per slow device). The
+    // kernel's socket buffers absorb a few MB first; after that the sender is told.
+    let server = TestServer::with(|c| {
+        c.signal.outbound_queue_bytes = 256 * 1024;
+        c.signal.rate_burst = 1000;
+        c.signal.rate_per_sec = 1000.0;
+    })
+    .await;
+    let (mut sender, _) = Client::register(&server, "fam", "u", "sender").await;
+    let (slow, _) = Client::register(&server, "fam", "u", "slow").await;
+    assert_eq!(sender.recv().await["type"], "device-online");
+    let sdp = "v".repeat(60_000);
+    for _ in 0..200 {
+        sender.send(serde_json::json!({"type": "offer", "toDeviceId": "slow", "sdp": sdp})).await;
+    }
+    let mut refused = 0;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), sender.ws.next()).await {
+        if m.to_text().is_ok_and(|t| t.contains("not keeping up")) {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "the byte bound never refused a message");
+    assert!(server.metric(r#"kinlink_signal_errors_total{code="rate-limited"}"#).await >= refused as f64);
+    drop(slow);
 }

@@ -222,21 +222,6 @@ async fn draining_refuses_new_allocations_and_keeps_existing_ones_relaying() {
     c2.close().await.unwrap();
 }
 
-/// The SHA-256 fingerprint of the certificate a TLS server presents (openssl s_client).
-fn presented_fingerprint(port: u16) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("openssl s_client -connect 127.0.0.1:{port} -servername localhost </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn file_fingerprint(cert: &std::path::Path) -> String {
-    let out = Command::new("openssl").args(["x509", "-noout", "-fingerprint", "-sha256", "-in"]).arg(cert).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[tokio::test]
 async fn tls_certificate_is_reloaded_when_the_files_change() {
     let dir = temp_dir("reload");
@@ -266,10 +251,10 @@ async fn tls_certificate_is_reloaded_when_the_files_change() {
         assert!(std::time::Instant::now() < deadline, "still serving {now}, want {want}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    server.wait_metric(r#"kinlink_turn_tls_reloads_total{result="ok"}"#, 1.0).await;
+    server.wait_metric(r#"kinlink_turn_tls_reloads_total{listener="turn",result="ok"}"#, 1.0).await;
     // A broken file is refused and the working certificate stays.
     std::fs::write(&cert, "not a certificate").unwrap();
-    server.wait_metric(r#"kinlink_turn_tls_reloads_total{result="error"}"#, 1.0).await;
+    server.wait_metric(r#"kinlink_turn_tls_reloads_total{listener="turn",result="error"}"#, 1.0).await;
     assert_eq!(tokio::task::spawn_blocking(move || presented_fingerprint(port)).await.unwrap(), want);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -5,6 +5,7 @@
 //! (slowloris) exhausts descriptors for TURN too.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,16 +30,23 @@ pub struct HttpLimits {
     /// `http.max_connections_per_ip` (total unbounded here: `signal.max_connections` caps
     /// WebSockets, `unupgraded` the rest).
     pub per_ip: Arc<ConnLimiter>,
+    /// HTTPS/WSS when `http.tls_cert` and `http.tls_key` are set.
+    pub tls: Option<crate::tls::Acceptor>,
 }
 
 impl HttpLimits {
-    /// From `http.*`.
-    pub fn new(cfg: &crate::config::HttpConfig) -> Self {
-        HttpLimits {
+    /// From `http.*`; fails when the TLS files are unusable.
+    pub fn new(cfg: &crate::config::HttpConfig) -> Result<Self, crate::tls::TlsError> {
+        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::Acceptor::new(cert.clone(), key.clone(), "http")?),
+            _ => None,
+        };
+        Ok(HttpLimits {
             header_read_timeout: Duration::from_secs(cfg.header_read_timeout_secs),
             unupgraded: ConnLimiter::new(cfg.max_unupgraded_connections, cfg.max_unupgraded_per_ip),
             per_ip: ConnLimiter::new(usize::MAX, cfg.max_connections_per_ip),
-        }
+            tls,
+        })
     }
 }
 
@@ -90,31 +98,55 @@ pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, me
         let metrics = metrics.clone();
         let mut stop = stop.clone();
         let timeout = limits.header_read_timeout;
+        let tls = limits.tls.clone();
         tokio::spawn(async move {
             metrics.http_unupgraded.inc();
-            let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(from));
-                req.extensions_mut().insert(hold.clone());
-                let router = router.clone();
-                async move { Ok::<_, Infallible>(router.oneshot(req.map(axum::body::Body::new)).await.unwrap_or_else(|e| match e {})) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            // The connection future ends when the connection closes or is handed over to a
-            // WebSocket: either way it is no longer "unupgraded".
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
+            match tls {
+                None => serve_connection(stream, from, hold, router, timeout, &mut stop).await,
+                // The handshake shares the header-read deadline: a socket that never completes
+                // it is held no longer than a silent plain one.
+                Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => serve_connection(tls, from, hold, router, timeout, &mut stop).await,
+                    Ok(Err(e)) => {
+                        let reason = crate::tls::failure_reason(&e);
+                        metrics.turn_tls_handshake_failures.with_label_values(&["http", reason]).inc();
+                        tracing::debug!(reason, error = %e, "HTTPS handshake failed");
+                    }
+                    Err(_) => {
+                        metrics.turn_tls_handshake_failures.with_label_values(&["http", "timeout"]).inc();
+                    }
+                },
             }
             metrics.http_unupgraded.dec();
             drop(pending);
         });
+    }
+}
+
+/// Serves one connection (plain or TLS) until it closes or is handed to a WebSocket.
+async fn serve_connection<S>(stream: S, from: SocketAddr, hold: ConnHold, router: Router, timeout: Duration, stop: &mut watch::Receiver<bool>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(from));
+        req.extensions_mut().insert(hold.clone());
+        let router = router.clone();
+        async move { Ok::<_, Infallible>(router.oneshot(req.map(axum::body::Body::new)).await.unwrap_or_else(|e| match e {})) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    // The connection future ends when the connection closes or is handed over to a
+    // WebSocket: either way it is no longer "unupgraded".
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
     }
 }

@@ -148,7 +148,7 @@ enum Outgoing {
 /// Accepts TCP connections (and, with `tls`, wraps them) until the task is aborted.
 /// Admission (`turn.max_stream_connections`, per IP) happens right after `accept`, and a
 /// failing `accept` (out of descriptors) backs off instead of spinning (as mini-redis does).
-pub async fn serve_tcp(listener: Arc<TcpListener>, ctx: Ctx, limit: Arc<ConnLimiter>, tls: Option<super::tls::Acceptor>) {
+pub async fn serve_tcp(listener: Arc<TcpListener>, ctx: Ctx, limit: Arc<ConnLimiter>, tls: Option<crate::tls::Acceptor>) {
     let local = match listener.local_addr() {
         Ok(a) => a,
         Err(_) => return,
@@ -193,12 +193,12 @@ pub async fn serve_tcp(listener: Arc<TcpListener>, ctx: Ctx, limit: Arc<ConnLimi
                 Some(acceptor) => match tokio::time::timeout_at(accepted + ctx.stream_timeouts.handshake, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => serve_stream(s, tuple, ctx, accepted).await,
                     Ok(Err(e)) => {
-                        let reason = tls_failure_reason(&e);
-                        ctx.metrics.turn_tls_handshake_failures.with_label_values(&[reason]).inc();
+                        let reason = crate::tls::failure_reason(&e);
+                        ctx.metrics.turn_tls_handshake_failures.with_label_values(&["turn", reason]).inc();
                         tracing::debug!(reason, error = %e, "TLS handshake failed");
                     }
                     Err(_) => {
-                        ctx.metrics.turn_tls_handshake_failures.with_label_values(&["timeout"]).inc();
+                        ctx.metrics.turn_tls_handshake_failures.with_label_values(&["turn", "timeout"]).inc();
                     }
                 },
             }
@@ -210,15 +210,6 @@ pub async fn serve_tcp(listener: Arc<TcpListener>, ctx: Ctx, limit: Arc<ConnLimi
 /// First pause after a failed `accept`; doubled on each further failure up to the max.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// The bounded label for a failed TLS handshake.
-fn tls_failure_reason(e: &std::io::Error) -> &'static str {
-    match e.kind() {
-        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => "eof",
-        std::io::ErrorKind::InvalidData => "protocol",
-        _ => "io",
-    }
-}
 
 /// Frames queued for one stream client before relayed data is dropped.
 const STREAM_QUEUE: usize = 512;

@@ -6,14 +6,12 @@
 //! - [`server`]: the rules, sans-IO: auth, allocations, permissions, channels, quotas.
 //! - [`relay`]: relay sockets and their peer-reading tasks.
 //! - [`listener`]: the UDP, TCP and TLS client legs.
-//! - [`tls`]: certificates for `turns:`, reloaded on change.
 
 pub mod listener;
 pub mod policy;
 pub mod relay;
 pub mod server;
 pub mod stun;
-pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -142,7 +140,7 @@ impl TurnService {
     pub async fn start(cfg: &TurnConfig, metrics: Arc<Metrics>, health: Arc<Health>, other_own: &[SocketAddr]) -> anyhow::Result<TurnService> {
         let secret = cfg.secret.clone().context("turn.secret is resolved")?;
         let tls_files = match (cfg.tls_enabled(), &cfg.tls_cert, &cfg.tls_key) {
-            (true, Some(cert), Some(key)) => Some(tls::Acceptor::new(cert.clone(), key.clone()).context("turns: certificate")?),
+            (true, Some(cert), Some(key)) => Some(crate::tls::Acceptor::new(cert.clone(), key.clone(), "turn").context("turns: certificate")?),
             _ => None,
         };
         let mut udp = Vec::new();

@@ -261,3 +261,19 @@ pub fn serve_tls(c: &mut Config, cert: &std::path::Path, key: &std::path::Path) 
     c.turn.tls_cert = Some(cert.to_path_buf());
     c.turn.tls_key = Some(key.to_path_buf());
 }
+
+/// The SHA-256 fingerprint of the certificate a TLS server on 127.0.0.1 presents (openssl s_client).
+pub fn presented_fingerprint(port: u16) -> String {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("openssl s_client -connect 127.0.0.1:{port} -servername localhost </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The SHA-256 fingerprint of a PEM certificate file.
+pub fn file_fingerprint(cert: &std::path::Path) -> String {
+    let out = std::process::Command::new("openssl").args(["x509", "-noout", "-fingerprint", "-sha256", "-in"]).arg(cert).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

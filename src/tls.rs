@@ -1,5 +1,6 @@
-//! TLS for `turns:`: rustls with the certificate and key from files, reloaded when the files
-//! change (checked every few seconds) or on SIGHUP, so renewed certificates need no restart.
+//! TLS for `turns:` and for HTTPS/WSS: rustls with the certificate and key from files,
+//! reloaded when the files change (checked every few seconds) or on SIGHUP, so renewed
+//! certificates need no restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -26,43 +27,56 @@ pub enum TlsError {
     Invalid(String),
 }
 
+/// The bounded label for a failed TLS handshake.
+pub fn failure_reason(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => "eof",
+        std::io::ErrorKind::InvalidData => "protocol",
+        _ => "io",
+    }
+}
+
 /// A TLS acceptor whose configuration can be swapped while serving.
 #[derive(Clone)]
 pub struct Acceptor {
     current: Arc<RwLock<Arc<ServerConfig>>>,
     cert: PathBuf,
     key: PathBuf,
+    /// The config section the files come from (`turn` or `http`), for errors and the
+    /// `listener` label of the reload metric.
+    section: &'static str,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Io { path: path.display().to_string(), source })
 }
 
-/// Loads a rustls server configuration from PEM files.
-pub fn load(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
+/// Loads a rustls server configuration from PEM files; errors name `section`'s keys.
+pub fn load(cert: &Path, key: &Path, section: &str) -> Result<ServerConfig, TlsError> {
     let certs: Vec<_> = rustls_pemfile::certs(&mut read(cert)?.as_slice())
         .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Invalid(format!("turn.tls_cert: {e}")))?;
+        .map_err(|e| TlsError::Invalid(format!("{section}.tls_cert: {e}")))?;
     if certs.is_empty() {
-        return Err(TlsError::Invalid(format!("turn.tls_cert: no certificate in {}", cert.display())));
+        return Err(TlsError::Invalid(format!("{section}.tls_cert: no certificate in {}", cert.display())));
     }
     let key = rustls_pemfile::private_key(&mut read(key)?.as_slice())
-        .map_err(|e| TlsError::Invalid(format!("turn.tls_key: {e}")))?
-        .ok_or_else(|| TlsError::Invalid(format!("turn.tls_key: no private key in {}", key.display())))?;
+        .map_err(|e| TlsError::Invalid(format!("{section}.tls_key: {e}")))?
+        .ok_or_else(|| TlsError::Invalid(format!("{section}.tls_key: no private key in {}", key.display())))?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Invalid(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Invalid(format!("turn.tls_cert/turn.tls_key: {e}")))
+        .map_err(|e| TlsError::Invalid(format!("{section}.tls_cert/{section}.tls_key: {e}")))
 }
 
 impl Acceptor {
-    /// Loads the files; fails start-up when they are unusable.
-    pub fn new(cert: PathBuf, key: PathBuf) -> Result<Self, TlsError> {
-        let config = load(&cert, &key)?;
-        Ok(Acceptor { current: Arc::new(RwLock::new(Arc::new(config))), cert, key })
+    /// Loads the files of config section `section` (`turn`, `http`); fails start-up when
+    /// they are unusable.
+    pub fn new(cert: PathBuf, key: PathBuf, section: &'static str) -> Result<Self, TlsError> {
+        let config = load(&cert, &key, section)?;
+        Ok(Acceptor { current: Arc::new(RwLock::new(Arc::new(config))), cert, key, section })
     }
 
     /// Completes a TLS handshake with the current certificate.
@@ -73,7 +87,7 @@ impl Acceptor {
 
     /// Reloads the files; on failure the old certificate stays in use.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let config = load(&self.cert, &self.key)?;
+        let config = load(&self.cert, &self.key, self.section)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
         Ok(())
     }
@@ -110,12 +124,12 @@ impl Acceptor {
                 last = now;
                 match self.reload() {
                     Ok(()) => {
-                        metrics.turn_tls_reloads.with_label_values(&["ok"]).inc();
-                        tracing::info!(signalled, "TLS certificate reloaded")
+                        metrics.turn_tls_reloads.with_label_values(&[self.section, "ok"]).inc();
+                        tracing::info!(signalled, listener = self.section, "TLS certificate reloaded")
                     }
                     Err(e) => {
-                        metrics.turn_tls_reloads.with_label_values(&["error"]).inc();
-                        tracing::error!(error = %e, "TLS certificate reload failed; keeping the previous one")
+                        metrics.turn_tls_reloads.with_label_values(&[self.section, "error"]).inc();
+                        tracing::error!(error = %e, listener = self.section, "TLS certificate reload failed; keeping the previous one")
                     }
                 }
             }
