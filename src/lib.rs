@@ -9,8 +9,8 @@
 //! - [`signal`]: the relay: [`signal::protocol`] (wire format), [`signal::session`] (rules,
 //!   sans-IO), [`signal::hub`] (who is online, routing), [`signal::ws`] (the tokio driver).
 //! - [`turn`]: the STUN/TURN server: [`turn::stun`] (wire format), [`turn::policy`] (peer
-//!   addresses), [`turn::server`] (rules, sans-IO), [`turn::relay`], [`turn::listener`],
-//!   [`turn::tls`] (the drivers).
+//!   addresses), [`turn::server`] (rules, sans-IO), [`turn::relay`], [`turn::listener`]
+//!   (the drivers).
 //! - [`http`]: the axum routers and the HTTP listener ([`http::listener`]); [`check`]: the
 //!   `/check` self-check page and its tokens.
 //! - [`tls`]: certificates for `turns:` and HTTPS, reloaded on change.

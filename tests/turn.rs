@@ -242,15 +242,7 @@ async fn tls_certificate_is_reloaded_when_the_files_change() {
     assert_ne!(want, first);
     std::fs::rename(&new_key, &key).unwrap();
     std::fs::rename(&new_cert, &cert).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = tokio::task::spawn_blocking(move || presented_fingerprint(port)).await.unwrap();
-        if now == want {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "still serving {now}, want {want}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_fingerprint(port, &want).await;
     server.wait_metric(r#"kinlink_turn_tls_reloads_total{listener="turn",result="ok"}"#, 1.0).await;
     // A broken file is refused and the working certificate stays.
     std::fs::write(&cert, "not a certificate").unwrap();

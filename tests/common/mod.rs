@@ -272,6 +272,19 @@ pub fn presented_fingerprint(port: u16) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Waits (up to 10 s) until the TLS server on `port` presents the certificate `want`.
+pub async fn wait_for_fingerprint(port: u16, want: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = tokio::task::spawn_blocking(move || presented_fingerprint(port)).await.unwrap();
+        if now == want {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "still serving {now}, want {want}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The SHA-256 fingerprint of a PEM certificate file.
 pub fn file_fingerprint(cert: &std::path::Path) -> String {
     let out = std::process::Command::new("openssl").args(["x509", "-noout", "-fingerprint", "-sha256", "-in"]).arg(cert).output().unwrap();

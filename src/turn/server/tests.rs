@@ -158,7 +158,7 @@ fn binding_answers_the_reflexive_address() {
     let r = h.reply(h.t0, tuple(4000), &request(method::BINDING, tid(1), &[], None, &[]));
     let m = Message::parse(&r).unwrap();
     assert_eq!((m.method, m.class), (method::BINDING, Class::Success));
-    let addr = super::super::stun::decode_xor_addr(m.get(attr::XOR_MAPPED_ADDRESS).unwrap(), &m.tid).unwrap();
+    let addr = crate::turn::stun::decode_xor_addr(m.get(attr::XOR_MAPPED_ADDRESS).unwrap(), &m.tid).unwrap();
     assert_eq!(addr, tuple(4000).client);
     assert!(m.fingerprint_ok() && m.has_fingerprint());
     assert_eq!(h.metrics.turn_binding_requests.with_label_values(&["udp"]).get(), 1);
@@ -172,7 +172,7 @@ fn allocate_challenge_success_retransmit_and_mismatch() {
     let m = Message::parse(&ok).unwrap();
     assert_eq!(m.class, Class::Success, "{:?}", code(&m));
     assert!(m.verify_integrity(&c.key), "responses carry integrity with the same key");
-    let relayed = super::super::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap();
+    let relayed = crate::turn::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap();
     assert_eq!(relayed, "203.0.113.10:50000".parse().unwrap(), "public IP, relay port");
     assert_eq!(m.get(attr::LIFETIME), Some(&600u32.to_be_bytes()[..]));
     // Retransmission of the same transaction: identical answer, no second allocation.
@@ -252,7 +252,7 @@ fn allocate_attribute_rules() {
     // EVEN-PORT without reservation: an even relay port.
     let r = h.reply(h.t0, t, &request(method::ALLOCATE, tid(60), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::EVEN_PORT, &[0])], Some(&c), &[]));
     let m = Message::parse(&r).unwrap();
-    let relayed = super::super::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap();
+    let relayed = crate::turn::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap();
     assert_eq!(relayed.port() % 2, 0);
     // Lifetime is clamped to [600, max].
     let mut c2 = creds_for("fam", "dev2", 3600, SECRET);
@@ -271,7 +271,7 @@ fn even_port_reservation_pairs_rtp_and_rtcp() {
     let rtp = h.reply(h.t0, tuple(4001), &request(method::ALLOCATE, tid(10), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::EVEN_PORT, &[0x80])], Some(&c_rtp), &[]));
     let m = Message::parse(&rtp).unwrap();
     assert_eq!(m.class, Class::Success, "{:?}", code(&m));
-    let port = super::super::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap().port();
+    let port = crate::turn::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap().port();
     assert_eq!(port % 2, 0);
     let token = m.get(attr::RESERVATION_TOKEN).unwrap().to_vec();
     let mut c2 = creds_for("fam", "dev2", 3600, SECRET);
@@ -279,7 +279,7 @@ fn even_port_reservation_pairs_rtp_and_rtcp() {
     let rtcp = h.reply(h.t0, tuple(4002), &request(method::ALLOCATE, tid(11), &[(attr::REQUESTED_TRANSPORT, UDP), (attr::RESERVATION_TOKEN, &token)], Some(&c2), &[]));
     let m = Message::parse(&rtcp).unwrap();
     assert_eq!(m.class, Class::Success, "{:?}", code(&m));
-    assert_eq!(super::super::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap().port(), port + 1);
+    assert_eq!(crate::turn::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap().port(), port + 1);
     // A token is good once, and reservations lapse after 30 s.
     let mut c4 = creds_for("kfam", "dev", 3600, SECRET);
     c4.nonce = c.nonce.clone();
@@ -624,7 +624,7 @@ fn send_indications_are_checked_against_own_ports_by_full_address() {
     h.b.next = 3478;
     let other = h.reply(h.t0, tuple(4001), &request(method::ALLOCATE, tid(13), &[(attr::REQUESTED_TRANSPORT, UDP)], Some(&c2), &[]));
     let m = Message::parse(&other).unwrap();
-    let relayed = super::super::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap();
+    let relayed = crate::turn::stun::decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap();
     assert_eq!(relayed, "203.0.113.10:3478".parse().unwrap());
     let r = h.reply(h.t0, t, &request(method::CREATE_PERMISSION, tid(14), &[], Some(&c), &[relayed]));
     assert_eq!(Message::parse(&r).unwrap().class, Class::Success);
