@@ -342,6 +342,9 @@ pub struct TurnConfig {
     /// Seconds a TCP/TLS client may send no complete frame before it is closed. Longer than
     /// the 300 s permission lifetime every live client refreshes within.
     pub stream_idle_timeout_secs: u64,
+    /// Bytes of relayed data queued for one TCP/TLS client that reads slowly; past it relayed
+    /// data for that client is dropped (counted `queue_full`).
+    pub stream_queue_bytes: usize,
     /// Requests without valid credentials (Binding, the 401 challenge leg, refused ones)
     /// answered per second per source IP (IPv6 per /64), burst twice that; past it they are
     /// dropped unanswered. 0 disables. Bounds floods and reflection (a 401 is 5x a request).
@@ -416,6 +419,7 @@ impl Default for TurnConfig {
             handshake_timeout_secs: 10,
             stream_idle_timeout_secs: 360,
             unauthenticated_per_ip_per_sec: 200,
+            stream_queue_bytes: 512 * 1024,
             quota: TurnQuota::default(),
         }
     }
@@ -791,6 +795,7 @@ impl Config {
             ("turn.handshake_timeout_secs", t.handshake_timeout_secs, 1, 600),
             ("turn.stream_idle_timeout_secs", t.stream_idle_timeout_secs, 1, DAY),
             ("turn.unauthenticated_per_ip_per_sec", t.unauthenticated_per_ip_per_sec as u64, 0, 1_000_000),
+            ("turn.stream_queue_bytes", t.stream_queue_bytes as u64, 16 * 1024, 64 * MIB),
             ("turn.quota.family_allocations", q.family_allocations as u64, 1, 10_000_000),
             ("turn.quota.device_allocations", q.device_allocations as u64, 1, 10_000_000),
             ("turn.quota.total_allocations", q.total_allocations as u64, 1, 10_000_000),

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::mpsc;
 
 use super::policy::{Cidr, OwnAddr};
 use super::relay::{lock, ClientSink, Core, SocketBinder};
@@ -34,6 +33,8 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// Deadlines of TCP/TLS clients.
     pub stream_timeouts: StreamTimeouts,
+    /// `turn.stream_queue_bytes`: data queued for one TCP/TLS client.
+    pub stream_queue_bytes: usize,
 }
 
 /// Deadlines that bound what a TCP/TLS client can hold without sending anything useful.
@@ -220,7 +221,7 @@ const WRITE_BATCH: usize = 128;
 /// `accepted` starts the first-message deadline (the TLS handshake used part of it).
 pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, tuple: FiveTuple, ctx: Ctx, accepted: tokio::time::Instant) {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STREAM_QUEUE);
+    let (tx, mut rx) = super::relay::stream_queue(STREAM_QUEUE, ctx.stream_queue_bytes);
     let writer = tokio::spawn(async move {
         // Everything queued goes out in one write: a syscall (and a TLS record) per batch,
         // not per 100-byte frame, is what keeps a busy stream leg up with coturn's.

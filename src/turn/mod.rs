@@ -210,6 +210,7 @@ impl TurnService {
             relay_ipv6,
             buffer_bytes: cfg.relay_socket_buffer_bytes,
             metrics: metrics.clone(),
+            stream_queue_bytes: cfg.stream_queue_bytes,
             stream_timeouts: StreamTimeouts {
                 handshake: Duration::from_secs(cfg.handshake_timeout_secs),
                 idle: Duration::from_secs(cfg.stream_idle_timeout_secs),
