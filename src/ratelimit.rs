@@ -1,6 +1,10 @@
 //! Rate limits with the clock passed in: [`TokenBucket`] (a signaling connection's message
-//! rate, self-check minting) and [`LogLimiter`] (log lines whose rate an attacker controls).
+//! rate, self-check minting), [`KeyedBuckets`] (one bucket per source or token, bounded: the
+//! self-check mints, TURN requests without credentials) and [`LogLimiter`] (log lines whose
+//! rate an attacker controls).
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -19,11 +23,6 @@ impl TokenBucket {
         TokenBucket { tokens: burst as f64, last: now, per_sec, burst: burst as f64 }
     }
 
-    /// When the bucket was last used.
-    pub fn last_taken(&self) -> Instant {
-        self.last
-    }
-
     /// Takes a token if one is there after refilling up to `now`.
     pub fn take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
@@ -35,6 +34,43 @@ impl TokenBucket {
         } else {
             false
         }
+    }
+}
+
+/// A token bucket per key (a source address, a token), at most `max_keys` of them: past that,
+/// buckets idle long enough to be full again are forgotten, and if none is, the event is
+/// refused rather than the map grown (a spoofed-source flood cannot grow it).
+#[derive(Debug)]
+pub struct KeyedBuckets<K> {
+    per_sec: f64,
+    burst: u32,
+    max_keys: usize,
+    map: HashMap<K, TokenBucket>,
+}
+
+impl<K: Hash + Eq> KeyedBuckets<K> {
+    /// Buckets of `burst` tokens refilled at `per_sec` (which must be above 0).
+    pub fn new(per_sec: f64, burst: u32, max_keys: usize) -> Self {
+        KeyedBuckets { per_sec, burst, max_keys, map: HashMap::new() }
+    }
+
+    /// Takes a token from `key`'s bucket (a new key starts full).
+    pub fn take(&mut self, key: K, now: Instant) -> bool {
+        if !self.map.contains_key(&key) && self.map.len() >= self.max_keys {
+            self.prune(now);
+            if self.map.len() >= self.max_keys {
+                return false;
+            }
+        }
+        let (per_sec, burst) = (self.per_sec, self.burst);
+        self.map.entry(key).or_insert_with(|| TokenBucket::new(per_sec, burst, now)).take(now)
+    }
+
+    /// Forgets the buckets idle long enough to be full again: they hold nothing a new one
+    /// would not.
+    pub fn prune(&mut self, now: Instant) {
+        let refill = Duration::from_secs_f64(self.burst as f64 / self.per_sec);
+        self.map.retain(|_, b| now.saturating_duration_since(b.last) < refill);
     }
 }
 
@@ -72,6 +108,17 @@ impl LogLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyed_buckets_are_bounded_and_forget_idle_keys() {
+        let t0 = Instant::now();
+        let mut b = KeyedBuckets::new(1.0, 2, 2);
+        assert!(b.take("a", t0) && b.take("a", t0) && !b.take("a", t0));
+        assert!(b.take("b", t0));
+        assert!(!b.take("c", t0), "full of busy keys: refused, not grown");
+        // Two seconds later both are full again, so a new key finds room.
+        assert!(b.take("c", t0 + Duration::from_secs(2)));
+    }
 
     #[test]
     fn log_limiter_lets_one_line_a_period_and_counts_the_rest() {

@@ -5,8 +5,6 @@
 
 pub mod client;
 
-use std::collections::HashMap;
-use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -15,7 +13,7 @@ use serde::Serialize;
 
 use crate::auth::{self, AuthError, TokenVerifier};
 use crate::config::{CheckConfig, Secret};
-use crate::ratelimit::TokenBucket;
+use crate::ratelimit::{KeyedBuckets, TokenBucket};
 
 /// Every self-check family id starts with this: the TURN core counts their allocations
 /// against `turn.quota.check_allocations`. Backend-minted families should not use it.
@@ -90,45 +88,21 @@ pub struct Minter {
     /// `check.tokens_per_minute`, server-wide.
     bucket: Mutex<TokenBucket>,
     /// `check.mints_per_token_per_hour`, by (family, device) of the minting token.
-    per_token: Mutex<Buckets<(String, String)>>,
+    per_token: Mutex<KeyedBuckets<(String, String)>>,
     /// `check.mints_per_ip_per_minute`, by source (IPv6 by /64).
-    per_ip: Mutex<Buckets<IpAddr>>,
+    per_ip: Mutex<KeyedBuckets<IpAddr>>,
 }
 
-/// Token buckets by key, bounded: past `MAX_TRACKED` keys, buckets idle long enough to be full
-/// again are forgotten, and if none is, the mint is refused rather than the map grown.
-struct Buckets<K> {
-    per_sec: f64,
-    burst: u32,
-    map: HashMap<K, TokenBucket>,
-}
-
+/// Device tokens and source addresses whose mints are tracked at once; past it, a mint from a
+/// new one is refused until some are idle.
 const MAX_TRACKED: usize = 10_000;
-
-impl<K: Hash + Eq> Buckets<K> {
-    fn new(per_sec: f64, burst: u32) -> Self {
-        Buckets { per_sec, burst, map: HashMap::new() }
-    }
-
-    fn take(&mut self, key: K, now: Instant) -> bool {
-        if !self.map.contains_key(&key) && self.map.len() >= MAX_TRACKED {
-            let refill = std::time::Duration::from_secs_f64(self.burst as f64 / self.per_sec);
-            self.map.retain(|_, b| now.saturating_duration_since(b.last_taken()) < refill);
-            if self.map.len() >= MAX_TRACKED {
-                return false;
-            }
-        }
-        let (per_sec, burst) = (self.per_sec, self.burst);
-        self.map.entry(key).or_insert_with(|| TokenBucket::new(per_sec, burst, now)).take(now)
-    }
-}
 
 impl Minter {
     /// From `check.*` and the token secret.
     pub fn new(config: CheckConfig, secret: Secret, now: Instant) -> Self {
         let bucket = TokenBucket::new(config.tokens_per_minute as f64 / 60.0, config.tokens_per_minute, now);
-        let per_token = Buckets::new(config.mints_per_token_per_hour as f64 / 3600.0, config.mints_per_token_per_hour);
-        let per_ip = Buckets::new(config.mints_per_ip_per_minute as f64 / 60.0, config.mints_per_ip_per_minute);
+        let per_token = KeyedBuckets::new(config.mints_per_token_per_hour as f64 / 3600.0, config.mints_per_token_per_hour, MAX_TRACKED);
+        let per_ip = KeyedBuckets::new(config.mints_per_ip_per_minute as f64 / 60.0, config.mints_per_ip_per_minute, MAX_TRACKED);
         Minter { config, secret, bucket: Mutex::new(bucket), per_token: Mutex::new(per_token), per_ip: Mutex::new(per_ip) }
     }
 

@@ -134,23 +134,13 @@ impl<R: Clone> TurnServer<R> {
         self.finish(b, Some((&a.key, a.sha256)))
     }
 
-    /// Takes a token from the source's unauthenticated-request bucket. The map is bounded:
-    /// past `MAX_TRACKED_SOURCES` sources, idle ones (full again) are forgotten, and if none
-    /// is, the request is refused (a spoofed-source flood cannot grow it).
+    /// Takes a token from the source's unauthenticated-request bucket (IPv6 by /64); no
+    /// limit when `unauthenticated_per_ip_per_sec` is 0.
     pub(super) fn admit_unauthenticated(&mut self, now: Instant, ip: IpAddr) -> bool {
-        let rate = self.settings.unauthenticated_per_ip_per_sec;
-        if rate == 0 {
-            return true;
+        match &mut self.unauthenticated {
+            Some(buckets) => buckets.take(crate::connlimit::source_key(ip), now),
+            None => true,
         }
-        let source = crate::connlimit::source_key(ip);
-        if !self.unauthenticated.contains_key(&source) && self.unauthenticated.len() >= MAX_TRACKED_SOURCES {
-            self.unauthenticated.retain(|_, b| now.saturating_duration_since(b.last_taken()) < Duration::from_secs(2));
-            if self.unauthenticated.len() >= MAX_TRACKED_SOURCES {
-                return false;
-            }
-        }
-        let bucket = self.unauthenticated.entry(source).or_insert_with(|| crate::ratelimit::TokenBucket::new(rate as f64, rate.saturating_mul(2), now));
-        bucket.take(now)
     }
 }
 

@@ -19,7 +19,7 @@ use hmac::{Hmac, Mac};
 use md5::Digest;
 
 use super::policy::{Denied, PeerPolicy};
-use crate::ratelimit::LogLimiter;
+use crate::ratelimit::{KeyedBuckets, LogLimiter};
 use crate::turn::stun::{attr, method, Builder, Class, Message};
 use crate::auth::{turn_password, valid_id};
 use crate::config::Secret;
@@ -231,8 +231,8 @@ pub struct TurnServer<R> {
     relay_ports: HashMap<u16, usize>,
     /// Refusals (auth, quota, policy) logged at most once a second, with a count of the rest.
     refusal_log: LogLimiter,
-    /// `unauthenticated_per_ip_per_sec`, by source.
-    unauthenticated: HashMap<IpAddr, crate::ratelimit::TokenBucket>,
+    /// `unauthenticated_per_ip_per_sec` (burst twice that), by source; `None` when 0.
+    unauthenticated: Option<KeyedBuckets<IpAddr>>,
     draining: bool,
 }
 
@@ -243,6 +243,8 @@ impl<R: Clone> TurnServer<R> {
     pub fn new(settings: Settings, policy: PeerPolicy, metrics: Arc<Metrics>, epoch: Instant, epoch_unix: u64) -> Self {
         let mut nonce_key = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce_key);
+        let rate = settings.unauthenticated_per_ip_per_sec;
+        let unauthenticated = (rate > 0).then(|| KeyedBuckets::new(rate as f64, rate.saturating_mul(2), MAX_TRACKED_SOURCES));
         TurnServer {
             settings,
             policy,
@@ -257,7 +259,7 @@ impl<R: Clone> TurnServer<R> {
             check_usage: 0,
             relay_ports: HashMap::new(),
             refusal_log: LogLimiter::new(epoch, Duration::from_secs(1)),
-            unauthenticated: HashMap::new(),
+            unauthenticated,
             draining: false,
         }
     }
@@ -328,8 +330,9 @@ impl<R: Clone> TurnServer<R> {
     /// `unix` is the wall clock read with `now`: the core follows it (see `sync_wall_clock`).
     pub fn handle_timeout(&mut self, now: Instant, unix: u64) {
         self.sync_wall_clock(now, unix);
-        // A bucket idle for two seconds is full again: forget it.
-        self.unauthenticated.retain(|_, b| now.saturating_duration_since(b.last_taken()) < Duration::from_secs(2));
+        if let Some(buckets) = &mut self.unauthenticated {
+            buckets.prune(now);
+        }
         let expired: Vec<FiveTuple> = self.allocations.iter().filter(|(_, a)| a.expires <= now).map(|(t, _)| *t).collect();
         for t in expired {
             self.remove(now, &t, "expired");
