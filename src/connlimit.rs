@@ -1,10 +1,58 @@
-//! Admission of TCP connections: a server-wide cap and a cap per source, released when the
-//! guard drops. The HTTP listener and the TURN TCP/TLS listeners use it, so what one host
-//! can hold open is bounded before it has shown any credential.
+//! Admission of TCP connections: accepting with a back-off when `accept` fails, a
+//! server-wide cap and a cap per source, released when the guard drops. The HTTP listener and
+//! the TURN TCP/TLS listeners use it, so what one host can hold open is bounded before it has
+//! shown any credential.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::metrics::Metrics;
+use crate::ratelimit::LogLimiter;
+
+/// First pause after a failed `accept`; doubled on each further failure up to the max.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Accepts connections for one listener. A failing `accept` (out of descriptors) pauses,
+/// doubling up to a second, instead of spinning (as mini-redis does); each failure is counted
+/// in `kinlink_accept_errors_total{listener}` and logged at most once a second.
+pub struct Accepting {
+    label: &'static str,
+    pause: Duration,
+    log: LogLimiter,
+}
+
+impl Accepting {
+    /// For the listener named `label` in the metrics.
+    pub fn new(label: &'static str) -> Self {
+        Accepting { label, pause: ACCEPT_BACKOFF_MIN, log: LogLimiter::new(Instant::now(), Duration::from_secs(1)) }
+    }
+
+    /// The next connection, however many failed `accept`s it takes.
+    pub async fn accept(&mut self, listener: &TcpListener, metrics: &Metrics) -> (TcpStream, SocketAddr) {
+        loop {
+            match listener.accept().await {
+                Ok(accepted) => {
+                    self.pause = ACCEPT_BACKOFF_MIN;
+                    return accepted;
+                }
+                Err(e) => {
+                    metrics.accept_errors.with_label_values(&[self.label]).inc();
+                    if let Some(suppressed) = self.log.allow(Instant::now()) {
+                        let backoff_ms = self.pause.as_millis() as u64;
+                        tracing::warn!(listener = self.label, error = %e, suppressed, backoff_ms, "accept failed; backing off");
+                    }
+                    tokio::time::sleep(self.pause).await;
+                    self.pause = (self.pause * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
 
 /// Why a connection was not admitted; also a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

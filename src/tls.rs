@@ -28,7 +28,7 @@ pub enum TlsError {
 }
 
 /// The bounded label for a failed TLS handshake.
-pub fn failure_reason(e: &std::io::Error) -> &'static str {
+fn failure_reason(e: &std::io::Error) -> &'static str {
     match e.kind() {
         std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => "eof",
         std::io::ErrorKind::InvalidData => "protocol",
@@ -83,6 +83,23 @@ impl Acceptor {
     pub async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
         let config = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
         TlsAcceptor::from(config).accept(stream).await
+    }
+
+    /// Completes a handshake by `deadline`. A failure (or the deadline) is counted by reason in
+    /// `kinlink_turn_tls_handshake_failures_total{listener}` (this acceptor's section) and
+    /// yields `None`: a socket that never finishes the handshake is held no longer than that.
+    pub async fn accept_by(&self, stream: TcpStream, deadline: tokio::time::Instant, metrics: &crate::metrics::Metrics) -> Option<TlsStream<TcpStream>> {
+        let reason = match tokio::time::timeout_at(deadline, self.accept(stream)).await {
+            Ok(Ok(s)) => return Some(s),
+            Ok(Err(e)) => {
+                let reason = failure_reason(&e);
+                tracing::debug!(listener = self.section, reason, error = %e, "TLS handshake failed");
+                reason
+            }
+            Err(_) => "timeout",
+        };
+        metrics.turn_tls_handshake_failures.with_label_values(&[self.section, reason]).inc();
+        None
     }
 
     /// Reloads the files; on failure the old certificate stays in use.

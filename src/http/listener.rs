@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
-use crate::connlimit::{ConnGuard, ConnLimiter};
+use crate::connlimit::{Accepting, ConnGuard, ConnLimiter};
 use crate::metrics::Metrics;
 use crate::ratelimit::LogLimiter;
 
@@ -58,27 +58,12 @@ pub struct ConnHold(#[allow(dead_code)] Arc<ConnGuard>);
 /// Serves `router` on `listener` until `stop` turns true; then stops accepting and asks open
 /// HTTP connections to finish (upgraded WebSockets drain through their own sessions).
 pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+    let mut accepting = Accepting::new("http");
     let log = LogLimiter::new(Instant::now(), Duration::from_secs(1));
-    let mut backoff = Duration::from_millis(10);
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
+        let (stream, from) = tokio::select! {
+            a = accepting.accept(&listener, &metrics) => a,
             _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
-        };
-        let (stream, from) = match accepted {
-            Ok(a) => {
-                backoff = Duration::from_millis(10);
-                a
-            }
-            Err(e) => {
-                metrics.accept_errors.with_label_values(&["http"]).inc();
-                if let Some(suppressed) = log.allow(Instant::now()) {
-                    tracing::warn!(listener = "http", error = %e, suppressed, "accept failed; backing off");
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
         };
         let admitted = limits.per_ip.admit(from.ip()).map_err(|_| "per_ip").and_then(|all| {
             limits.unupgraded.admit(from.ip()).map(|pending| (all, pending)).map_err(|_| "unupgraded")
@@ -105,17 +90,11 @@ pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, me
                 None => serve_connection(stream, from, hold, router, timeout, &mut stop).await,
                 // The handshake shares the header-read deadline: a socket that never completes
                 // it is held no longer than a silent plain one.
-                Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => serve_connection(tls, from, hold, router, timeout, &mut stop).await,
-                    Ok(Err(e)) => {
-                        let reason = crate::tls::failure_reason(&e);
-                        metrics.turn_tls_handshake_failures.with_label_values(&["http", reason]).inc();
-                        tracing::debug!(reason, error = %e, "HTTPS handshake failed");
+                Some(acceptor) => {
+                    if let Some(tls) = acceptor.accept_by(stream, tokio::time::Instant::now() + timeout, &metrics).await {
+                        serve_connection(tls, from, hold, router, timeout, &mut stop).await;
                     }
-                    Err(_) => {
-                        metrics.turn_tls_handshake_failures.with_label_values(&["http", "timeout"]).inc();
-                    }
-                },
+                }
             }
             metrics.http_unupgraded.dec();
             drop(pending);

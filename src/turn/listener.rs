@@ -12,7 +12,7 @@ use super::policy::{Cidr, OwnAddr};
 use super::relay::{lock, ClientSink, Core, SocketBinder};
 use super::server::{ClientAction, FiveTuple, Transport};
 use super::stun::{frame_len, HEADER_LEN};
-use crate::connlimit::ConnLimiter;
+use crate::connlimit::{Accepting, ConnLimiter};
 use crate::metrics::Metrics;
 use crate::ratelimit::LogLimiter;
 
@@ -155,24 +155,10 @@ pub async fn serve_tcp(listener: Arc<TcpListener>, ctx: Ctx, limit: Arc<ConnLimi
         Err(_) => return,
     };
     let label = if tls.is_some() { "turn_tls" } else { "turn_tcp" };
+    let mut accepting = Accepting::new(label);
     let log = LogLimiter::new(Instant::now(), Duration::from_secs(1));
-    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let (stream, from) = match listener.accept().await {
-            Ok(accepted) => {
-                backoff = ACCEPT_BACKOFF_MIN;
-                accepted
-            }
-            Err(e) => {
-                ctx.metrics.accept_errors.with_label_values(&[label]).inc();
-                if let Some(suppressed) = log.allow(Instant::now()) {
-                    tracing::warn!(listener = label, error = %e, suppressed, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                continue;
-            }
-        };
+        let (stream, from) = accepting.accept(&listener, &ctx.metrics).await;
         let guard = match limit.admit(from.ip()) {
             Ok(g) => g,
             Err(refused) => {
@@ -191,26 +177,16 @@ pub async fn serve_tcp(listener: Arc<TcpListener>, ctx: Ctx, limit: Arc<ConnLimi
             let accepted = tokio::time::Instant::now();
             match tls {
                 None => serve_stream(stream, tuple, ctx, accepted).await,
-                Some(acceptor) => match tokio::time::timeout_at(accepted + ctx.stream_timeouts.handshake, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => serve_stream(s, tuple, ctx, accepted).await,
-                    Ok(Err(e)) => {
-                        let reason = crate::tls::failure_reason(&e);
-                        ctx.metrics.turn_tls_handshake_failures.with_label_values(&["turn", reason]).inc();
-                        tracing::debug!(reason, error = %e, "TLS handshake failed");
+                Some(acceptor) => {
+                    if let Some(s) = acceptor.accept_by(stream, accepted + ctx.stream_timeouts.handshake, &ctx.metrics).await {
+                        serve_stream(s, tuple, ctx, accepted).await;
                     }
-                    Err(_) => {
-                        ctx.metrics.turn_tls_handshake_failures.with_label_values(&["turn", "timeout"]).inc();
-                    }
-                },
+                }
             }
             drop(guard);
         });
     }
 }
-
-/// First pause after a failed `accept`; doubled on each further failure up to the max.
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Frames queued for one stream client before relayed data is dropped.
 const STREAM_QUEUE: usize = 512;
