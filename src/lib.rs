@@ -16,7 +16,8 @@
 //! - [`tls`]: certificates for `turns:` and HTTPS, reloaded on change.
 //! - [`connlimit`]: admission caps (total, per source IP) for TCP listeners; [`health`]: the
 //!   listener supervisor and what `/readyz` reports.
-//! - [`metrics`]: every exported metric; [`ratelimit`]: the token bucket both rate limits use.
+//! - [`metrics`]: every exported metric; [`ratelimit`]: token buckets and the log limiter;
+//!   [`queue`]: queues bounded in messages and bytes (what a slow reader can make us hold).
 //! - [`server`]: binds the listeners and runs until shutdown, draining gracefully.
 //! - [`cli`]: the `kinlink` command line; [`probe`]: `kinlink healthcheck`.
 
@@ -33,6 +34,7 @@ pub mod http;
 pub mod ice;
 pub mod metrics;
 pub mod probe;
+pub mod queue;
 pub mod ratelimit;
 pub mod secrets;
 pub mod server;

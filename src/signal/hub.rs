@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 
 use super::protocol::{CloseCode, DeviceInfo, ServerMsg};
@@ -33,7 +32,7 @@ pub enum Outbound {
     Close(CloseCode),
 }
 
-impl Outbound {
+impl crate::queue::Weighed for Outbound {
     fn bytes(&self) -> usize {
         match self {
             Outbound::Text { text, .. } => text.len(),
@@ -43,58 +42,17 @@ impl Outbound {
 }
 
 /// A device's outbound queue, bounded in messages *and* bytes: 256 queued 64 KiB frames
-/// are 16 MB per slow reader, so the byte bound is what keeps memory per device small.
+/// are 16 MB per slow reader, so the byte bound is what keeps memory per device small. A
+/// close always fits.
 pub fn outbound(messages: usize, max_bytes: usize) -> (OutboundTx, OutboundRx) {
-    let (tx, rx) = mpsc::channel(messages);
-    let queued = Arc::new(AtomicUsize::new(0));
-    (OutboundTx { tx, queued: queued.clone(), max_bytes }, OutboundRx { rx, queued })
+    crate::queue::bounded(messages, max_bytes)
 }
 
 /// The sending half of [`outbound`].
-#[derive(Debug, Clone)]
-pub struct OutboundTx {
-    tx: mpsc::Sender<Outbound>,
-    queued: Arc<AtomicUsize>,
-    max_bytes: usize,
-}
-
-impl OutboundTx {
-    /// Queues `msg` unless the queue is full in messages or bytes (a close always fits).
-    pub fn try_send(&self, msg: Outbound) -> Result<(), mpsc::error::TrySendError<Outbound>> {
-        let n = msg.bytes();
-        let before = self.queued.fetch_add(n, Ordering::Relaxed);
-        if n > 0 && before + n > self.max_bytes {
-            self.queued.fetch_sub(n, Ordering::Relaxed);
-            return Err(mpsc::error::TrySendError::Full(msg));
-        }
-        self.tx.try_send(msg).inspect_err(|_| {
-            self.queued.fetch_sub(n, Ordering::Relaxed);
-        })
-    }
-}
+pub type OutboundTx = crate::queue::Sender<Outbound>;
 
 /// The receiving half of [`outbound`].
-#[derive(Debug)]
-pub struct OutboundRx {
-    rx: mpsc::Receiver<Outbound>,
-    queued: Arc<AtomicUsize>,
-}
-
-impl OutboundRx {
-    /// The next message, once one is queued; `None` when every sender is gone.
-    pub async fn recv(&mut self) -> Option<Outbound> {
-        let msg = self.rx.recv().await?;
-        self.queued.fetch_sub(msg.bytes(), Ordering::Relaxed);
-        Some(msg)
-    }
-
-    /// The next message if one is queued.
-    pub fn try_recv(&mut self) -> Result<Outbound, mpsc::error::TryRecvError> {
-        let msg = self.rx.try_recv()?;
-        self.queued.fetch_sub(msg.bytes(), Ordering::Relaxed);
-        Ok(msg)
-    }
-}
+pub type OutboundRx = crate::queue::Receiver<Outbound>;
 
 /// A registered device, as the hub keeps it.
 #[derive(Debug, Clone)]

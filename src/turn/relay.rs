@@ -2,13 +2,11 @@
 //! that reads what peers send and forwards it to the client.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rand::Rng;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use super::server::{BindError, Binder, FiveTuple, PortChoice, TurnServer, PEER_HEADROOM};
@@ -56,60 +54,18 @@ pub enum ClientSink {
 }
 
 /// A TCP/TLS client's outbound queue, bounded in frames and in bytes: a client that stops
-/// reading while its peers send would otherwise hold frames × 8 KiB (4 MB) each.
+/// reading while its peers send would otherwise hold frames × 8 KiB (4 MB) each. Relayed data
+/// past the bound is dropped (`try_send`: media is loss-tolerant); STUN responses wait for
+/// room (`send`).
 pub fn stream_queue(frames: usize, max_bytes: usize) -> (StreamTx, StreamRx) {
-    let (tx, rx) = mpsc::channel(frames);
-    let queued = Arc::new(AtomicUsize::new(0));
-    (StreamTx { tx, queued: queued.clone(), max_bytes }, StreamRx { rx, queued })
+    crate::queue::bounded(frames, max_bytes)
 }
 
 /// The sending half of [`stream_queue`].
-#[derive(Clone)]
-pub struct StreamTx {
-    tx: mpsc::Sender<Vec<u8>>,
-    queued: Arc<AtomicUsize>,
-    max_bytes: usize,
-}
-
-impl StreamTx {
-    /// Queues relayed data unless the queue is full in frames or bytes (then it is dropped:
-    /// relayed media is loss-tolerant).
-    pub fn try_send(&self, frame: Vec<u8>) -> bool {
-        let n = frame.len();
-        if self.queued.fetch_add(n, Ordering::Relaxed) + n > self.max_bytes {
-            self.queued.fetch_sub(n, Ordering::Relaxed);
-            return false;
-        }
-        self.tx.try_send(frame).map_err(|_| self.queued.fetch_sub(n, Ordering::Relaxed)).is_ok()
-    }
-
-    /// Queues a STUN response, waiting for room in frames (responses are few and must not
-    /// be lost); counted in bytes like the rest.
-    pub async fn send(&self, frame: Vec<u8>) -> Result<(), ()> {
-        let n = frame.len();
-        self.queued.fetch_add(n, Ordering::Relaxed);
-        self.tx.send(frame).await.map_err(|_| {
-            self.queued.fetch_sub(n, Ordering::Relaxed);
-        })
-    }
-}
+pub type StreamTx = crate::queue::Sender<Vec<u8>>;
 
 /// The receiving half of [`stream_queue`].
-pub struct StreamRx {
-    rx: mpsc::Receiver<Vec<u8>>,
-    queued: Arc<AtomicUsize>,
-}
-
-impl StreamRx {
-    /// Up to `limit` queued frames into `out`; 0 when every sender is gone.
-    pub async fn recv_many(&mut self, out: &mut Vec<Vec<u8>>, limit: usize) -> usize {
-        let before = out.len();
-        let n = self.rx.recv_many(out, limit).await;
-        let bytes: usize = out[before..].iter().map(Vec::len).sum();
-        self.queued.fetch_sub(bytes, Ordering::Relaxed);
-        n
-    }
-}
+pub type StreamRx = crate::queue::Receiver<Vec<u8>>;
 
 /// Binds relay sockets for one client.
 pub struct SocketBinder<'a> {
@@ -211,7 +167,7 @@ async fn peer_loop(socket: Arc<UdpSocket>, tuple: FiveTuple, core: Core, sink: C
                 let _ = listener.send_to(&buf[range], tuple.client).await;
             }
             ClientSink::Stream(tx) => {
-                if !tx.try_send(buf[range].to_vec()) {
+                if tx.try_send(buf[range].to_vec()).is_err() {
                     metrics.turn_dropped.with_label_values(&["queue_full"]).inc();
                 }
             }
@@ -227,12 +183,12 @@ mod tests {
     async fn a_stream_clients_queue_is_bounded_in_bytes() {
         let (tx, mut rx) = stream_queue(512, 10_000);
         // 512 frames of 1,200 bytes would be 600 KB: the byte bound stops it at 10 KB.
-        let accepted = (0..512).filter(|_| tx.try_send(vec![0u8; 1200])).count();
+        let accepted = (0..512).filter(|_| tx.try_send(vec![0u8; 1200]).is_ok()).count();
         assert_eq!(accepted, 8);
         // Responses still get through (and count), and reading gives the room back.
         tx.send(vec![1u8; 100]).await.unwrap();
         let mut out = Vec::new();
         assert_eq!(rx.recv_many(&mut out, 128).await, 9);
-        assert!(tx.try_send(vec![0u8; 1200]));
+        assert!(tx.try_send(vec![0u8; 1200]).is_ok());
     }
 }
