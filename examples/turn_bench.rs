@@ -8,6 +8,14 @@
 //! Mbit/s, loss, round-trip p50/p99, and the server's CPU seconds per million packets
 //! delivered. Loopback only; bounded by count and time.
 //!
+//! With `--peer echo` each allocation instead binds a channel to one plain UDP peer of the
+//! generator that echoes everything back in batches: each packet crosses the server twice
+//! (client→relay→peer, peer→relay→client), the generator's work per relayed packet halves,
+//! and one generator core can outrun one server core. `--server forwarder` runs
+//! `examples/udp_forwarder` (the same sockets and batch syscalls, no TURN) under that load.
+//! `--server-cpus` pins the server (`taskset`); `--threads` sets kinlink's
+//! `turn.data_threads` or coturn's `--relay-threads`.
+//!
 //! ```text
 //! cargo build --release --bins --examples
 //! target/release/examples/turn_bench --server kinlink --allocations 100 --size 1200 --rate 20000 --seconds 5
@@ -38,10 +46,16 @@ struct Args {
     bin: String,
     /// Client leg: `udp` or `tcp` (RFC 8656 framing on a stream; the relayed leg is UDP).
     transport: String,
+    /// `reflect` (pairs of allocations) or `echo` (every allocation to one echoing peer).
+    peer: String,
+    /// kinlink's `turn.data_threads` / coturn's `--relay-threads`; 0 leaves the default.
+    threads: usize,
+    /// CPUs the server may run on (`taskset -c`), e.g. "0".
+    server_cpus: Option<String>,
 }
 
 fn args() -> Args {
-    let mut a = Args { server: "kinlink".into(), allocations: 100, size: 1200, rate: 10_000, seconds: 5, bin: "target/release/kinlink".into(), transport: "udp".into() };
+    let mut a = Args { server: "kinlink".into(), allocations: 100, size: 1200, rate: 10_000, seconds: 5, bin: "target/release/kinlink".into(), transport: "udp".into(), peer: "reflect".into(), threads: 0, server_cpus: None };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -53,6 +67,9 @@ fn args() -> Args {
             "--seconds" => a.seconds = v.parse().unwrap(),
             "--bin" => a.bin = v,
             "--transport" => a.transport = v,
+            "--peer" => a.peer = v,
+            "--threads" => a.threads = v.parse().unwrap(),
+            "--server-cpus" => a.server_cpus = Some(v),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -60,6 +77,8 @@ fn args() -> Args {
     assert!(a.size >= 16 && a.size <= 1400, "--size 16..=1400");
     assert!(a.seconds <= 120, "--seconds is bounded to 120");
     assert!(a.transport == "udp" || a.transport == "tcp", "--transport udp|tcp");
+    assert!(a.peer == "reflect" || a.peer == "echo", "--peer reflect|echo");
+    assert!(a.server != "forwarder" || (a.peer == "echo" && a.transport == "udp"), "--server forwarder needs --peer echo over udp");
     a
 }
 
@@ -85,21 +104,38 @@ fn free_port() -> u16 {
     panic!("no free UDP+TCP port pair");
 }
 
-fn start(a: &Args, port: u16) -> Server {
+/// The server's command, under `taskset` when `--server-cpus` is given (taskset execs it, so
+/// the child's pid is the server's).
+fn command(a: &Args, program: &str) -> Command {
+    match &a.server_cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus, program]);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Starts the server; `peer` is the echo peer (the forwarder's fixed destination).
+fn start(a: &Args, port: u16, metrics_port: u16, peer: Option<SocketAddr>) -> Server {
     let quiet = || (Stdio::null(), Stdio::null());
     let child = match a.server.as_str() {
         "kinlink" => {
             let data = std::env::temp_dir().join(format!("kinlink-turn-bench-{}", std::process::id()));
             let (o, e) = quiet();
-            Command::new(&a.bin)
-                .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            let mut c = command(a, &a.bin);
+            c.args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
                 .arg("--data-dir")
                 .arg(&data)
                 .args(["--set", &format!("turn.udp_listen=127.0.0.1:{port}"), "--set", &format!("turn.tcp_listen=127.0.0.1:{port}")])
                 .args(["--set", "turn.allowed_peers=127.0.0.0/8", "--set", "turn.relay_ports=20000-59999"])
                 .args(["--set", "turn.quota.total_allocations=100000", "--set", "turn.quota.family_allocations=100000"])
-                .args(["--set", "turn.quota.device_allocations=100000", "--set", "log.level=warn"])
-                .env("KINLINK_TURN__SECRET", SECRET)
+                .args(["--set", "turn.quota.device_allocations=100000", "--set", "log.level=warn"]);
+            if a.threads > 0 {
+                c.args(["--set", &format!("turn.data_threads={}", a.threads)]);
+            }
+            c.env("KINLINK_TURN__SECRET", SECRET)
                 .env("KINLINK_TURN__REALM", "kinlink")
                 .stdout(o)
                 .stderr(e)
@@ -108,19 +144,68 @@ fn start(a: &Args, port: u16) -> Server {
         }
         "coturn" => {
             let (o, e) = quiet();
-            Command::new("turnserver")
-                .args(["-n", "--no-cli", "--no-tls", "--no-dtls", "-L", "127.0.0.1", "-E", "127.0.0.1"])
+            let mut c = command(a, "turnserver");
+            c.args(["-n", "--no-cli", "--no-tls", "--no-dtls", "-L", "127.0.0.1", "-E", "127.0.0.1"])
                 .args(["-p", &port.to_string(), "--min-port", "20000", "--max-port", "59999"])
                 .args(["--use-auth-secret", "--static-auth-secret", SECRET, "--realm", "kinlink"])
-                .args(["--allow-loopback-peers", "--log-file", "stdout", "--simple-log", "--pidfile", "/dev/null"])
-                .stdout(o)
-                .stderr(e)
-                .spawn()
-                .expect("turnserver (Debian package coturn)")
+                .args(["--allow-loopback-peers", "--log-file", "stdout", "--simple-log", "--pidfile", "/dev/null"]);
+            if a.threads > 0 {
+                c.args(["--relay-threads", &a.threads.to_string()]);
+            }
+            c.stdout(o).stderr(e).spawn().expect("turnserver (Debian package coturn)")
         }
-        other => panic!("--server kinlink|coturn, not {other}"),
+        "forwarder" => {
+            let (o, e) = quiet();
+            let program = std::path::Path::new(&a.bin).with_file_name("examples/udp_forwarder");
+            let mut c = command(a, program.to_str().unwrap());
+            c.args(["--listen", &format!("127.0.0.1:{port}"), "--peer", &peer.expect("an echo peer").to_string()]);
+            c.stdout(o).stderr(e).spawn().expect("target/release/examples/udp_forwarder")
+        }
+        other => panic!("--server kinlink|coturn|forwarder, not {other}"),
     };
     Server(child)
+}
+
+/// A plain UDP peer on its own thread that echoes every datagram to its sender, in batches
+/// (`recvmmsg`/`sendmmsg`), so it costs the generator little per packet.
+fn batch_echo_peer() -> SocketAddr {
+    use kinlink::turn::batch::{RecvBatch, SendBatch};
+    use mio::unix::SourceFd;
+    use std::os::fd::AsRawFd;
+    let sock = kinlink::turn::relay::bind_udp("127.0.0.1:0".parse().unwrap(), 8 << 20, false).unwrap();
+    let addr = sock.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut poll = mio::Poll::new().unwrap();
+        poll.registry().register(&mut SourceFd(&sock.as_raw_fd()), mio::Token(0), mio::Interest::READABLE).unwrap();
+        let mut events = mio::Events::with_capacity(8);
+        let mut rb = RecvBatch::new(2048, 0);
+        let mut out = SendBatch::default();
+        loop {
+            let _ = poll.poll(&mut events, Some(Duration::from_millis(100)));
+            while let Ok(n) = rb.recv(&sock) {
+                for k in 0..n {
+                    let (from, buf, len, _) = rb.get(k);
+                    out.push(from, &buf[..len]);
+                }
+                out.flush(&sock);
+            }
+        }
+    });
+    addr
+}
+
+/// `kinlink_turn_shard_packets_total` per shard, from kinlink's metrics endpoint.
+fn shard_packets(metrics_port: u16) -> Vec<u64> {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", metrics_port)) else { return Vec::new() };
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .filter(|l| l.starts_with("kinlink_turn_shard_packets_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .collect()
 }
 
 fn cpu_secs(pid: u32) -> f64 {
@@ -272,24 +357,50 @@ impl Rtt {
 async fn main() {
     let a = args();
     let port = free_port();
-    let server = start(&a, port);
+    let metrics_port = free_port();
+    let echo = (a.peer == "echo").then(batch_echo_peer);
+    let server = start(&a, port, metrics_port, echo);
     let pid = server.0.id();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    // Wait for the server: a Binding request answered.
-    let probe = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    probe.connect(addr).await.unwrap();
-    let mut probe = Leg::Udp(Arc::new(probe));
-    let b = Builder::new(method::BINDING, Class::Request, tid()).finish();
-    let _ = tokio::time::timeout(Duration::from_secs(10), transact(&mut probe, &b)).await.expect("server answers");
+    let forwarder = a.server == "forwarder";
+    if forwarder {
+        // It answers nothing but data: give it a moment to bind.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    } else {
+        // Wait for the server: a Binding request answered.
+        let probe = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        probe.connect(addr).await.unwrap();
+        let mut probe = Leg::Udp(Arc::new(probe));
+        let b = Builder::new(method::BINDING, Class::Request, tid()).finish();
+        let _ = tokio::time::timeout(Duration::from_secs(10), transact(&mut probe, &b)).await.expect("server answers");
+    }
 
     let mut allocs = Vec::with_capacity(a.allocations);
     for i in 0..a.allocations {
-        allocs.push(allocate(addr, i, &a.transport).await);
+        if forwarder {
+            let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            sock.connect(addr).await.unwrap();
+            let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(4 << 20);
+            let relayed = echo.unwrap();
+            allocs.push(Alloc { leg: Leg::Udp(Arc::new(sock)), relayed, username: String::new(), key: Vec::new(), nonce: Vec::new() });
+        } else {
+            allocs.push(allocate(addr, i, &a.transport).await);
+        }
     }
-    for pair in allocs.chunks_mut(2) {
-        let (x, y) = pair.split_at_mut(1);
-        channel_bind(&mut x[0], y[0].relayed).await;
-        channel_bind(&mut y[0], x[0].relayed).await;
+    match echo {
+        Some(peer) if !forwarder => {
+            for x in allocs.iter_mut() {
+                channel_bind(x, peer).await;
+            }
+        }
+        Some(_) => {}
+        None => {
+            for pair in allocs.chunks_mut(2) {
+                let (x, y) = pair.split_at_mut(1);
+                channel_bind(&mut x[0], y[0].relayed).await;
+                channel_bind(&mut y[0], x[0].relayed).await;
+            }
+        }
     }
 
     let epoch = Instant::now();
@@ -308,6 +419,45 @@ async fn main() {
             }
         }
     };
+    if echo.is_some() {
+        for x in allocs.drain(..) {
+            match x.leg {
+                Leg::Udp(sock) => {
+                    let (s2, on_frame) = (sock.clone(), on_frame.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut buf = vec![0u8; 2048];
+                        while let Ok(n) = s2.recv(&mut buf).await {
+                            on_frame(&buf[..n]);
+                        }
+                    }));
+                    senders.push(Sender::Udp(sock));
+                }
+                Leg::Tcp(stream) => {
+                    let (mut r, mut w) = stream.into_split();
+                    let on_frame = on_frame.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let mut buf = Vec::with_capacity(2048);
+                        while read_frame(&mut r, &mut buf).await.is_ok() {
+                            on_frame(&buf);
+                        }
+                    }));
+                    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4096);
+                    tasks.push(tokio::spawn(async move {
+                        let mut batch = Vec::new();
+                        let mut out = Vec::with_capacity(64 * 1024);
+                        while rx.recv_many(&mut batch, 256).await > 0 {
+                            out.clear();
+                            batch.drain(..).for_each(|f| out.extend_from_slice(&f));
+                            if w.write_all(&out).await.is_err() {
+                                break;
+                            }
+                        }
+                    }));
+                    senders.push(Sender::Tcp(tx));
+                }
+            }
+        }
+    }
     let mut it = allocs.into_iter();
     while let (Some(first), Some(second)) = (it.next(), it.next()) {
         match (first.leg, second.leg) {
@@ -374,6 +524,7 @@ async fn main() {
 
     let drops0 = rcvbuf_errors();
     let cpu0 = cpu_secs(pid);
+    let cpu_window = Instant::now();
     let total = a.rate * a.seconds;
     let start = Instant::now();
     let mut sent = 0u64;
@@ -401,17 +552,21 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cpu = cpu_secs(pid) - cpu0;
+    let util = cpu / cpu_window.elapsed().as_secs_f64();
+    let shards = if a.server == "kinlink" { shard_packets(metrics_port) } else { Vec::new() };
     let got = received.load(Ordering::Relaxed);
     let drops = rcvbuf_errors() - drops0;
     for t in &tasks {
         t.abort();
     }
     let lost = sent.saturating_sub(got);
-    // One delivered round trip = 2 packets relayed end to end (A→B and B→A).
+    // One delivered round trip = 2 packets relayed end to end (A→B and B→A; with an echo
+    // peer, client→peer and peer→client).
     let relayed = 2 * got;
     println!(
         "RESULT server={} transport={} allocations={} size={} offered_pps={} sent={} received={} loss_pct={:.3} client_send_failed={} \
-         relayed_pps={:.0} mbit_s={:.1} rtt_p50_ms={:.3} rtt_p99_ms={:.3} server_cpu_s={:.2} cpu_s_per_mpkt={:.2} udp_rcvbuf_errors={}",
+         relayed_pps={:.0} mbit_s={:.1} rtt_p50_ms={:.3} rtt_p99_ms={:.3} server_cpu_s={:.2} cpu_s_per_mpkt={:.2} udp_rcvbuf_errors={} \
+         peer={} threads={} server_cpu_util={:.2} shard_packets={}",
         a.server,
         a.transport,
         a.allocations,
@@ -428,6 +583,10 @@ async fn main() {
         cpu,
         cpu / (relayed.max(1) as f64 / 1e6),
         drops,
+        a.peer,
+        a.threads,
+        util,
+        if shards.is_empty() { "-".to_string() } else { shards.iter().map(|n| n.to_string()).collect::<Vec<_>>().join("/") },
     );
     drop(server);
 }

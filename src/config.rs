@@ -345,6 +345,9 @@ pub struct TurnConfig {
     /// Bytes of relayed data queued for one TCP/TLS client that reads slowly; past it relayed
     /// data for that client is dropped (counted `queue_full`).
     pub stream_queue_bytes: usize,
+    /// Threads relaying UDP ("shards"), each with its own socket on every UDP listener
+    /// address and its own relay sockets; 0 is one per CPU the process may use.
+    pub data_threads: usize,
     /// Requests without valid credentials (Binding, the 401 challenge leg, refused ones)
     /// answered per second per source IP (IPv6 per /64), burst twice that; past it they are
     /// dropped unanswered. 0 disables. Bounds floods and reflection (a 401 is 5x a request).
@@ -420,12 +423,22 @@ impl Default for TurnConfig {
             stream_idle_timeout_secs: 360,
             unauthenticated_per_ip_per_sec: 200,
             stream_queue_bytes: 512 * 1024,
+            data_threads: 0,
             quota: TurnQuota::default(),
         }
     }
 }
 
 impl TurnConfig {
+    /// The number of UDP data-path shards: `data_threads`, or one per CPU this process may
+    /// run on (its affinity mask and cgroup quota, as `available_parallelism` reads them).
+    pub fn shards(&self) -> usize {
+        match self.data_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
     /// True when both TLS files are configured and the TLS listener is on.
     pub fn tls_enabled(&self) -> bool {
         self.tls_cert.is_some() && self.tls_key.is_some() && !self.tls_listen.0.is_empty()
@@ -796,6 +809,7 @@ impl Config {
             ("turn.stream_idle_timeout_secs", t.stream_idle_timeout_secs, 1, DAY),
             ("turn.unauthenticated_per_ip_per_sec", t.unauthenticated_per_ip_per_sec as u64, 0, 1_000_000),
             ("turn.stream_queue_bytes", t.stream_queue_bytes as u64, 16 * 1024, 64 * MIB),
+            ("turn.data_threads", t.data_threads as u64, 0, 256),
             ("turn.quota.family_allocations", q.family_allocations as u64, 1, 10_000_000),
             ("turn.quota.device_allocations", q.device_allocations as u64, 1, 10_000_000),
             ("turn.quota.total_allocations", q.total_allocations as u64, 1, 10_000_000),

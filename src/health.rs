@@ -22,7 +22,8 @@ impl Health {
         Arc::new(Health::default())
     }
 
-    fn set(&self, name: &str, up: bool) {
+    /// Marks listener `name` up or down.
+    pub fn set(&self, name: &str, up: bool) {
         let mut l = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         match l.iter_mut().find(|(n, _)| n == name) {
             Some(entry) => entry.1 = up,

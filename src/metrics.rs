@@ -7,6 +7,8 @@ use prometheus::{
     TextEncoder,
 };
 
+use std::sync::{Arc, Mutex};
+
 use crate::auth::AuthError;
 use crate::signal::protocol::{CloseCode, ErrorCode, RelayKind};
 
@@ -94,7 +96,15 @@ pub struct Metrics {
     pub turn_stream_timeouts: IntCounterVec,
     /// `kinlink_turn_tls_handshake_failures_total{listener,reason}` (turn, http).
     pub turn_tls_handshake_failures: IntCounterVec,
+    /// `kinlink_turn_shard_packets_total{shard}`: packets relayed (both directions) by each
+    /// UDP data-path shard; the label is bounded by `turn.data_threads`.
+    pub turn_shard_packets: IntCounterVec,
+    /// Run before every render, to bring counters kept elsewhere (the TURN core's) up to date.
+    render_hooks: Arc<Mutex<Vec<RenderHook>>>,
 }
+
+/// See [`Metrics::on_render`].
+pub type RenderHook = Box<dyn Fn(&Metrics) + Send + Sync>;
 
 /// Listeners that restart, accept and admit (labels of the listener metrics).
 pub const LISTENERS: [&str; 4] = ["http", "turn_udp", "turn_tcp", "turn_tls"];
@@ -128,9 +138,23 @@ pub fn count_panics() {
 /// `kinlink_turn_auth_failures_total` reasons.
 pub const TURN_AUTH_REASONS: [&str; 8] =
     ["malformed", "bad_nonce", "stale_nonce", "wrong_realm", "bad_integrity", "expired", "wrong_credentials", "missing"];
-/// `kinlink_turn_dropped_packets_total` reasons.
-pub const TURN_DROP_REASONS: [&str; 9] =
-    ["malformed", "no_allocation", "no_channel", "no_permission", "denied_peer", "too_large", "bandwidth", "queue_full", "rate_limited"];
+/// `kinlink_turn_dropped_packets_total` reasons (the TURN core's `DropReason`s, checked by a test).
+pub const TURN_DROP_REASONS: [&str; 10] = [
+    "malformed",
+    "no_allocation",
+    "no_channel",
+    "no_permission",
+    "denied_peer",
+    "too_large",
+    "bandwidth",
+    "queue_full",
+    "rate_limited",
+    "send_buffer_full",
+];
+/// TURN client transports (`transport` labels).
+pub const TURN_TRANSPORTS: [&str; 3] = ["udp", "tcp", "tls"];
+/// `kinlink_turn_permission_denied_total` reasons.
+pub const TURN_DENIED_REASONS: [&str; 3] = ["special_range", "deny_list", "own_port"];
 /// `kinlink_turn_quota_rejections_total` scopes.
 pub const TURN_QUOTA_SCOPES: [&str; 7] = ["server", "family", "device", "check", "ports", "permissions", "channels"];
 
@@ -328,6 +352,12 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            turn_shard_packets: counter_vec(
+                "kinlink_turn_shard_packets_total",
+                "Packets relayed (both directions) by each UDP data-path shard (turn.data_threads).",
+                "shard",
+            ),
+            render_hooks: Arc::default(),
             registry: registry.clone(),
         };
         count_panics();
@@ -359,9 +389,9 @@ impl Metrics {
         for o in crate::signal::negotiation::Outcome::ALL {
             m.p2p_negotiations.with_label_values(&[o.as_str()]);
         }
-        for t in crate::turn::server::Transport::ALL {
-            m.turn_allocations_created.with_label_values(&[t.as_str()]);
-            m.turn_binding_requests.with_label_values(&[t.as_str()]);
+        for t in TURN_TRANSPORTS {
+            m.turn_allocations_created.with_label_values(&[t]);
+            m.turn_binding_requests.with_label_values(&[t]);
         }
         for r in TURN_AUTH_REASONS {
             m.turn_auth_failures.with_label_values(&[r]);
@@ -372,8 +402,8 @@ impl Metrics {
         for s in TURN_QUOTA_SCOPES {
             m.turn_quota_rejections.with_label_values(&[s]);
         }
-        for d in crate::turn::policy::Denied::ALL {
-            m.turn_permission_denied.with_label_values(&[d.reason()]);
+        for d in TURN_DENIED_REASONS {
+            m.turn_permission_denied.with_label_values(&[d]);
         }
         for reason in ["server_full", "shutting_down"] {
             m.signal_upgrades_rejected.with_label_values(&[reason]);
@@ -403,8 +433,16 @@ impl Metrics {
         m
     }
 
+    /// Runs `hook` before every render.
+    pub fn on_render(&self, hook: RenderHook) {
+        self.render_hooks.lock().unwrap_or_else(|e| e.into_inner()).push(hook);
+    }
+
     /// The Prometheus text exposition of everything.
     pub fn render(&self) -> String {
+        for hook in self.render_hooks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            hook(self);
+        }
         let mut buf = Vec::new();
         // Encoding our own well-formed metric families cannot fail.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);

@@ -76,7 +76,7 @@ async fn a_nonce_splitting_a_utf8_character_does_not_stop_turn_over_udp() {
     let ready = reqwest::get(format!("http://{}/readyz", server.http)).await.unwrap();
     assert_eq!(ready.status(), 200);
     let body = ready.text().await.unwrap();
-    assert!(body.contains(&format!("turn udp {turn}: up")) && body.contains("turn tcp"), "{body}");
+    assert!(body.contains(&format!("turn udp {turn} shard 0: up")) && body.contains("turn tcp"), "{body}");
 }
 
 #[tokio::test]

@@ -117,8 +117,9 @@ async fn metrics_pass_promtool_and_cover_every_dashboard_query() {
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}");
 
-    // Bounded labels only: never a family, device, user or IP.
-    let allowed = ["reason", "code", "type", "direction", "transport", "scope", "outcome", "status", "version", "result", "listener", "stage", "le"];
+    // Bounded labels only: never a family, device, user or IP (`shard` is bounded by
+    // turn.data_threads, at most 256).
+    let allowed = ["reason", "code", "type", "direction", "transport", "scope", "outcome", "status", "version", "result", "listener", "stage", "le", "shard"];
     let exported: BTreeSet<String> = scrape
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

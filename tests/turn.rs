@@ -352,3 +352,61 @@ async fn wildcard_listeners_deny_every_local_address_without_public_ip() {
     assert_eq!(server.metric(r#"kinlink_turn_relayed_packets_total{direction="client_to_peer"}"#).await, 0.0);
     client.close().await.unwrap();
 }
+
+/// The UDP data path on several shards: clients spread over every shard's socket (the
+/// kernel's SO_REUSEPORT hash), each allocation relays both ways on its shard, and nothing
+/// is lost or refused.
+#[tokio::test]
+async fn clients_spread_over_every_data_path_shard_without_loss() {
+    const SHARDS: usize = 4;
+    // 48 clients: the chance that the hash leaves a shard without one is 4 × (3/4)^48 < 1e-5.
+    const CLIENTS: usize = 48;
+    const ROUND_TRIPS: usize = 20;
+    let server = TestServer::with(|c| c.turn.data_threads = SHARDS).await;
+    let turn_addr = server.turn_udp.unwrap();
+    let readyz = reqwest::get(format!("http://{}/readyz", server.http)).await.unwrap().text().await.unwrap();
+    for k in 0..SHARDS {
+        assert!(readyz.contains(&format!("turn udp {turn_addr} shard {k}: up")), "{readyz}");
+    }
+    let (peer, seen) = echo_peer().await;
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        clients.push(tokio::spawn(async move {
+            let (user, pass) = rest_credentials("spread", &format!("dev{}", i % 20), 600);
+            let client = turn_client(turn_addr, user, pass).await;
+            let relay = tokio::time::timeout(WAIT, client.allocate()).await.unwrap().expect("allocate");
+            let mut buf = vec![0u8; 1500];
+            let mut echoed = 0;
+            for n in 0..ROUND_TRIPS {
+                let msg = format!("client {i} packet {n}");
+                relay.send_to(msg.as_bytes(), peer).await.expect("send via relay");
+                let (len, from) = tokio::time::timeout(WAIT, relay.recv_from(&mut buf)).await.expect("echo arrives").unwrap();
+                assert_eq!((&buf[..len], from), (msg.as_bytes(), peer));
+                echoed += 1;
+            }
+            (client, echoed)
+        }));
+    }
+    let mut held = Vec::new();
+    for c in clients {
+        let (client, echoed) = c.await.unwrap();
+        assert_eq!(echoed, ROUND_TRIPS);
+        held.push(client);
+    }
+    assert_eq!(seen.load(std::sync::atomic::Ordering::Relaxed), CLIENTS * ROUND_TRIPS, "every packet reached the peer once");
+    let text = server.metrics_text().await;
+    for k in 0..SHARDS {
+        let packets = metric_value(&text, &format!(r#"kinlink_turn_shard_packets_total{{shard="{k}"}}"#)).unwrap_or(0.0);
+        assert!(packets >= 2.0 * ROUND_TRIPS as f64, "shard {k} carried {packets} packets:\n{text}");
+    }
+    let total = 2.0 * (CLIENTS * ROUND_TRIPS) as f64;
+    assert_eq!(metric_value(&text, r#"kinlink_turn_relayed_packets_total{direction="client_to_peer"}"#), Some(total / 2.0));
+    assert_eq!(metric_value(&text, r#"kinlink_turn_relayed_packets_total{direction="peer_to_client"}"#), Some(total / 2.0));
+    let shard_sum: f64 = (0..SHARDS).filter_map(|k| metric_value(&text, &format!(r#"kinlink_turn_shard_packets_total{{shard="{k}"}}"#))).sum();
+    assert_eq!(shard_sum, total, "UDP clients' packets are all counted by a shard");
+    for line in text.lines().filter(|l| l.starts_with("kinlink_turn_dropped_packets_total")) {
+        assert!(line.ends_with(" 0"), "nothing dropped: {line}");
+    }
+    assert_eq!(metric_value(&text, "kinlink_turn_allocations"), Some(CLIENTS as f64));
+    drop(held);
+}

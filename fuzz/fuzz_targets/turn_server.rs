@@ -7,30 +7,55 @@
 //! Nothing the network sends may panic it.
 #![no_main]
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use kinlink::config::Secret;
-use kinlink::metrics::Metrics;
+use kinlink::config::{Secret, TurnQuota};
 use kinlink::turn::policy::PeerPolicy;
-use kinlink::turn::server::{long_term_key, BindError, Binder, ClientAction, FiveTuple, PortChoice, Settings, Transport, TurnServer, PEER_HEADROOM};
+use kinlink::turn::server::{classify, long_term_key, BindRequest, Bound, ClientAction, DataCounters, FiveTuple, Packet, Settings, Transport, TurnServer, PEER_HEADROOM};
 use kinlink::turn::stun::{attr, method, Builder, Class, Message};
 use libfuzzer_sys::fuzz_target;
 
+/// Hands out ports; every fourth bind fails (the input decides when, through the count of binds).
 struct Ports(u16);
 
-impl Binder<u16> for Ports {
-    fn bind(&mut self, _ipv6: bool, choice: PortChoice) -> Result<(u16, SocketAddr), BindError> {
-        let p = match choice {
-            PortChoice::Exact(p) => p,
-            _ => {
-                self.0 = self.0.wrapping_add(2).max(1024);
-                self.0
-            }
-        };
-        Ok((p, SocketAddr::from(([127, 0, 0, 1], p))))
+impl Ports {
+    fn bind(&mut self, r: &BindRequest) -> Result<Bound<u16>, kinlink::turn::server::BindError> {
+        self.0 = self.0.wrapping_add(2).max(1024);
+        if self.0 % 8 == 6 {
+            return Err(kinlink::turn::server::BindError("exhausted".into()));
+        }
+        let relay = (self.0, SocketAddr::from(([127, 0, 0, 1], self.0)));
+        let reserved = r.pair.then(|| (self.0 + 1, SocketAddr::from(([127, 0, 0, 1], self.0 + 1))));
+        Ok(Bound { relay, reserved })
     }
-    fn start(&mut self, _relay: &u16, _tuple: FiveTuple) {}
+}
+
+/// What a driver does with a client packet: data through the allocation's path, requests
+/// through the core with the binding step in between. Returns a reply, if any.
+fn drive(server: &mut TurnServer<u16>, now: Instant, tuple: FiveTuple, buf: &[u8], ports: &mut Ports, counters: &DataCounters) -> Option<Vec<u8>> {
+    match classify(buf) {
+        Packet::ChannelData => {
+            let _ = server.path(&tuple).and_then(|p| p.channel_data(now, buf, counters));
+            None
+        }
+        Packet::Send(msg) => {
+            let _ = server.path(&tuple).and_then(|p| p.send_indication(now, &msg, counters));
+            None
+        }
+        Packet::Control => {
+            let mut action = server.handle_client(now, tuple, buf);
+            if let ClientAction::Bind(r) = action {
+                let bound = ports.bind(&r);
+                action = server.allocated(now, r, bound);
+            }
+            let _ = server.take_released();
+            match action {
+                ClientAction::Reply(r) | ClientAction::Started { reply: r, .. } => Some(r),
+                _ => None,
+            }
+        }
+        Packet::Junk => None,
+    }
 }
 
 const SECRET: &str = "fuzz-secret-0123456789";
@@ -43,18 +68,18 @@ fn settings() -> Settings {
         public_ip: None,
         max_lifetime: Duration::from_secs(3600),
         nonce_lifetime: Duration::from_secs(600),
-        family_allocations: 4,
-        device_allocations: 4,
-        total_allocations: 16,
-        check_allocations: 2,
-        permissions_per_allocation: 8,
-        channels_per_allocation: 8,
-        family_bytes_per_sec: 1_000_000,
+        quota: TurnQuota {
+            family_allocations: 4,
+            device_allocations: 4,
+            total_allocations: 16,
+            check_allocations: 2,
+            permissions_per_allocation: 8,
+            channels_per_allocation: 8,
+            family_bytes_per_sec: 1_000_000,
+        },
         unauthenticated_per_ip_per_sec: 50,
     }
 }
-
-static METRICS: OnceLock<Arc<Metrics>> = OnceLock::new();
 
 struct Client {
     username: String,
@@ -96,13 +121,14 @@ fn attrs_from(mut data: &[u8]) -> Vec<(u16, &[u8])> {
 const METHODS: [u16; 6] = [method::ALLOCATE, method::REFRESH, method::CREATE_PERMISSION, method::CHANNEL_BIND, method::BINDING, method::SEND];
 
 fuzz_target!(|data: &[u8]| {
-    let metrics = METRICS.get_or_init(|| Arc::new(Metrics::new())).clone();
     let policy = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![], vec![]);
     let t0 = Instant::now();
-    let mut server: TurnServer<u16> = TurnServer::new(settings(), policy, metrics, t0, UNIX0);
+    let mut server: TurnServer<u16> = TurnServer::new(settings(), policy, t0, UNIX0);
+    let counters = DataCounters::default();
     let tuple = FiveTuple { client: "127.0.0.1:5000".parse().unwrap(), server: "127.0.0.1:3478".parse().unwrap(), transport: Transport::Udp };
     let peer: SocketAddr = "127.0.0.1:9000".parse().unwrap();
     let mut binder = Ports(40000);
+    let send = |server: &mut TurnServer<u16>, now: Instant, buf: &[u8], binder: &mut Ports| drive(server, now, tuple, buf, binder, &counters);
 
     // The live allocation, built the way a client does: 401 first, then authenticated.
     let cred = kinlink::auth::turn_credential(&Secret::new(SECRET), "fam", "dev", 3600, UNIX0);
@@ -114,18 +140,17 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut first = Builder::new(method::ALLOCATE, Class::Request, [1; 12]);
     first.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
-    let ClientAction::Reply(r) = server.handle_client(t0, tuple, &first.finish_with_fingerprint(), &mut binder) else { panic!("401 expected") };
+    let Some(r) = send(&mut server, t0, &first.finish_with_fingerprint(), &mut binder) else { panic!("401 expected") };
     c.nonce = Message::parse(&r).unwrap().get(attr::NONCE).unwrap().to_vec();
     let setup = [
         authed(&c, method::ALLOCATE, [2; 12], &[(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])], None, false),
         authed(&c, method::CREATE_PERMISSION, [3; 12], &[], Some(peer), false),
         authed(&c, method::CHANNEL_BIND, [4; 12], &[(attr::CHANNEL_NUMBER, &[0x40, 0, 0, 0])], Some(peer), true),
     ];
+    // (Bind 0 of Ports never fails: 40002 % 8 == 2.)
     for p in &setup {
-        match server.handle_client(t0, tuple, p, &mut binder) {
-            ClientAction::Reply(r) => assert_eq!(Message::parse(&r).unwrap().class, Class::Success, "harness setup"),
-            other => panic!("harness setup: {other:?}"),
-        }
+        let r = send(&mut server, t0, p, &mut binder).expect("harness setup answered");
+        assert_eq!(Message::parse(&r).unwrap().class, Class::Success, "harness setup");
     }
 
     let mut now = t0;
@@ -136,13 +161,13 @@ fuzz_target!(|data: &[u8]| {
         let tid = [i as u8; 12];
         match kind % 7 {
             // Raw bytes from the client.
-            0 => drop(server.handle_client(now, tuple, rest, &mut binder)),
+            0 => drop(send(&mut server, now, rest, &mut binder)),
             // An authenticated request with fuzzed attributes (MD5 or SHA-256 integrity).
             1 | 2 => {
                 let Some((&m, rest)) = rest.split_first() else { continue };
                 let attrs = attrs_from(rest);
                 let p = authed(&c, METHODS[m as usize % METHODS.len()], tid, &attrs, None, kind % 7 == 2);
-                if let ClientAction::Reply(r) = server.handle_client(now, tuple, &p, &mut binder) {
+                if let Some(r) = send(&mut server, now, &p, &mut binder) {
                     // A 438 hands out a new nonce: keep authenticating with it.
                     if let Ok(msg) = Message::parse(&r) {
                         if let Some(n) = msg.get(attr::NONCE) {
@@ -157,21 +182,21 @@ fuzz_target!(|data: &[u8]| {
                 let mut p = number.to_be_bytes().to_vec();
                 p.extend_from_slice(&(rest.len() as u16).to_be_bytes());
                 p.extend_from_slice(rest);
-                drop(server.handle_client(now, tuple, &p, &mut binder));
+                drop(send(&mut server, now, &p, &mut binder));
             }
             // A Send indication to the peer, or to a port the input picks.
             4 => {
                 let port = rest.get(..2).map_or(9000, |b| u16::from_be_bytes([b[0], b[1]]));
                 let mut b = Builder::new(method::SEND, Class::Indication, tid);
                 b.xor_addr(attr::XOR_PEER_ADDRESS, SocketAddr::from(([127, 0, 0, 1], port))).attr(attr::DATA, rest);
-                drop(server.handle_client(now, tuple, &b.finish(), &mut binder));
+                drop(send(&mut server, now, &b.finish(), &mut binder));
             }
             // A peer packet, from the permitted peer or another port.
             5 => {
                 let from = if rest.first().is_some_and(|b| b & 1 == 0) { peer } else { "127.0.0.1:9001".parse().unwrap() };
                 let mut buf = vec![0u8; PEER_HEADROOM + rest.len() + 4];
                 buf[PEER_HEADROOM..PEER_HEADROOM + rest.len()].copy_from_slice(rest);
-                let _ = server.handle_peer(now, &tuple, from, &mut buf, rest.len());
+                let _ = server.path(&tuple).and_then(|p| p.from_peer(now, from, &mut buf, rest.len(), &counters));
             }
             // Time passes (up to ~17 minutes), the wall clock possibly stepping.
             _ => {
@@ -179,6 +204,7 @@ fuzz_target!(|data: &[u8]| {
                 now += Duration::from_secs(secs);
                 unix = unix.saturating_add(secs).saturating_add(rest.get(1).map_or(0, |b| *b as u64 * 60));
                 server.handle_timeout(now, unix);
+                let _ = server.take_released();
             }
         }
     }

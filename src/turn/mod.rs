@@ -3,15 +3,21 @@
 //!
 //! - [`stun`]: the wire format (zero-copy parser, builder, integrity, ChannelData).
 //! - [`policy`]: which peer addresses may be relayed to.
-//! - [`server`]: the rules, sans-IO: auth, allocations, permissions, channels, quotas.
-//! - [`relay`]: relay sockets and their peer-reading tasks.
-//! - [`listener`]: the UDP, TCP and TLS client legs.
+//! - [`server`]: the rules, sans-IO: the control plane (auth, allocations, permissions,
+//!   channels, quotas) and each allocation's data [`server::Path`].
+//! - [`shard`]: the UDP data plane, one thread per core with batched socket I/O.
+//! - [`stream`]: the TCP and TLS client legs.
+//! - [`relay`]: binding relay sockets; [`batch`]: `recvmmsg`/`sendmmsg`.
+//! - [`telemetry`]: the core's and the shards' counters as Prometheus metrics.
 
-pub mod listener;
+pub mod batch;
 pub mod policy;
 pub mod relay;
 pub mod server;
+pub mod shard;
+pub mod stream;
 pub mod stun;
+pub mod telemetry;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -25,9 +31,67 @@ use crate::config::TurnConfig;
 use crate::connlimit::ConnLimiter;
 use crate::health::{supervise, Health};
 use crate::metrics::Metrics;
-use listener::{Ctx, StreamTimeouts};
-use relay::Core;
-use server::{Settings, TurnServer};
+use policy::{Cidr, OwnAddr};
+use relay::{Relay, RelayBinder};
+use server::{ClientAction, FiveTuple, Path, Settings, TurnServer};
+use shard::ShardHandle;
+use stream::{Ctx, StreamTimeouts};
+
+/// The control plane, shared by every shard and stream task. A std mutex: every section is
+/// short, never crosses an `.await` and makes no system call.
+pub type Core = Arc<Mutex<TurnServer<Relay>>>;
+
+/// Locks the core; a panic elsewhere must not take TURN down with it.
+pub fn lock(core: &Core) -> std::sync::MutexGuard<'_, TurnServer<Relay>> {
+    core.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How the drivers reach the control plane: a STUN request in, a reply and maybe a new
+/// allocation out, with relay sockets bound between two short holds of the lock.
+#[derive(Clone)]
+pub struct Control {
+    core: Core,
+    binder: Arc<RelayBinder>,
+}
+
+impl Control {
+    /// Handles a STUN request from `tuple`: the reply to send, and the path of an allocation
+    /// it started (which the caller must have a shard read).
+    pub fn request(&self, tuple: FiveTuple, buf: &[u8]) -> (Option<Vec<u8>>, Option<Arc<Path<Relay>>>) {
+        let (mut action, mut released) = self.locked(|core| core.handle_client(Instant::now(), tuple, buf));
+        if let ClientAction::Bind(request) = action {
+            // Outside the lock: binding may try dozens of ports.
+            let bound = self.binder.bind(&request);
+            drop(released);
+            (action, released) = self.locked(|core| core.allocated(Instant::now(), request, bound));
+        }
+        drop(released);
+        match action {
+            ClientAction::None | ClientAction::Bind(_) => (None, None),
+            ClientAction::Reply(reply) => (Some(reply), None),
+            ClientAction::Started { reply, path } => (Some(reply), Some(path)),
+        }
+    }
+
+    /// The path of `tuple`'s allocation.
+    pub fn path(&self, tuple: &FiveTuple) -> Option<Arc<Path<Relay>>> {
+        lock(&self.core).path(tuple)
+    }
+
+    /// A TCP/TLS client is gone.
+    pub fn closed(&self, tuple: &FiveTuple) {
+        let ((), released) = self.locked(|core| core.handle_client_closed(Instant::now(), tuple));
+        drop(released);
+    }
+
+    /// Runs `f` on the core and returns, with its result, what the core let go of: the caller
+    /// drops that after the lock is released, so no socket is closed under it.
+    fn locked<T>(&self, f: impl FnOnce(&mut TurnServer<Relay>) -> T) -> (T, server::Released<Relay>) {
+        let mut core = lock(&self.core);
+        let out = f(&mut core);
+        (out, core.take_released())
+    }
+}
 
 /// The running TURN server.
 pub struct TurnService {
@@ -38,6 +102,7 @@ pub struct TurnService {
     /// Bound TLS listeners.
     pub tls: Vec<SocketAddr>,
     core: Core,
+    shards: Arc<[Arc<ShardHandle>]>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -143,10 +208,18 @@ impl TurnService {
             (true, Some(cert), Some(key)) => Some(crate::tls::Acceptor::new(cert.clone(), key.clone(), "turn").context("turns: certificate")?),
             _ => None,
         };
-        let mut udp = Vec::new();
+        // One socket per shard on every UDP address: the first binds (port 0 picks a port),
+        // the others join it with SO_REUSEPORT.
+        let shards_n = cfg.shards();
+        let mut udp: Vec<Vec<std::net::UdpSocket>> = (0..shards_n).map(|_| Vec::new()).collect();
         for &addr in &cfg.udp_listen.0 {
-            if let Some(s) = optional_v6(addr, "turn.udp_listen", relay::bind_udp(addr, cfg.socket_buffer_bytes))? {
-                udp.push(Arc::new(s));
+            if let Some(first) = optional_v6(addr, "turn.udp_listen", relay::bind_udp(addr, cfg.socket_buffer_bytes, true))? {
+                let bound = first.local_addr()?;
+                udp[0].push(first);
+                for sockets in udp.iter_mut().skip(1) {
+                    let s = relay::bind_udp(bound, cfg.socket_buffer_bytes, true).with_context(|| format!("turn.udp_listen: cannot add a shard socket on {bound}"))?;
+                    sockets.push(s);
+                }
             }
         }
         let mut tcp = Vec::new();
@@ -159,7 +232,7 @@ impl TurnService {
                 tls.extend(optional_v6(addr, "turn.tls_listen", bind_tcp(addr))?.map(Arc::new));
             }
         }
-        let udp_addrs = udp.iter().map(|s| s.local_addr()).collect::<Result<Vec<_>, _>>()?;
+        let udp_addrs = udp[0].iter().map(|s| s.local_addr()).collect::<Result<Vec<_>, _>>()?;
         let tcp_addrs = tcp.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?;
         let tls_addrs = tls.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?;
 
@@ -180,35 +253,42 @@ impl TurnService {
         // relay ports (see `TurnServer::policy_check`).
         let bound: Vec<SocketAddr> = udp_addrs.iter().chain(&tcp_addrs).chain(&tls_addrs).chain(other_own).copied().collect();
         let extra: Vec<IpAddr> = cfg.public_ip.into_iter().chain([relay_ipv4, relay_ipv6]).collect();
-        let own = listener::own_addresses(&bound, &extra);
+        let own = own_addresses(&bound, &extra);
         let policy = policy::PeerPolicy::new(
             policy::parse_list("turn.allowed_peers", &cfg.allowed_peers).map_err(anyhow::Error::msg)?,
             policy::parse_list("turn.denied_peers", &cfg.denied_peers).map_err(anyhow::Error::msg)?,
             own,
         );
-        let q = &cfg.quota;
         let settings = Settings {
             secret,
             realm: cfg.realm.clone(),
             public_ip: cfg.public_ip,
             max_lifetime: Duration::from_secs(cfg.max_lifetime_secs),
             nonce_lifetime: Duration::from_secs(cfg.nonce_lifetime_secs),
-            family_allocations: q.family_allocations,
-            device_allocations: q.device_allocations,
-            total_allocations: q.total_allocations,
-            check_allocations: q.check_allocations,
-            permissions_per_allocation: q.permissions_per_allocation,
-            channels_per_allocation: q.channels_per_allocation,
-            family_bytes_per_sec: q.family_bytes_per_sec,
+            quota: cfg.quota.clone(),
             unauthenticated_per_ip_per_sec: cfg.unauthenticated_per_ip_per_sec,
         };
-        let core: Core = Arc::new(Mutex::new(TurnServer::new(settings, policy, metrics.clone(), Instant::now(), crate::auth::unix_now())));
-        let ctx = Ctx {
-            core: core.clone(),
+        let core: Core = Arc::new(Mutex::new(TurnServer::new(settings, policy, Instant::now(), crate::auth::unix_now())));
+        let binder = RelayBinder {
             ports: cfg.relay_port_range().context("turn.relay_ports is validated")?,
-            relay_ipv4,
-            relay_ipv6,
+            ipv4: relay_ipv4,
+            ipv6: relay_ipv6,
             buffer_bytes: cfg.relay_socket_buffer_bytes,
+        };
+        let control = Control { core: core.clone(), binder: Arc::new(binder) };
+        let mut handles = Vec::new();
+        for (index, sockets) in udp.into_iter().enumerate() {
+            let (handle, _thread) = shard::spawn(index, sockets, control.clone(), health.clone(), metrics.clone()).context("TURN: cannot start a data-path shard")?;
+            handles.push(handle);
+        }
+        let shards: Arc<[Arc<ShardHandle>]> = handles.into();
+        let streams = Arc::new(server::DataCounters::default());
+        telemetry::register(&metrics, &core, &shards, &streams);
+        let ctx = Ctx {
+            control,
+            shards: shards.clone(),
+            next_shard: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            counters: streams,
             metrics: metrics.clone(),
             stream_queue_bytes: cfg.stream_queue_bytes,
             stream_timeouts: StreamTimeouts {
@@ -219,17 +299,12 @@ impl TurnService {
         let limit = ConnLimiter::new(cfg.max_stream_connections, cfg.max_stream_connections_per_ip);
         let mut tasks = Vec::new();
         // Every listener runs under a supervisor: if one ends (a panic on some input), it is
-        // restarted and `/readyz` shows it down meanwhile.
-        for s in udp {
-            let ctx = ctx.clone();
-            let name = format!("turn udp {}", s.local_addr()?);
-            tasks.push(supervise(name, "turn_udp", health.clone(), metrics.clone(), move || listener::serve_udp(s.clone(), ctx.clone())));
-        }
+        // restarted and `/readyz` shows it down meanwhile. (Shards supervise themselves.)
         for l in tcp {
             let (ctx, limit) = (ctx.clone(), limit.clone());
             let name = format!("turn tcp {}", l.local_addr()?);
             tasks.push(supervise(name, "turn_tcp", health.clone(), metrics.clone(), move || {
-                listener::serve_tcp(l.clone(), ctx.clone(), limit.clone(), None)
+                stream::serve_tcp(l.clone(), ctx.clone(), limit.clone(), None)
             }));
         }
         if let Some(acceptor) = tls_files {
@@ -238,32 +313,39 @@ impl TurnService {
                 let (ctx, limit, acceptor) = (ctx.clone(), limit.clone(), acceptor.clone());
                 let name = format!("turn tls {}", l.local_addr()?);
                 tasks.push(supervise(name, "turn_tls", health.clone(), metrics.clone(), move || {
-                    listener::serve_tcp(l.clone(), ctx.clone(), limit.clone(), Some(acceptor.clone()))
+                    stream::serve_tcp(l.clone(), ctx.clone(), limit.clone(), Some(acceptor.clone()))
                 }));
             }
         }
         let timer_core = core.clone();
+        let timer_metrics = metrics.clone();
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 // The wall clock is read here, beside the monotonic one, so the core follows
                 // the same clock credentials are minted from.
-                relay::lock(&timer_core).handle_timeout(Instant::now(), crate::auth::unix_now());
+                let (lifetimes, released) = {
+                    let mut core = lock(&timer_core);
+                    core.handle_timeout(Instant::now(), crate::auth::unix_now());
+                    (core.stats().take_closed_lifetimes(), core.take_released())
+                };
+                drop(released);
+                telemetry::observe_lifetimes(&timer_metrics, &lifetimes);
             }
         }));
         tracing::info!(udp = ?udp_addrs, tcp = ?tcp_addrs, tls = ?tls_addrs, relay_ip = %cfg.public_ip.unwrap_or(relay_ipv4), "TURN serving");
-        Ok(TurnService { udp: udp_addrs, tcp: tcp_addrs, tls: tls_addrs, core, tasks })
+        Ok(TurnService { udp: udp_addrs, tcp: tcp_addrs, tls: tls_addrs, core, shards, tasks })
     }
 
     /// Stops granting allocations; existing ones keep relaying until the process exits.
     pub fn drain(&self) {
-        relay::lock(&self.core).drain();
+        lock(&self.core).drain();
     }
 
     /// Open allocations.
     pub fn allocations(&self) -> usize {
-        relay::lock(&self.core).allocation_count()
+        lock(&self.core).allocation_count()
     }
 }
 
@@ -272,5 +354,35 @@ impl Drop for TurnService {
         for t in &self.tasks {
             t.abort();
         }
+        for s in self.shards.iter() {
+            s.stop();
+        }
     }
+}
+
+/// kinlink's own sockets as a peer could address them, for the peer policy. A specific listen
+/// address is reachable on that address; a wildcard one on every local address: every
+/// interface's (IPv4 and IPv6), all of loopback, the unspecified address (which reaches the
+/// host on Linux), and `extra` (the public IP and the relay IPs, which may be NATed to us).
+pub fn own_addresses(bound: &[SocketAddr], extra: &[IpAddr]) -> Vec<OwnAddr> {
+    let mut local: Vec<Cidr> = ["127.0.0.0/8", "::1/128", "0.0.0.0/32", "::/128"].iter().map(|c| c.parse().expect("built-in CIDR")).collect();
+    match if_addrs::get_if_addrs() {
+        Ok(ifs) => local.extend(ifs.iter().map(|i| Cidr::host(i.ip()))),
+        Err(e) => tracing::warn!(error = %e, "cannot list local interfaces: only loopback and turn.public_ip are denied as own addresses"),
+    }
+    local.extend(extra.iter().map(|ip| Cidr::host(*ip)));
+    local.dedup();
+    bound
+        .iter()
+        .map(|a| {
+            let ips = if a.ip().is_unspecified() {
+                local.clone()
+            } else {
+                let mut ips = vec![Cidr::host(a.ip())];
+                ips.extend(extra.iter().map(|ip| Cidr::host(*ip)));
+                ips
+            };
+            OwnAddr { ips, port: a.port() }
+        })
+        .collect()
 }

@@ -57,8 +57,8 @@ impl<R: Clone> TurnServer<R> {
         self.finish(b, None)
     }
 
-    pub(super) fn auth_failure(&self, now: Instant, tuple: FiveTuple, msg: &Message<'_>, reason: &'static str) -> Vec<u8> {
-        self.metrics.turn_auth_failures.with_label_values(&[reason]).inc();
+    pub(super) fn auth_failure(&mut self, now: Instant, tuple: FiveTuple, msg: &Message<'_>, reason: &'static str) -> Vec<u8> {
+        self.stats.auth_failures.inc(reason);
         if let Some(suppressed) = self.refusal_log.allow(now) {
             tracing::info!(reason, transport = tuple.transport.as_str(), suppressed, "TURN request refused (one line a second; kinlink_turn_auth_failures_total counts all)");
         }
@@ -66,14 +66,14 @@ impl<R: Clone> TurnServer<R> {
     }
 
     /// Long-term credential check with TURN REST usernames (RFC 8489 §9.2).
-    pub(super) fn authenticate(&self, now: Instant, tuple: FiveTuple, msg: &Message<'_>) -> Result<Authed, Vec<u8>> {
+    pub(super) fn authenticate(&mut self, now: Instant, tuple: FiveTuple, msg: &Message<'_>) -> Result<Authed, Vec<u8>> {
         let sha256 = msg.get(attr::MESSAGE_INTEGRITY_SHA256).is_some();
         if msg.get(attr::MESSAGE_INTEGRITY).is_none() && !sha256 {
             // The normal first leg: no credentials yet.
             return Err(self.challenge(now, tuple, msg.method, msg.tid, 401, "Unauthorized"));
         }
         let (Some(username), Some(realm), Some(nonce)) = (msg.get(attr::USERNAME), msg.get(attr::REALM), msg.get(attr::NONCE)) else {
-            self.metrics.turn_auth_failures.with_label_values(&["malformed"]).inc();
+            self.stats.auth_failures.inc("malformed");
             let mut b = Builder::new(msg.method, Class::Error, msg.tid);
             // USERHASH needs the server to find the user by hash; a TURN REST username is not
             // stored anywhere, so the nonce never offers username anonymity (RFC 8489 §9.2).
@@ -87,7 +87,7 @@ impl<R: Clone> TurnServer<R> {
         match self.check_nonce(now, tuple.client.ip(), nonce) {
             Ok(()) => {}
             Err(stale) => {
-                self.metrics.turn_auth_failures.with_label_values(&[if stale { "stale_nonce" } else { "bad_nonce" }]).inc();
+                self.stats.auth_failures.inc(if stale { "stale_nonce" } else { "bad_nonce" });
                 return Err(self.challenge(now, tuple, msg.method, msg.tid, 438, "Stale Nonce"));
             }
         }

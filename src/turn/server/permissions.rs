@@ -5,13 +5,13 @@ use super::*;
 
 impl<R: Clone> TurnServer<R> {
     /// Policy and family checks for a peer address named in a request.
-    pub(super) fn peer_allowed(&self, now: Instant, relayed: SocketAddr, peer: SocketAddr) -> Result<SocketAddr, (u16, &'static str)> {
+    pub(super) fn peer_allowed(&mut self, now: Instant, relayed: SocketAddr, peer: SocketAddr) -> Result<SocketAddr, (u16, &'static str)> {
         let peer = normalize(peer);
         if peer.is_ipv6() != relayed.is_ipv6() {
             return Err((443, "Peer Address Family Mismatch"));
         }
-        if let Err(d) = self.policy_check(peer) {
-            self.metrics.turn_permission_denied.with_label_values(&[d.reason()]).inc();
+        if let Err(d) = self.gate.check(peer) {
+            self.stats.permission_denied.inc(d.reason());
             if let Some(suppressed) = self.refusal_log.allow(now) {
                 tracing::info!(reason = d.reason(), suppressed, "peer refused by policy (one line a second; kinlink_turn_permission_denied_total counts all)");
             }
@@ -24,19 +24,8 @@ impl<R: Clone> TurnServer<R> {
         Ok(peer)
     }
 
-    /// The peer policy, except that a port one of our relays holds is another allocation of
-    /// this server (two devices both relayed through it), not a listener: relayed data is UDP
-    /// and a UDP relay port cannot be a UDP listener's, so only a TCP listener could share the
-    /// number, and UDP sent there reaches the relay.
-    pub(super) fn policy_check(&self, peer: SocketAddr) -> Result<(), Denied> {
-        match self.policy.check(peer) {
-            Err(Denied::OwnPort) if self.relay_ports.contains_key(&peer.port()) => Ok(()),
-            other => other,
-        }
-    }
-
     pub(super) fn create_permission(&mut self, now: Instant, tuple: FiveTuple, msg: &Message<'_>, a: &Authed) -> Vec<u8> {
-        let Some(relayed) = self.allocations.get(&tuple).filter(|al| al.expires > now).map(|al| al.relayed) else {
+        let Some(relayed) = self.allocations.get(&tuple).filter(|al| al.live(now)).map(|al| al.path.local) else {
             return self.error_reply(msg, a, 437, "Allocation Mismatch");
         };
         let mut peers = Vec::new();
@@ -50,22 +39,25 @@ impl<R: Clone> TurnServer<R> {
         if peers.is_empty() {
             return self.error_reply(msg, a, 400, "Bad Request: XOR-PEER-ADDRESS missing");
         }
-        let cap = self.settings.permissions_per_allocation;
-        let alloc = self.allocations.get_mut(&tuple).expect("checked above");
-        let new = peers.iter().filter(|ip| !alloc.permissions.iter().any(|p| p.ip == **ip && p.expires > now)).count();
-        alloc.permissions.retain(|p| p.expires > now);
-        if alloc.permissions.len() + new > cap {
-            self.metrics.turn_quota_rejections.with_label_values(&["permissions"]).inc();
+        let cap = self.settings.quota.permissions_per_allocation;
+        let path = self.allocations.get(&tuple).expect("checked above").path.clone();
+        let mut routes = path.routes_mut();
+        let new = peers.iter().filter(|ip| !routes.permissions.iter().any(|p| p.ip == **ip && p.expires > now)).count();
+        routes.permissions.retain(|p| p.expires > now);
+        if routes.permissions.len() + new > cap {
+            drop(routes);
+            self.stats.quota_rejections.inc("permissions");
             return self.error_reply(msg, a, 508, "Insufficient Capacity: too many permissions");
         }
         for ip in peers {
-            install_permission(alloc, ip, now);
+            install_permission(&mut routes, ip, now);
         }
+        drop(routes);
         self.finish(Builder::new(method::CREATE_PERMISSION, Class::Success, msg.tid), Some((&a.key, a.sha256)))
     }
 
     pub(super) fn channel_bind(&mut self, now: Instant, tuple: FiveTuple, msg: &Message<'_>, a: &Authed) -> Vec<u8> {
-        let Some(relayed) = self.allocations.get(&tuple).filter(|al| al.expires > now).map(|al| al.relayed) else {
+        let Some(relayed) = self.allocations.get(&tuple).filter(|al| al.live(now)).map(|al| al.path.local) else {
             return self.error_reply(msg, a, 437, "Allocation Mismatch");
         };
         let number = match msg.get(attr::CHANNEL_NUMBER) {
@@ -82,35 +74,45 @@ impl<R: Clone> TurnServer<R> {
             Ok(p) => p,
             Err((code, reason)) => return self.error_reply(msg, a, code, reason),
         };
-        let cap = self.settings.channels_per_allocation;
-        let cap_p = self.settings.permissions_per_allocation;
-        let alloc = self.allocations.get_mut(&tuple).expect("checked above");
-        alloc.channels.retain(|c| c.expires > now);
-        let by_number = alloc.channels.iter().position(|c| c.number == number);
-        let by_peer = alloc.channels.iter().position(|c| c.peer == peer);
-        match (by_number, by_peer) {
-            (Some(i), Some(j)) if i == j => alloc.channels[i].expires = now + CHANNEL_LIFETIME,
-            (None, None) => {
-                if alloc.channels.len() >= cap {
-                    self.metrics.turn_quota_rejections.with_label_values(&["channels"]).inc();
-                    return self.error_reply(msg, a, 508, "Insufficient Capacity: too many channels");
-                }
-                if !alloc.permissions.iter().any(|p| p.ip == peer.ip() && p.expires > now) && alloc.permissions.len() >= cap_p {
-                    self.metrics.turn_quota_rejections.with_label_values(&["permissions"]).inc();
-                    return self.error_reply(msg, a, 508, "Insufficient Capacity: too many permissions");
-                }
-                alloc.channels.push(Channel { number, peer, expires: now + CHANNEL_LIFETIME });
+        let cap = self.settings.quota.channels_per_allocation;
+        let cap_p = self.settings.quota.permissions_per_allocation;
+        let path = self.allocations.get(&tuple).expect("checked above").path.clone();
+        let mut routes = path.routes_mut();
+        routes.channels.retain(|c| c.expires > now);
+        let by_number = routes.channels.iter().position(|c| c.number == number);
+        let by_peer = routes.channels.iter().position(|c| c.peer == peer);
+        let refused = match (by_number, by_peer) {
+            (Some(i), Some(j)) if i == j => {
+                routes.channels[i].expires = now + CHANNEL_LIFETIME;
+                None
             }
-            _ => return self.error_reply(msg, a, 400, "Bad Request: channel or peer already bound"),
+            (None, None) if routes.channels.len() >= cap => Some(("channels", 508, "Insufficient Capacity: too many channels")),
+            (None, None) if !routes.permits(peer.ip(), now) && routes.permissions.len() >= cap_p => {
+                Some(("permissions", 508, "Insufficient Capacity: too many permissions"))
+            }
+            (None, None) => {
+                routes.channels.push(Channel { number, peer, expires: now + CHANNEL_LIFETIME });
+                None
+            }
+            _ => Some(("", 400, "Bad Request: channel or peer already bound")),
+        };
+        if refused.is_none() {
+            install_permission(&mut routes, peer.ip(), now);
         }
-        install_permission(alloc, peer.ip(), now);
+        drop(routes);
+        if let Some((scope, code, reason)) = refused {
+            if !scope.is_empty() {
+                self.stats.quota_rejections.inc(scope);
+            }
+            return self.error_reply(msg, a, code, reason);
+        }
         self.finish(Builder::new(method::CHANNEL_BIND, Class::Success, msg.tid), Some((&a.key, a.sha256)))
     }
 }
 
-pub(super) fn install_permission<R>(alloc: &mut Allocation<R>, ip: IpAddr, now: Instant) {
-    match alloc.permissions.iter_mut().find(|p| p.ip == ip) {
+pub(super) fn install_permission(routes: &mut path::Routes, ip: IpAddr, now: Instant) {
+    match routes.permissions.iter_mut().find(|p| p.ip == ip) {
         Some(p) => p.expires = now + PERMISSION_LIFETIME,
-        None => alloc.permissions.push(Permission { ip, expires: now + PERMISSION_LIFETIME }),
+        None => routes.permissions.push(Permission { ip, expires: now + PERMISSION_LIFETIME }),
     }
 }

@@ -1,13 +1,13 @@
 //! The TURN rules with bytes and virtual time: no sockets, no sleeping.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use md5::Digest;
 
 use super::*;
 use crate::auth::turn_credential;
+use crate::config::TurnQuota;
 use crate::turn::policy::{OwnAddr, PeerPolicy};
 use crate::turn::stun::{attr, method, Builder, Class, Message};
 
@@ -21,6 +21,13 @@ fn settings() -> Settings {
         public_ip: Some("203.0.113.10".parse().unwrap()),
         max_lifetime: Duration::from_secs(3600),
         nonce_lifetime: Duration::from_secs(600),
+        quota: quota(),
+        unauthenticated_per_ip_per_sec: 0,
+    }
+}
+
+fn quota() -> TurnQuota {
+    TurnQuota {
         family_allocations: 3,
         device_allocations: 2,
         total_allocations: 5,
@@ -28,8 +35,11 @@ fn settings() -> Settings {
         permissions_per_allocation: 4,
         channels_per_allocation: 4,
         family_bytes_per_sec: 0,
-        unauthenticated_per_ip_per_sec: 0,
     }
+}
+
+fn with_quota(q: TurnQuota) -> Settings {
+    Settings { quota: q, ..settings() }
 }
 
 /// Relay handles are numbers; the binder hands out ports and can run out.
@@ -40,8 +50,8 @@ struct FakeBinder {
     fail: bool,
 }
 
-impl Binder<u16> for FakeBinder {
-    fn bind(&mut self, ipv6: bool, choice: PortChoice) -> Result<(u16, SocketAddr), BindError> {
+impl FakeBinder {
+    fn bind_one(&mut self, ipv6: bool, choice: PortChoice) -> Result<(u16, SocketAddr), BindError> {
         self.last_v6 = ipv6;
         if self.fail {
             return Err(BindError("exhausted".into()));
@@ -54,14 +64,28 @@ impl Binder<u16> for FakeBinder {
         self.next = self.next.max(port + 1);
         Ok((port, SocketAddr::from(([0, 0, 0, 0], port))))
     }
-    fn start(&mut self, _relay: &u16, _tuple: FiveTuple) {}
+
+    fn bind(&mut self, r: &BindRequest) -> Result<Bound<u16>, BindError> {
+        let relay = self.bind_one(r.ipv6, r.choice)?;
+        let reserved = if r.pair { Some(self.bind_one(r.ipv6, PortChoice::Exact(relay.1.port() + 1))?) } else { None };
+        Ok(Bound { relay, reserved })
+    }
+}
+
+/// What a packet from a client came to, as the drivers see it.
+#[derive(Debug)]
+enum Act {
+    None,
+    Reply(Vec<u8>),
+    Relay { relay: u16, peer: SocketAddr, payload: std::ops::Range<usize> },
 }
 
 struct Harness {
     s: TurnServer<u16>,
     b: FakeBinder,
     t0: Instant,
-    metrics: Arc<Metrics>,
+    /// The data path's counters (one shard's).
+    counters: DataCounters,
 }
 
 fn tuple(port: u16) -> FiveTuple {
@@ -69,11 +93,10 @@ fn tuple(port: u16) -> FiveTuple {
 }
 
 fn harness_with(settings: Settings) -> Harness {
-    let metrics = Arc::new(Metrics::new());
     let own = vec![OwnAddr { ips: vec!["127.0.0.0/8".parse().unwrap(), "203.0.113.10".parse().unwrap()], port: 3478 }];
     let policy = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![], own);
     let t0 = Instant::now();
-    Harness { s: TurnServer::new(settings, policy, metrics.clone(), t0, UNIX0), b: FakeBinder { last_v6: false, next: 50000, fail: false }, t0, metrics }
+    Harness { s: TurnServer::new(settings, policy, t0, UNIX0), b: FakeBinder { last_v6: false, next: 50000, fail: false }, t0, counters: DataCounters::default() }
 }
 
 fn harness() -> Harness {
@@ -122,13 +145,40 @@ impl Harness {
         self.t0 + Duration::from_secs(secs)
     }
 
-    fn send(&mut self, now: Instant, t: FiveTuple, bytes: &[u8]) -> ClientAction<u16> {
-        self.s.handle_client(now, t, bytes, &mut self.b)
+    /// What a driver does with a client packet: data through the allocation's path,
+    /// requests through the core, with the binding step in between.
+    fn send(&mut self, now: Instant, t: FiveTuple, bytes: &[u8]) -> Act {
+        let routed = match classify(bytes) {
+            Packet::ChannelData => self.s.path(&t).and_then(|p| p.channel_data(now, bytes, &self.counters).map(|r| (p.relay, r))),
+            Packet::Send(msg) => self.s.path(&t).and_then(|p| p.send_indication(now, &msg, &self.counters).map(|r| (p.relay, r))),
+            Packet::Control => {
+                let mut action = self.s.handle_client(now, t, bytes);
+                if let ClientAction::Bind(r) = action {
+                    let bound = self.b.bind(&r);
+                    action = self.s.allocated(now, r, bound);
+                }
+                return match action {
+                    ClientAction::None => Act::None,
+                    ClientAction::Reply(r) | ClientAction::Started { reply: r, .. } => Act::Reply(r),
+                    ClientAction::Bind(_) => panic!("bound above"),
+                };
+            }
+            Packet::Junk => None,
+        };
+        match routed {
+            Some((relay, (peer, payload))) => Act::Relay { relay, peer, payload },
+            None => Act::None,
+        }
+    }
+
+    /// A datagram from `peer` to `t`'s relay: the framed range for the client.
+    fn peer(&mut self, now: Instant, t: &FiveTuple, peer: SocketAddr, buf: &mut [u8], len: usize) -> Option<std::ops::Range<usize>> {
+        self.s.path(t).and_then(|p| p.from_peer(now, peer, buf, len, &self.counters))
     }
 
     fn reply(&mut self, now: Instant, t: FiveTuple, bytes: &[u8]) -> Vec<u8> {
         match self.send(now, t, bytes) {
-            ClientAction::Reply(r) => r,
+            Act::Reply(r) => r,
             other => panic!("expected a reply, got {other:?}"),
         }
     }
@@ -161,7 +211,7 @@ fn binding_answers_the_reflexive_address() {
     let addr = crate::turn::stun::decode_xor_addr(m.get(attr::XOR_MAPPED_ADDRESS).unwrap(), &m.tid).unwrap();
     assert_eq!(addr, tuple(4000).client);
     assert!(m.fingerprint_ok() && m.has_fingerprint());
-    assert_eq!(h.metrics.turn_binding_requests.with_label_values(&["udp"]).get(), 1);
+    assert_eq!(h.s.stats().binding_requests.get("udp"), 1);
 }
 
 #[test]
@@ -182,7 +232,7 @@ fn allocate_challenge_success_retransmit_and_mismatch() {
     let r = h.reply(h.t0, tuple(4000), &request(method::ALLOCATE, tid(3), &[(attr::REQUESTED_TRANSPORT, UDP)], Some(&c), &[]));
     assert_eq!(code_of(&r), Some(437));
     assert_eq!(h.s.allocation_count(), 1);
-    assert_eq!(h.metrics.turn_allocations.get(), 1);
+    assert_eq!(h.s.allocation_count(), 1);
 }
 
 #[test]
@@ -196,7 +246,7 @@ fn bad_credentials_get_401_and_no_allocation() {
         let r = h.allocate(h.t0, tuple(4001), &mut c, 10);
         assert_eq!(code_of(&r), Some(401), "{reason}");
         assert!(!Message::parse(&r).unwrap().verify_integrity(&c.key), "no integrity on 401");
-        assert_eq!(h.metrics.turn_auth_failures.with_label_values(&[reason]).get(), 1);
+        assert_eq!(h.s.stats().auth_failures.get(reason), 1);
     }
     let mut c = creds_for("fam", "dev", 3600, SECRET);
     c.username = "not-a-rest-username".into();
@@ -305,36 +355,36 @@ fn permissions_policy_send_and_data_indications() {
         let r = h.reply(h.t0, t, &request(method::CREATE_PERMISSION, tid(10), &[], Some(&c), &[denied.parse().unwrap()]));
         assert_eq!(code_of(&r), Some(403), "{denied}");
     }
-    assert_eq!(h.metrics.turn_permission_denied.with_label_values(&["special_range"]).get(), 2);
-    assert_eq!(h.metrics.turn_permission_denied.with_label_values(&["own_port"]).get(), 1);
+    assert_eq!(h.s.stats().permission_denied.get("special_range"), 2);
+    assert_eq!(h.s.stats().permission_denied.get("own_port"), 1);
     // Without a permission, Send is dropped and peer data too.
     let mut send = Builder::new(method::SEND, Class::Indication, tid(11));
     send.xor_addr(attr::XOR_PEER_ADDRESS, peer).attr(attr::DATA, b"hello");
     let send = send.finish();
-    assert!(matches!(h.send(h.t0, t, &send), ClientAction::None));
+    assert!(matches!(h.send(h.t0, t, &send), Act::None));
     let mut buf = vec![0u8; PEER_HEADROOM + 64];
     buf[PEER_HEADROOM..PEER_HEADROOM + 3].copy_from_slice(b"pon");
-    assert!(h.s.handle_peer(h.t0, &t, peer, &mut buf, 3).is_none());
+    assert!(h.peer(h.t0, &t, peer, &mut buf, 3).is_none());
     // With it, both directions flow.
     let r = h.reply(h.t0, t, &request(method::CREATE_PERMISSION, tid(12), &[], Some(&c), &[peer]));
     assert_eq!(Message::parse(&r).unwrap().class, Class::Success);
     match h.send(h.t0, t, &send) {
-        ClientAction::Relay { relay, peer: p, payload } => {
+        Act::Relay { relay, peer: p, payload } => {
             assert_eq!((relay, p), (50000, peer));
             assert_eq!(&send[payload], b"hello");
         }
         other => panic!("{other:?}"),
     }
     buf[PEER_HEADROOM..PEER_HEADROOM + 4].copy_from_slice(b"pong");
-    let range = h.s.handle_peer(h.t0, &t, "127.0.0.1:9999".parse().unwrap(), &mut buf, 4).expect("permission is per IP");
+    let range = h.peer(h.t0, &t, "127.0.0.1:9999".parse().unwrap(), &mut buf, 4).expect("permission is per IP");
     let m = Message::parse(&buf[range]).unwrap();
     assert_eq!((m.method, m.class), (method::DATA, Class::Indication));
     assert_eq!(m.get(attr::DATA), Some(&b"pong"[..]));
     assert_eq!(m.xor_peer_addresses().next(), Some(Some("127.0.0.1:9999".parse().unwrap())));
     // Permissions expire after 300 s.
-    assert!(matches!(h.send(h.at(301), t, &send), ClientAction::None));
-    assert_eq!(h.metrics.turn_bytes_to_peer.get(), 5);
-    assert_eq!(h.metrics.turn_packets_to_client.get(), 1);
+    assert!(matches!(h.send(h.at(301), t, &send), Act::None));
+    assert_eq!(h.counters.bytes(Direction::ToPeer), 5);
+    assert_eq!(h.counters.packets(Direction::ToClient), 1);
 }
 
 #[test]
@@ -353,19 +403,19 @@ fn channels_bind_relay_frame_and_expire() {
     assert_eq!(code_of(&h.reply(h.t0, t, &bind(0x4001, peer, 14))), Some(400));
     let frame = [0x40, 0x00, 0x00, 0x03, b'a', b'b', b'c', 0];
     match h.send(h.t0, t, &frame) {
-        ClientAction::Relay { peer: p, payload, .. } => assert_eq!((p, &frame[payload]), (peer, &b"abc"[..])),
+        Act::Relay { peer: p, payload, .. } => assert_eq!((p, &frame[payload]), (peer, &b"abc"[..])),
         other => panic!("{other:?}"),
     }
-    assert!(matches!(h.send(h.t0, t, &[0x40, 0x01, 0x00, 0x01, b'x']), ClientAction::None), "unbound channel");
+    assert!(matches!(h.send(h.t0, t, &[0x40, 0x01, 0x00, 0x01, b'x']), Act::None), "unbound channel");
     // Peer → client over TCP: ChannelData padded to 4.
     let mut buf = vec![0u8; PEER_HEADROOM + 16];
     buf[PEER_HEADROOM..PEER_HEADROOM + 5].copy_from_slice(b"hello");
-    let r = h.s.handle_peer(h.t0, &t, peer, &mut buf, 5).unwrap();
+    let r = h.peer(h.t0, &t, peer, &mut buf, 5).unwrap();
     assert_eq!(&buf[r], &[0x40, 0x00, 0x00, 0x05, b'h', b'e', b'l', b'l', b'o', 0, 0, 0]);
     // The channel's permission lapses at 300 s unless refreshed, the channel at 600 s.
-    assert!(h.s.handle_peer(h.at(301), &t, peer, &mut buf, 5).is_none());
+    assert!(h.peer(h.at(301), &t, peer, &mut buf, 5).is_none());
     h.s.handle_timeout(h.at(601), UNIX0 + 601);
-    assert!(matches!(h.send(h.at(601), t, &frame), ClientAction::None));
+    assert!(matches!(h.send(h.at(601), t, &frame), Act::None));
 }
 
 #[test]
@@ -384,7 +434,7 @@ fn refresh_deletes_and_allocations_expire() {
     assert_eq!(h.s.allocation_count(), 1);
     h.s.handle_timeout(h.at(600), UNIX0 + 600);
     assert_eq!(h.s.allocation_count(), 0);
-    assert_eq!(h.metrics.turn_allocation_duration.get_sample_count(), 2);
+    assert_eq!(h.s.stats().take_closed_lifetimes().len(), 2);
 }
 
 #[test]
@@ -405,7 +455,7 @@ fn quotas_per_device_family_server_and_ports() {
     assert_eq!(alloc(&mut h, "h", "a"), None);
     assert_eq!(alloc(&mut h, "i", "a"), Some(486), "server quota 5");
     for scope in ["device", "family", "server"] {
-        assert_eq!(h.metrics.turn_quota_rejections.with_label_values(&[scope]).get(), 1, "{scope}");
+        assert_eq!(h.s.stats().quota_rejections.get(scope), 1, "{scope}");
     }
     let mut h = harness();
     h.b.fail = true;
@@ -443,7 +493,7 @@ fn sha256_integrity_is_accepted() {
 
 #[test]
 fn family_bandwidth_quota_drops_excess() {
-    let mut h = harness_with(Settings { family_bytes_per_sec: 1000, ..settings() });
+    let mut h = harness_with(with_quota(TurnQuota { family_bytes_per_sec: 1000, ..quota() }));
     let mut c = creds_for("fam", "dev", 3600, SECRET);
     let t = tuple(4000);
     h.allocate(h.t0, t, &mut c, 1);
@@ -451,11 +501,11 @@ fn family_bandwidth_quota_drops_excess() {
     h.reply(h.t0, t, &request(method::CHANNEL_BIND, tid(3), &[(attr::CHANNEL_NUMBER, &[0x40, 0, 0, 0])], Some(&c), &[peer]));
     let mut frame = vec![0x40, 0x00, 0x01, 0xF4];
     frame.extend_from_slice(&[7; 500]);
-    assert!(matches!(h.send(h.t0, t, &frame), ClientAction::Relay { .. }));
-    assert!(matches!(h.send(h.t0, t, &frame), ClientAction::Relay { .. }));
-    assert!(matches!(h.send(h.t0, t, &frame), ClientAction::None), "1000 B/s spent");
-    assert!(matches!(h.send(h.at(1), t, &frame), ClientAction::Relay { .. }), "refilled");
-    assert_eq!(h.metrics.turn_dropped.with_label_values(&["bandwidth"]).get(), 1);
+    assert!(matches!(h.send(h.t0, t, &frame), Act::Relay { .. }));
+    assert!(matches!(h.send(h.t0, t, &frame), Act::Relay { .. }));
+    assert!(matches!(h.send(h.t0, t, &frame), Act::None), "1000 B/s spent");
+    assert!(matches!(h.send(h.at(1), t, &frame), Act::Relay { .. }), "refilled");
+    assert_eq!(h.counters.drops(DropReason::Bandwidth), 1);
 }
 
 /// Network input never panics: random bytes and mutated valid messages, bounded and seeded.
@@ -489,7 +539,7 @@ fn random_and_mutated_packets_never_panic() {
         }
         let _ = h.send(h.t0, t, &bytes);
         let n = rng.gen_range(0..2048);
-        let _ = h.s.handle_peer(h.t0, &t, peer, &mut buf, n);
+        let _ = h.peer(h.t0, &t, peer, &mut buf, n);
     }
 }
 
@@ -543,7 +593,7 @@ fn a_nonce_with_a_multibyte_character_across_byte_10_is_refused_not_a_panic() {
         let r = h.reply(h.t0, tuple(4000), &request(method::ALLOCATE, tid(1), &[(attr::REQUESTED_TRANSPORT, UDP)], Some(&c), &[]));
         assert_eq!(code_of(&r), Some(438), "junk nonce is answered with a fresh one");
     }
-    assert_eq!(h.metrics.turn_auth_failures.with_label_values(&["bad_nonce"]).get(), 5);
+    assert_eq!(h.s.stats().auth_failures.get("bad_nonce"), 5);
     assert_eq!(h.s.allocation_count(), 0);
 }
 
@@ -553,7 +603,7 @@ fn even_port_r(h: &mut Harness, t: FiveTuple, c: &Creds, id: u8) -> Vec<u8> {
 
 #[test]
 fn even_port_reservations_count_against_quotas_and_go_with_their_allocation() {
-    let mut h = harness_with(Settings { device_allocations: 4, family_allocations: 4, total_allocations: 100, ..settings() });
+    let mut h = harness_with(with_quota(TurnQuota { device_allocations: 4, family_allocations: 4, total_allocations: 100, ..quota() }));
     let mut c = creds_for("fam", "dev", 3600, SECRET);
     h.allocate(h.t0, tuple(4000), &mut c, 1);
     let t = tuple(4001);
@@ -583,7 +633,7 @@ fn even_port_reservations_count_against_quotas_and_go_with_their_allocation() {
 
 #[test]
 fn check_families_share_their_own_small_quota() {
-    let mut h = harness_with(Settings { device_allocations: 10, family_allocations: 10, total_allocations: 100, ..settings() });
+    let mut h = harness_with(with_quota(TurnQuota { device_allocations: 10, family_allocations: 10, total_allocations: 100, ..quota() }));
     let mut port = 6000;
     let mut alloc = |h: &mut Harness, fam: &str| {
         port += 1;
@@ -594,7 +644,7 @@ fn check_families_share_their_own_small_quota() {
     assert_eq!(alloc(&mut h, "check-0000000000000002"), None);
     assert_eq!(alloc(&mut h, "check-0000000000000003"), Some(486), "check quota 2 across check families");
     assert_eq!(alloc(&mut h, "family"), None, "other families unaffected");
-    assert_eq!(h.metrics.turn_quota_rejections.with_label_values(&["check"]).get(), 1);
+    assert_eq!(h.s.stats().quota_rejections.get("check"), 1);
 }
 
 #[test]
@@ -610,10 +660,10 @@ fn send_indications_are_checked_against_own_ports_by_full_address() {
     for (to, relayed) in [("127.0.0.1:9000", true), ("127.0.0.1:3478", false), ("[::ffff:127.0.0.1]:3478", false), ("127.0.0.1:3479", true)] {
         let mut send = Builder::new(method::SEND, Class::Indication, tid(11));
         send.xor_addr(attr::XOR_PEER_ADDRESS, to.parse().unwrap()).attr(attr::DATA, b"x");
-        let sent = matches!(h.send(h.t0, t, &send.finish()), ClientAction::Relay { .. });
+        let sent = matches!(h.send(h.t0, t, &send.finish()), Act::Relay { .. });
         assert_eq!(sent, relayed, "{to}");
     }
-    assert_eq!(h.metrics.turn_dropped.with_label_values(&["denied_peer"]).get(), 2);
+    assert_eq!(h.counters.drops(DropReason::DeniedPeer), 2);
     // Our public IP on the listener port is refused at CreatePermission and ChannelBind...
     let r = h.reply(h.t0, t, &request(method::CHANNEL_BIND, tid(12), &[(attr::CHANNEL_NUMBER, &[0x40, 0, 0, 0])], Some(&c), &["203.0.113.10:3478".parse().unwrap()]));
     assert_eq!(code_of(&r), Some(403));
@@ -643,7 +693,7 @@ fn the_core_follows_the_wall_clock_credentials_are_minted_from() {
     c2.nonce = c.nonce.clone();
     let r = h.reply(h.at(1), tuple(4001), &request(method::ALLOCATE, tid(20), &[(attr::REQUESTED_TRANSPORT, UDP)], Some(&c2), &[]));
     assert_eq!(code_of(&r), Some(401));
-    assert_eq!(h.metrics.turn_auth_failures.with_label_values(&["expired"]).get(), 1);
+    assert_eq!(h.s.stats().auth_failures.get("expired"), 1);
     // And a step backwards makes fresh credentials work at once.
     let mut h = harness();
     let mut fresh = creds_for("fam", "dev", -3000 + 60, SECRET); // minted by a clock 3000 s behind
@@ -656,13 +706,13 @@ fn requests_without_credentials_are_rate_limited_per_source() {
     let mut h = harness_with(Settings { unauthenticated_per_ip_per_sec: 10, ..settings() });
     let binding = Builder::new(method::BINDING, Class::Request, tid(1)).finish_with_fingerprint();
     let flooder = tuple(4000);
-    let answered = (0..100).filter(|_| matches!(h.send(h.t0, flooder, &binding), ClientAction::Reply(_))).count();
+    let answered = (0..100).filter(|_| matches!(h.send(h.t0, flooder, &binding), Act::Reply(_))).count();
     assert_eq!(answered, 20, "the burst (twice the rate), then nothing");
-    assert_eq!(h.metrics.turn_dropped.with_label_values(&["rate_limited"]).get(), 80);
+    assert_eq!(h.s.stats().dropped.get("rate_limited"), 80);
     // Another source is unaffected; the flooder gets 10 more a second later.
     let other = FiveTuple { client: "198.51.100.2:5000".parse().unwrap(), ..flooder };
-    assert!(matches!(h.send(h.t0, other, &binding), ClientAction::Reply(_)));
-    let later = (0..100).filter(|_| matches!(h.send(h.at(1), flooder, &binding), ClientAction::Reply(_))).count();
+    assert!(matches!(h.send(h.t0, other, &binding), Act::Reply(_)));
+    let later = (0..100).filter(|_| matches!(h.send(h.at(1), flooder, &binding), Act::Reply(_))).count();
     assert_eq!(later, 10);
     // Forged credentials count too (each costs an HMAC); valid ones never do.
     let mut good = creds_for("fam", "dev", 3600, SECRET);
@@ -671,8 +721,8 @@ fn requests_without_credentials_are_rate_limited_per_source() {
     let mut forged = creds_for("fam", "dev", 3600, "not-the-secret");
     forged.nonce = good.nonce.clone();
     let refused = request(method::CREATE_PERMISSION, tid(20), &[], Some(&forged), &["127.0.0.1:9".parse().unwrap()]);
-    assert!(matches!(h.send(h.t0, flooder, &refused), ClientAction::Reply(_)), "401 while tokens last");
-    assert!(matches!(h.send(h.t0, flooder, &refused), ClientAction::None), "then dropped");
+    assert!(matches!(h.send(h.t0, flooder, &refused), Act::Reply(_)), "401 while tokens last");
+    assert!(matches!(h.send(h.t0, flooder, &refused), Act::None), "then dropped");
     for i in 0..20u8 {
         let ok = request(method::CREATE_PERMISSION, tid(30 + i), &[], Some(&good), &["127.0.0.1:9".parse().unwrap()]);
         assert_eq!(Message::parse(&h.reply(h.t0, flooder, &ok)).unwrap().class, Class::Success);

@@ -1,0 +1,244 @@
+//! The TCP and TLS client legs (RFC 8656 framing), one tokio task per connection. A
+//! connection owns its one allocation: its data goes straight out of the relay socket from
+//! this task, and what peers send back is framed by the shard reading the relay and queued
+//! here. STUN requests go to the core through [`Control`].
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::relay::Relay;
+use super::server::{classify, DataCounters, DropReason, FiveTuple, Packet, Path, Transport};
+use super::shard::ShardHandle;
+use super::stun::{frame_len, HEADER_LEN};
+use super::Control;
+use crate::connlimit::{Accepting, ConnLimiter};
+use crate::metrics::Metrics;
+use crate::ratelimit::LogLimiter;
+
+/// A TCP/TLS client's outbound queue, bounded in frames and in bytes: a client that stops
+/// reading while its peers send would otherwise hold frames × 8 KiB (4 MB) each. Relayed data
+/// past the bound is dropped (`try_send`: media is loss-tolerant); STUN responses wait for
+/// room (`send`).
+pub fn stream_queue(frames: usize, max_bytes: usize) -> (StreamTx, StreamRx) {
+    crate::queue::bounded(frames, max_bytes)
+}
+
+/// The sending half of [`stream_queue`].
+pub type StreamTx = crate::queue::Sender<Vec<u8>>;
+
+/// The receiving half of [`stream_queue`].
+pub type StreamRx = crate::queue::Receiver<Vec<u8>>;
+
+/// What the stream listeners share.
+#[derive(Clone)]
+pub struct Ctx {
+    /// The core.
+    pub control: Control,
+    /// The shards that read relay sockets; stream clients' relays are spread over them.
+    pub shards: Arc<[Arc<ShardHandle>]>,
+    /// The next shard to hand a relay to.
+    pub next_shard: Arc<AtomicUsize>,
+    /// Data-path counters of every stream client.
+    pub counters: Arc<DataCounters>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Deadlines of TCP/TLS clients.
+    pub stream_timeouts: StreamTimeouts,
+    /// `turn.stream_queue_bytes`: data queued for one TCP/TLS client.
+    pub stream_queue_bytes: usize,
+}
+
+/// Deadlines that bound what a TCP/TLS client can hold without sending anything useful.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamTimeouts {
+    /// TLS handshake plus the first complete message; also the time to finish a started frame.
+    pub handshake: Duration,
+    /// No complete frame for this long closes the connection.
+    pub idle: Duration,
+}
+
+/// Accepts TCP connections (and, with `tls`, wraps them) until the task is aborted.
+/// Admission (`turn.max_stream_connections`, per IP) happens right after `accept`, and a
+/// failing `accept` (out of descriptors) backs off instead of spinning (as mini-redis does).
+pub async fn serve_tcp(listener: Arc<TcpListener>, ctx: Ctx, limit: Arc<ConnLimiter>, tls: Option<crate::tls::Acceptor>) {
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let label = if tls.is_some() { "turn_tls" } else { "turn_tcp" };
+    let mut accepting = Accepting::new(label);
+    let log = LogLimiter::new(Instant::now(), Duration::from_secs(1));
+    loop {
+        let (stream, from) = accepting.accept(&listener, &ctx.metrics).await;
+        let guard = match limit.admit(from.ip()) {
+            Ok(g) => g,
+            Err(refused) => {
+                ctx.metrics.connections_rejected.with_label_values(&["turn_stream", refused.label()]).inc();
+                if let Some(suppressed) = log.allow(Instant::now()) {
+                    tracing::warn!(listener = label, reason = refused.label(), suppressed, "TURN stream connection refused: turn.max_stream_connections(_per_ip) reached");
+                }
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let tuple = FiveTuple { client: from, server: local, transport: if tls.is_some() { Transport::Tls } else { Transport::Tcp } };
+            let accepted = tokio::time::Instant::now();
+            match tls {
+                None => serve_stream(stream, tuple, ctx, accepted).await,
+                Some(acceptor) => {
+                    if let Some(s) = acceptor.accept_by(stream, accepted + ctx.stream_timeouts.handshake, &ctx.metrics).await {
+                        serve_stream(s, tuple, ctx, accepted).await;
+                    }
+                }
+            }
+            drop(guard);
+        });
+    }
+}
+
+/// Frames queued for one stream client before relayed data is dropped.
+const STREAM_QUEUE: usize = 512;
+/// Frames written to a stream at once, at most.
+const WRITE_BATCH: usize = 128;
+
+/// One TCP/TLS client: frames in, frames out; its allocation ends with the connection.
+/// `accepted` starts the first-message deadline (the TLS handshake used part of it).
+pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, tuple: FiveTuple, ctx: Ctx, accepted: tokio::time::Instant) {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (tx, mut rx) = stream_queue(STREAM_QUEUE, ctx.stream_queue_bytes);
+    let writer = tokio::spawn(async move {
+        // Everything queued goes out in one write: a syscall (and a TLS record) per batch,
+        // not per 100-byte frame, is what keeps a busy stream leg up with coturn's. That
+        // gathering copy is the one copy left on the way out (the other is out of the
+        // relay's read buffer, which the shard reuses at once).
+        let mut frames = Vec::with_capacity(WRITE_BATCH);
+        let mut out = Vec::with_capacity(16 * 1024);
+        while rx.recv_many(&mut frames, WRITE_BATCH).await > 0 {
+            out.clear();
+            frames.drain(..).for_each(|f| out.extend_from_slice(&f));
+            if wr.write_all(&out).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let mut path: Option<Arc<Path<Relay>>> = None;
+    let mut buf = vec![0u8; 4096];
+    let mut filled = 0usize;
+    let timeouts = ctx.stream_timeouts;
+    // Until the first complete frame: the first-message deadline. Then the idle deadline from
+    // the last complete frame, or the frame deadline from the first byte of an unfinished one.
+    let mut last_frame: Option<tokio::time::Instant> = None;
+    let mut partial_since: Option<tokio::time::Instant> = None;
+    'conn: loop {
+        // Handle every complete frame in the buffer.
+        let mut start = 0;
+        while let Some(len) = frame_len(&buf[start..filled], true) {
+            if len > 65536 + HEADER_LEN {
+                break 'conn;
+            }
+            if filled - start < len {
+                if buf.len() < len {
+                    buf.resize(len.max(buf.len() * 2), 0);
+                }
+                break;
+            }
+            let frame = &buf[start..start + len];
+            let now = Instant::now();
+            let routed = match classify(frame) {
+                Packet::ChannelData => current(&mut path, &ctx.control, &tuple, &ctx.counters).and_then(|p| p.channel_data(now, frame, &ctx.counters).map(|r| (p, r))),
+                Packet::Send(msg) => current(&mut path, &ctx.control, &tuple, &ctx.counters).and_then(|p| p.send_indication(now, &msg, &ctx.counters).map(|r| (p, r))),
+                Packet::Control => {
+                    let (reply, started) = ctx.control.request(tuple, frame);
+                    if let Some(p) = started {
+                        let shard = ctx.next_shard.fetch_add(1, Ordering::Relaxed) % ctx.shards.len();
+                        ctx.shards[shard].start_stream_relay(p.clone(), tx.clone());
+                        path = Some(p);
+                    }
+                    if let Some(reply) = reply {
+                        if tx.send(reply).await.is_err() {
+                            break 'conn;
+                        }
+                    }
+                    None
+                }
+                Packet::Junk => None,
+            };
+            if let Some((p, (peer, payload))) = routed {
+                // UDP to the peer is never waited for: a full socket buffer drops the datagram.
+                if let Err(e) = p.relay.send_to(&frame[payload], peer) {
+                    if e.kind() == std::io::ErrorKind::WouldBlock {
+                        ctx.counters.dropped(DropReason::SendBufferFull);
+                    }
+                }
+            }
+            start += len;
+        }
+        if start > 0 {
+            last_frame = Some(tokio::time::Instant::now());
+            partial_since = None;
+        }
+        buf.copy_within(start..filled, 0);
+        filled -= start;
+        if filled > 0 && partial_since.is_none() {
+            partial_since = Some(tokio::time::Instant::now());
+        }
+        if filled == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        let (deadline, stage) = match (last_frame, partial_since) {
+            (None, _) => (accepted + timeouts.handshake, "first_message"),
+            (Some(_), Some(since)) => (since + timeouts.handshake, "frame"),
+            (Some(last), None) => (last + timeouts.idle, "idle"),
+        };
+        match tokio::time::timeout_at(deadline, rd.read(&mut buf[filled..])).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => filled += n,
+            Err(_) => {
+                ctx.metrics.turn_stream_timeouts.with_label_values(&[stage]).inc();
+                tracing::debug!(stage, "TURN stream client timed out");
+                break;
+            }
+        }
+    }
+    ctx.control.closed(&tuple);
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// This connection's allocation, live: the one it started, or the core's (a frame before
+/// the allocation, or after it was replaced). `None` counts a drop.
+fn current(path: &mut Option<Arc<Path<Relay>>>, control: &Control, tuple: &FiveTuple, counters: &DataCounters) -> Option<Arc<Path<Relay>>> {
+    if path.as_ref().is_none_or(|p| p.is_closed()) {
+        *path = control.path(tuple);
+    }
+    if path.is_none() {
+        counters.dropped(DropReason::NoAllocation);
+    }
+    path.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stream_clients_queue_is_bounded_in_bytes() {
+        let (tx, mut rx) = stream_queue(512, 10_000);
+        // 512 frames of 1,200 bytes would be 600 KB: the byte bound stops it at 10 KB.
+        let accepted = (0..512).filter(|_| tx.try_send(vec![0u8; 1200]).is_ok()).count();
+        assert_eq!(accepted, 8);
+        // Responses still get through (and count), and reading gives the room back.
+        tx.send(vec![1u8; 100]).await.unwrap();
+        let mut out = Vec::new();
+        assert_eq!(rx.recv_many(&mut out, 128).await, 9);
+        assert!(tx.try_send(vec![0u8; 1200]).is_ok());
+    }
+}
