@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use kinlink::config::Secret;
 use kinlink::turn::stun::{attr, frame_len, method, Builder, Class, Message};
+use futures_util::StreamExt;
 use md5::Digest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -131,7 +132,10 @@ fn start(a: &Args, port: u16, metrics_port: u16, peer: Option<SocketAddr>) -> Se
                 .args(["--set", &format!("turn.udp_listen=127.0.0.1:{port}"), "--set", &format!("turn.tcp_listen=127.0.0.1:{port}")])
                 .args(["--set", "turn.allowed_peers=127.0.0.0/8", "--set", "turn.relay_ports=20000-59999"])
                 .args(["--set", "turn.quota.total_allocations=100000", "--set", "turn.quota.family_allocations=100000"])
-                .args(["--set", "turn.quota.device_allocations=100000", "--set", "log.level=warn"]);
+                .args(["--set", "turn.quota.device_allocations=100000", "--set", "log.level=warn"])
+                // Every bench client is 127.0.0.1: the per-source limit on the 401 leg (200/s by
+                // default) would measure itself, not allocation speed. coturn has no such limit.
+                .args(["--set", "turn.unauthenticated_per_ip_per_sec=0"]);
             if a.threads > 0 {
                 c.args(["--set", &format!("turn.data_threads={}", a.threads)]);
             }
@@ -206,6 +210,12 @@ fn shard_packets(metrics_port: u16) -> Vec<u64> {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|v| v as u64)
         .collect()
+}
+
+/// The server's resident set (user-space memory: kernel socket buffers are not in it), KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
 }
 
 fn cpu_secs(pid: u32) -> f64 {
@@ -375,18 +385,28 @@ async fn main() {
         let _ = tokio::time::timeout(Duration::from_secs(10), transact(&mut probe, &b)).await.expect("server answers");
     }
 
-    let mut allocs = Vec::with_capacity(a.allocations);
-    for i in 0..a.allocations {
-        if forwarder {
-            let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            sock.connect(addr).await.unwrap();
-            let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(4 << 20);
-            let relayed = echo.unwrap();
-            allocs.push(Alloc { leg: Leg::Udp(Arc::new(sock)), relayed, username: String::new(), key: Vec::new(), nonce: Vec::new() });
-        } else {
-            allocs.push(allocate(addr, i, &a.transport).await);
-        }
-    }
+    let rss_before = rss_kib(pid);
+    // Allocations are made 64 at a time: the rate (with the 401 leg) is reported.
+    let alloc_start = Instant::now();
+    let transport = a.transport.clone();
+    let mut allocs: Vec<Alloc> = futures_util::stream::iter(0..a.allocations)
+        .map(|i| {
+            let transport = transport.clone();
+            async move {
+                if forwarder {
+                    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                    sock.connect(addr).await.unwrap();
+                    let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(4 << 20);
+                    Alloc { leg: Leg::Udp(Arc::new(sock)), relayed: echo.unwrap(), username: String::new(), key: Vec::new(), nonce: Vec::new() }
+                } else {
+                    allocate(addr, i, &transport).await
+                }
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let alloc_per_sec = a.allocations as f64 / alloc_start.elapsed().as_secs_f64();
     match echo {
         Some(peer) if !forwarder => {
             for x in allocs.iter_mut() {
@@ -554,6 +574,7 @@ async fn main() {
     let cpu = cpu_secs(pid) - cpu0;
     let util = cpu / cpu_window.elapsed().as_secs_f64();
     let shards = if a.server == "kinlink" { shard_packets(metrics_port) } else { Vec::new() };
+    let rss_after = rss_kib(pid);
     let got = received.load(Ordering::Relaxed);
     let drops = rcvbuf_errors() - drops0;
     for t in &tasks {
@@ -566,7 +587,7 @@ async fn main() {
     println!(
         "RESULT server={} transport={} allocations={} size={} offered_pps={} sent={} received={} loss_pct={:.3} client_send_failed={} \
          relayed_pps={:.0} mbit_s={:.1} rtt_p50_ms={:.3} rtt_p99_ms={:.3} server_cpu_s={:.2} cpu_s_per_mpkt={:.2} udp_rcvbuf_errors={} \
-         peer={} threads={} server_cpu_util={:.2} shard_packets={}",
+         peer={} threads={} server_cpu_util={:.2} shard_packets={} allocations_per_sec={:.0} rss_kib_before={} rss_kib_after={} rss_bytes_per_allocation={:.0}",
         a.server,
         a.transport,
         a.allocations,
@@ -587,6 +608,10 @@ async fn main() {
         a.threads,
         util,
         if shards.is_empty() { "-".to_string() } else { shards.iter().map(|n| n.to_string()).collect::<Vec<_>>().join("/") },
+        alloc_per_sec,
+        rss_before,
+        rss_after,
+        (rss_after.saturating_sub(rss_before) * 1024) as f64 / a.allocations as f64,
     );
     drop(server);
 }

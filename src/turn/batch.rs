@@ -133,8 +133,9 @@ impl SendBatch {
     }
 }
 
-/// Sends `packets` (ranges of `data`) from `socket`, [`BATCH`] per system call. Returns the
-/// number refused with `WouldBlock`.
+/// Sends `packets` (ranges of `data`) from `socket`, [`BATCH`] messages per system call;
+/// consecutive datagrams to one destination go as one UDP GSO message where the kernel
+/// offers it. Returns the number refused with `WouldBlock`.
 pub fn send_many(socket: &UdpSocket, data: &[u8], packets: &[(SocketAddr, Range<usize>)]) -> usize {
     let mut refused = 0;
     let mut at = 0;
@@ -153,27 +154,106 @@ pub fn send_many(socket: &UdpSocket, data: &[u8], packets: &[(SocketAddr, Range<
     refused
 }
 
+/// Segments in one GSO message, at most (the kernel's UDP_MAX_SEGMENTS was 64 before 6.x).
+#[cfg(target_os = "linux")]
+const MAX_SEGMENTS: usize = 64;
+/// Bytes in one GSO message, at most (a UDP payload is under 65,507).
+#[cfg(target_os = "linux")]
+const MAX_GSO_BYTES: usize = 65_000;
+/// Datagrams in one `sendmmsg` call, at most (GSO messages carry several).
+#[cfg(target_os = "linux")]
+const MAX_PER_CALL: usize = 8 * BATCH;
+
+/// Whether UDP GSO is used; turned off for the process the first time the kernel refuses it
+/// (no checksum offload on the route, an old kernel).
+#[cfg(target_os = "linux")]
+static GSO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Groups `packets` into messages, `(first, count, segment)`: runs to one destination whose
+/// datagrams all have the first one's size (the last may be shorter) become one GSO message
+/// with that segment size; `segment` 0 is a plain datagram.
+#[cfg(target_os = "linux")]
+fn messages(packets: &[(SocketAddr, Range<usize>)], gso: bool) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::with_capacity(BATCH);
+    let mut i = 0;
+    let mut total = 0;
+    while i < packets.len() && out.len() < BATCH && total < MAX_PER_CALL {
+        let (to, first) = &packets[i];
+        let seg = first.len();
+        let mut k = 1;
+        if gso && seg > 0 {
+            while i + k < packets.len()
+                && k < MAX_SEGMENTS
+                && total + k < MAX_PER_CALL
+                && (k + 1) * seg <= MAX_GSO_BYTES
+                && packets[i + k].0 == *to
+                && packets[i + k].1.len() <= seg
+            {
+                k += 1;
+                // A shorter datagram ends the train (only the last segment may be short).
+                if packets[i + k - 1].1.len() < seg {
+                    break;
+                }
+            }
+        }
+        out.push((i, k, if k > 1 { seg } else { 0 }));
+        i += k;
+        total += k;
+    }
+    out
+}
+
 #[cfg(target_os = "linux")]
 fn send_some(socket: &UdpSocket, data: &[u8], packets: &[(SocketAddr, Range<usize>)]) -> io::Result<usize> {
-    let n = packets.len().min(BATCH);
+    use std::sync::atomic::Ordering;
+    let gso = GSO.load(Ordering::Relaxed);
+    let msgs = messages(packets, gso);
     // SAFETY: plain data, filled below.
     let mut names: [libc::sockaddr_storage; BATCH] = unsafe { std::mem::zeroed() };
-    let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+    let mut iov: [libc::iovec; MAX_PER_CALL] = unsafe { std::mem::zeroed() };
     let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-    for (i, (to, range)) in packets.iter().take(n).enumerate() {
-        let name_len = std_to_sockaddr(*to, &mut names[i]);
-        iov[i] = libc::iovec { iov_base: data[range.clone()].as_ptr() as *mut libc::c_void, iov_len: range.len() };
-        hdrs[i].msg_hdr.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
-        hdrs[i].msg_hdr.msg_namelen = name_len;
-        hdrs[i].msg_hdr.msg_iov = &mut iov[i];
-        hdrs[i].msg_hdr.msg_iovlen = 1;
+    // One UDP_SEGMENT control message per GSO message; u64s keep them aligned for cmsghdr.
+    let mut control = [[0u64; 4]; BATCH];
+    // SAFETY: CMSG_SPACE/CMSG_LEN only compute sizes.
+    let (space, len) = unsafe { (libc::CMSG_SPACE(2) as usize, libc::CMSG_LEN(2) as usize) };
+    let mut next_iov = 0;
+    for (m, &(first, count, segment)) in msgs.iter().enumerate() {
+        let name_len = std_to_sockaddr(packets[first].0, &mut names[m]);
+        for (k, (_, range)) in packets[first..first + count].iter().enumerate() {
+            iov[next_iov + k] = libc::iovec { iov_base: data[range.clone()].as_ptr() as *mut libc::c_void, iov_len: range.len() };
+        }
+        let h = &mut hdrs[m].msg_hdr;
+        h.msg_name = (&mut names[m] as *mut libc::sockaddr_storage).cast();
+        h.msg_namelen = name_len;
+        h.msg_iov = &mut iov[next_iov];
+        h.msg_iovlen = count as _;
+        next_iov += count;
+        if segment > 0 {
+            h.msg_control = control[m].as_mut_ptr().cast();
+            h.msg_controllen = space as _;
+            // SAFETY: msg_control points at `space` bytes, enough for one cmsghdr and a u16.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(h);
+                (*c).cmsg_level = libc::SOL_UDP;
+                (*c).cmsg_type = libc::UDP_SEGMENT;
+                (*c).cmsg_len = len as _;
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), segment as u16);
+            }
+        }
     }
     // SAFETY: every header points at live buffers of the stated lengths; the kernel only reads them.
-    let sent = unsafe { libc::sendmmsg(socket.as_raw_fd(), hdrs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT) };
+    let sent = unsafe { libc::sendmmsg(socket.as_raw_fd(), hdrs.as_mut_ptr(), msgs.len() as libc::c_uint, libc::MSG_DONTWAIT) };
     if sent < 0 {
-        return Err(io::Error::last_os_error());
+        let e = io::Error::last_os_error();
+        let gso_refused = matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) && msgs.first().is_some_and(|m| m.2 > 0);
+        if gso_refused {
+            GSO.store(false, Ordering::Relaxed);
+            tracing::info!(error = %e, "UDP GSO refused by the kernel; sending datagrams one by one (in batches)");
+            return send_some(socket, data, packets);
+        }
+        return Err(e);
     }
-    Ok(sent as usize)
+    Ok(msgs.iter().take(sent as usize).map(|m| m.1).sum())
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -227,6 +307,54 @@ fn std_to_sockaddr(addr: SocketAddr, out: &mut libc::sockaddr_storage) -> libc::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_to_one_destination_become_gso_messages_and_arrive_as_datagrams() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (b, c) = (UdpSocket::bind("127.0.0.1:0").unwrap(), UdpSocket::bind("127.0.0.1:0").unwrap());
+        let _ = socket2::SockRef::from(&b).set_recv_buffer_size(4 << 20);
+        let (tb, tc) = (b.local_addr().unwrap(), c.local_addr().unwrap());
+        let mut out = SendBatch::default();
+        // 100 equal datagrams to b (two trains: 64 segments at most), a short last one, then
+        // c and b interleaved: every datagram must arrive whole, in order, once.
+        for i in 0..100u8 {
+            out.push(tb, &[i; 300]);
+        }
+        out.push(tb, &[200; 10]);
+        for i in 0..6u8 {
+            out.push(if i % 2 == 0 { tc } else { tb }, &[i; 50]);
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let m = messages(&out.packets, true);
+            assert_eq!(&m[..3], &[(0, 64, 300), (64, 37, 300), (101, 1, 0)], "trains end at 64 segments and at a short datagram");
+            assert!(messages(&out.packets, false).iter().all(|m| m.1 == 1));
+        }
+        assert_eq!(out.flush(&a), 0);
+        #[cfg(target_os = "linux")]
+        assert!(GSO.load(std::sync::atomic::Ordering::Relaxed), "loopback takes UDP GSO (Linux 4.18+)");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut rb = RecvBatch::new(1024, 0);
+        let mut got_b = Vec::new();
+        while let Ok(n) = rb.recv(&b) {
+            for i in 0..n {
+                let (_, slot, len, _) = rb.get(i);
+                got_b.push((slot[0], len));
+            }
+        }
+        let mut want_b: Vec<(u8, usize)> = (0..100u8).map(|i| (i, 300)).collect();
+        want_b.push((200, 10));
+        want_b.extend([(1, 50), (3, 50), (5, 50)]);
+        assert_eq!(got_b, want_b);
+        let mut got_c = Vec::new();
+        while let Ok(n) = rb.recv(&c) {
+            for i in 0..n {
+                let (_, slot, len, _) = rb.get(i);
+                got_c.push((slot[0], len));
+            }
+        }
+        assert_eq!(got_c, vec![(0, 50), (2, 50), (4, 50)]);
+    }
 
     #[test]
     fn a_batch_goes_out_and_comes_back_with_sources_and_truncation() {

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# TURN per-core benchmark (issue 12), on 2 cores: the server pinned to CPU 0 (taskset), the
+# load generator to CPU 1. Every allocation binds a channel to one echoing UDP peer of the
+# generator (turn_bench --peer echo), so the generator's work per relayed packet is about
+# the server's and one generator core can drive one server core.
+#
+# Part 1 (per core): for kinlink (turn.data_threads=1), coturn with one relay thread
+# (--relay-threads 1; its listener and auth threads share the same CPU) and the minimal
+# forwarder (examples/udp_forwarder: kinlink's batch syscalls, no TURN), at 2, 100 and 1000
+# allocations and 100- and 1200-byte packets, the offered rate goes up RATES until loss
+# reaches 0.1%: the last rate under it is the point's capacity. ROUNDS rounds (default 3),
+# servers alternating.
+# Part 2 (spread): the server on both CPUs (kinlink: 2 shards; coturn: default threads), the
+# generator beside it; per-shard packet counts show every shard carries traffic.
+# Part 3: 10,000 allocations (user-space RSS per allocation) and the allocation rate.
+#   bench/turn_per_core.sh | tee bench/results/turn-per-core-$(date +%F).log
+#   python3 bench/turn_per_core_table.py bench/results/turn-per-core-*.log
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3} SECONDS_=${SECONDS_:-2}
+RATES=${RATES:-"20000 30000 40000 50000 60000 70000 80000 100000 120000"}
+command -v turnserver >/dev/null || { sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo; $sudo apt-get update -qq; $sudo apt-get install -y -qq coturn >/dev/null; }
+command -v taskset >/dev/null || { echo "taskset (util-linux) is needed" >&2; exit 1; }
+[ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs" >&2; exit 1; }
+cargo build --release --bins --examples
+B=./target/release/examples/turn_bench
+echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); $(turnserver --version 2>/dev/null | head -1 || true)"
+run() { # label, then turn_bench flags
+  local label=$1; shift
+  taskset -c 1 "$B" "$@" | grep '^RESULT' | sed "s/^RESULT/RESULT $label/" || echo "FAILED $label $*"
+}
+for round in $(seq "$ROUNDS"); do
+  for allocations in 2 100 1000; do
+    for size in 100 1200; do
+      for server in kinlink coturn forwarder; do
+        for rate in $RATES; do
+          line=$(run "mode=per_core round=$round" --server "$server" --peer echo --threads 1 --server-cpus 0 \
+            --allocations "$allocations" --size "$size" --rate "$rate" --seconds "$SECONDS_")
+          echo "$line"
+          loss=$(sed -n 's/.* loss_pct=\([0-9.]*\).*/\1/p' <<<"$line")
+          # Stop at the first rate with 0.1% loss or more (or a failed run).
+          if [ -z "$loss" ] || awk "BEGIN{exit !($loss >= 0.1)}"; then break; fi
+        done
+      done
+    done
+  done
+done
+for round in $(seq "$ROUNDS"); do
+  for rate in 40000 80000; do
+    for server in kinlink coturn; do
+      "$B" --server "$server" --peer echo --allocations 100 --size 1200 --rate "$rate" --seconds "$SECONDS_" \
+        | grep '^RESULT' | sed "s/^RESULT/RESULT mode=spread round=$round/" || echo "FAILED spread $server $rate"
+    done
+  done
+done
+for server in kinlink coturn; do
+  taskset -c 1 "$B" --server "$server" --peer echo --threads 1 --server-cpus 0 --allocations 10000 --size 200 --rate 10000 --seconds 3 \
+    | grep '^RESULT' | sed "s/^RESULT/RESULT mode=memory round=1/" || echo "FAILED memory $server"
+done
