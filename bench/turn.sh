@@ -5,6 +5,8 @@
 # packets/s) and one past saturation on 2 shared cores (HIGH, default 80000). Then one run
 # each holding 10,000 allocations. Loopback only; every run is bounded.
 #   bench/turn.sh | tee turn.log; python3 bench/turn_table.py turn.log
+# Per-core capacity against coturn with one relay thread and a minimal forwarder:
+# bench/turn_per_core.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3} RATE=${RATE:-20000} HIGH=${HIGH:-80000} SECONDS_=${SECONDS_:-3}

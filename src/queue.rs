@@ -1,5 +1,5 @@
 //! A queue bounded in messages *and* in bytes, for what the server holds for one slow reader:
-//! a signaling device's outbound messages and a TURN TCP/TLS client's relayed data. A count
+//! a signaling device's outbound messages. A count
 //! of messages alone bounds nothing when messages are large (256 × 64 KiB is 16 MB).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,12 +12,6 @@ use tokio::sync::mpsc::error::{SendError, TryRecvError, TrySendError};
 pub trait Weighed {
     /// Bytes it holds; 0 for a control message, which always fits the byte bound.
     fn bytes(&self) -> usize;
-}
-
-impl Weighed for Vec<u8> {
-    fn bytes(&self) -> usize {
-        self.len()
-    }
 }
 
 /// A queue of at most `messages` messages and `max_bytes` bytes.

@@ -6,11 +6,12 @@
 //! - [`server`]: the rules, sans-IO: the control plane (auth, allocations, permissions,
 //!   channels, quotas) and each allocation's data [`server::Path`].
 //! - [`shard`]: the UDP data plane, one thread per core with batched socket I/O.
-//! - [`stream`]: the TCP and TLS client legs.
+//! - [`stream`]: the TCP and TLS client legs; [`outbox`]: what one of them is about to be sent.
 //! - [`relay`]: binding relay sockets; [`batch`]: `recvmmsg`/`sendmmsg`.
 //! - [`telemetry`]: the core's and the shards' counters as Prometheus metrics.
 
 pub mod batch;
+pub mod outbox;
 pub mod policy;
 pub mod relay;
 pub mod server;
@@ -92,6 +93,9 @@ impl Control {
         (out, core.take_released())
     }
 }
+
+/// Counter sets TCP/TLS connections spread over (see `stream::Ctx::counters`).
+const STREAM_COUNTER_SETS: usize = 16;
 
 /// The running TURN server.
 pub struct TurnService {
@@ -282,7 +286,7 @@ impl TurnService {
             handles.push(handle);
         }
         let shards: Arc<[Arc<ShardHandle>]> = handles.into();
-        let streams = Arc::new(server::DataCounters::default());
+        let streams: Arc<[server::DataCounters]> = (0..STREAM_COUNTER_SETS).map(|_| server::DataCounters::default()).collect();
         telemetry::register(&metrics, &core, &shards, &streams);
         let ctx = Ctx {
             control,

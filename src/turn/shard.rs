@@ -25,7 +25,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use super::batch::{self, RecvBatch, SendBatch};
 use super::relay::{Relay, MAX_PEER_DATAGRAM};
 use super::server::{classify, DataCounters, DropReason, FiveTuple, Packet, Path, Transport, PEER_HEADROOM};
-use super::stream::StreamTx;
+use super::outbox::Outbox;
 use super::Control;
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -40,7 +40,7 @@ const MAX_CLIENT_DATAGRAM: usize = 8192;
 /// What other threads hand a shard.
 enum Command {
     /// Read this relay for a TCP/TLS client.
-    Start(Arc<Path<Relay>>, StreamTx),
+    Start(Arc<Path<Relay>>, Arc<Outbox>),
 }
 
 /// A running shard, as the rest of the server reaches it.
@@ -54,8 +54,8 @@ pub struct ShardHandle {
 
 impl ShardHandle {
     /// Relays what peers send to `path`'s relay into a TCP/TLS client's queue.
-    pub fn start_stream_relay(&self, path: Arc<Path<Relay>>, tx: StreamTx) {
-        self.commands.lock().unwrap_or_else(|e| e.into_inner()).push(Command::Start(path, tx));
+    pub fn start_stream_relay(&self, path: Arc<Path<Relay>>, outbox: Arc<Outbox>) {
+        self.commands.lock().unwrap_or_else(|e| e.into_inner()).push(Command::Start(path, outbox));
         // Outside the lock: waking is a system call.
         let _ = self.waker.wake();
     }
@@ -71,8 +71,8 @@ impl ShardHandle {
 enum Sink {
     /// Out of this shard's listener socket `usize`, to the client.
     Udp(usize),
-    /// Into a TCP/TLS client's queue.
-    Stream(StreamTx),
+    /// Into a TCP/TLS client's outbox.
+    Stream(Arc<Outbox>),
 }
 
 struct RelayEntry {
@@ -155,8 +155,8 @@ impl Shard {
 
     fn take_commands(&mut self) {
         let commands = std::mem::take(&mut *self.handle.commands.lock().unwrap_or_else(|e| e.into_inner()));
-        for Command::Start(path, tx) in commands {
-            self.register(path, Sink::Stream(tx));
+        for Command::Start(path, outbox) in commands {
+            self.register(path, Sink::Stream(outbox));
         }
     }
 
@@ -292,8 +292,8 @@ impl Shard {
                 let Some(range) = path.from_peer(now, peer, buf, len, &counters) else { continue };
                 match &self.relays[slot].as_ref().expect("looked up above").sink {
                     Sink::Udp(i) => self.listeners[*i].out.push(path.tuple.client, &buf[range]),
-                    Sink::Stream(tx) => {
-                        if tx.try_send(buf[range].to_vec()).is_err() {
+                    Sink::Stream(outbox) => {
+                        if !outbox.push_data(&buf[range]) {
                             counters.dropped(DropReason::QueueFull);
                         }
                     }

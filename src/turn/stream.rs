@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use super::outbox::Outbox;
 use super::relay::Relay;
 use super::server::{classify, DataCounters, DropReason, FiveTuple, Packet, Path, Transport};
 use super::shard::ShardHandle;
@@ -18,20 +19,6 @@ use super::Control;
 use crate::connlimit::{Accepting, ConnLimiter};
 use crate::metrics::Metrics;
 use crate::ratelimit::LogLimiter;
-
-/// A TCP/TLS client's outbound queue, bounded in frames and in bytes: a client that stops
-/// reading while its peers send would otherwise hold frames × 8 KiB (4 MB) each. Relayed data
-/// past the bound is dropped (`try_send`: media is loss-tolerant); STUN responses wait for
-/// room (`send`).
-pub fn stream_queue(frames: usize, max_bytes: usize) -> (StreamTx, StreamRx) {
-    crate::queue::bounded(frames, max_bytes)
-}
-
-/// The sending half of [`stream_queue`].
-pub type StreamTx = crate::queue::Sender<Vec<u8>>;
-
-/// The receiving half of [`stream_queue`].
-pub type StreamRx = crate::queue::Receiver<Vec<u8>>;
 
 /// What the stream listeners share.
 #[derive(Clone)]
@@ -42,8 +29,9 @@ pub struct Ctx {
     pub shards: Arc<[Arc<ShardHandle>]>,
     /// The next shard to hand a relay to.
     pub next_shard: Arc<AtomicUsize>,
-    /// Data-path counters of every stream client.
-    pub counters: Arc<DataCounters>,
+    /// Data-path counters of stream clients: a few sets, each connection counting into one
+    /// (by its port), so connections on different cores rarely share a cache line.
+    pub counters: Arc<[DataCounters]>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Deadlines of TCP/TLS clients.
@@ -103,33 +91,36 @@ pub async fn serve_tcp(listener: Arc<TcpListener>, ctx: Ctx, limit: Arc<ConnLimi
     }
 }
 
-/// Frames queued for one stream client before relayed data is dropped.
-const STREAM_QUEUE: usize = 512;
-/// Frames written to a stream at once, at most.
-const WRITE_BATCH: usize = 128;
+/// A writer's buffer is given back to the allocator past this size once written.
+const KEEP_WRITE_BUFFER: usize = 64 * 1024;
 
 /// One TCP/TLS client: frames in, frames out; its allocation ends with the connection.
 /// `accepted` starts the first-message deadline (the TLS handshake used part of it).
 pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, tuple: FiveTuple, ctx: Ctx, accepted: tokio::time::Instant) {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let (tx, mut rx) = stream_queue(STREAM_QUEUE, ctx.stream_queue_bytes);
-    let writer = tokio::spawn(async move {
-        // Everything queued goes out in one write: a syscall (and a TLS record) per batch,
-        // not per 100-byte frame, is what keeps a busy stream leg up with coturn's. That
-        // gathering copy is the one copy left on the way out (the other is out of the
-        // relay's read buffer, which the shard reuses at once).
-        let mut frames = Vec::with_capacity(WRITE_BATCH);
-        let mut out = Vec::with_capacity(16 * 1024);
-        while rx.recv_many(&mut frames, WRITE_BATCH).await > 0 {
-            out.clear();
-            frames.drain(..).for_each(|f| out.extend_from_slice(&f));
-            if wr.write_all(&out).await.is_err() {
-                break;
+    let outbox = Arc::new(Outbox::new(ctx.stream_queue_bytes));
+    let writer = tokio::spawn({
+        let outbox = outbox.clone();
+        async move {
+            // Everything queued goes out in one write: a syscall (and a TLS record) per
+            // batch, not per 100-byte frame, is what keeps a busy stream leg up with coturn's.
+            let mut out = Vec::with_capacity(16 * 1024);
+            while outbox.take(&mut out).await {
+                if wr.write_all(&out).await.is_err() {
+                    break;
+                }
+                out.clear();
+                if out.capacity() > KEEP_WRITE_BUFFER {
+                    out.shrink_to(16 * 1024);
+                }
             }
+            // A reply waiting for room must not wait for a writer that is gone.
+            outbox.close();
+            let _ = wr.shutdown().await;
         }
-        let _ = wr.shutdown().await;
     });
     let mut path: Option<Arc<Path<Relay>>> = None;
+    let counters = &ctx.counters[tuple.client.port() as usize % ctx.counters.len()];
     let mut buf = vec![0u8; 4096];
     let mut filled = 0usize;
     let timeouts = ctx.stream_timeouts;
@@ -153,17 +144,17 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(st
             let frame = &buf[start..start + len];
             let now = Instant::now();
             let routed = match classify(frame) {
-                Packet::ChannelData => current(&mut path, &ctx.control, &tuple, &ctx.counters).and_then(|p| p.channel_data(now, frame, &ctx.counters).map(|r| (p, r))),
-                Packet::Send(msg) => current(&mut path, &ctx.control, &tuple, &ctx.counters).and_then(|p| p.send_indication(now, &msg, &ctx.counters).map(|r| (p, r))),
+                Packet::ChannelData => current(&mut path, &ctx.control, &tuple, counters).and_then(|p| p.channel_data(now, frame, counters).map(|r| (p, r))),
+                Packet::Send(msg) => current(&mut path, &ctx.control, &tuple, counters).and_then(|p| p.send_indication(now, &msg, counters).map(|r| (p, r))),
                 Packet::Control => {
                     let (reply, started) = ctx.control.request(tuple, frame);
                     if let Some(p) = started {
                         let shard = ctx.next_shard.fetch_add(1, Ordering::Relaxed) % ctx.shards.len();
-                        ctx.shards[shard].start_stream_relay(p.clone(), tx.clone());
+                        ctx.shards[shard].start_stream_relay(p.clone(), outbox.clone());
                         path = Some(p);
                     }
                     if let Some(reply) = reply {
-                        if tx.send(reply).await.is_err() {
+                        if !outbox.push_reply(&reply).await {
                             break 'conn;
                         }
                     }
@@ -175,7 +166,7 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(st
                 // UDP to the peer is never waited for: a full socket buffer drops the datagram.
                 if let Err(e) = p.relay.send_to(&frame[payload], peer) {
                     if e.kind() == std::io::ErrorKind::WouldBlock {
-                        ctx.counters.dropped(DropReason::SendBufferFull);
+                        counters.dropped(DropReason::SendBufferFull);
                     }
                 }
             }
@@ -209,7 +200,7 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(st
         }
     }
     ctx.control.closed(&tuple);
-    drop(tx);
+    outbox.close();
     let _ = writer.await;
 }
 
@@ -223,22 +214,4 @@ fn current(path: &mut Option<Arc<Path<Relay>>>, control: &Control, tuple: &FiveT
         counters.dropped(DropReason::NoAllocation);
     }
     path.clone()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_stream_clients_queue_is_bounded_in_bytes() {
-        let (tx, mut rx) = stream_queue(512, 10_000);
-        // 512 frames of 1,200 bytes would be 600 KB: the byte bound stops it at 10 KB.
-        let accepted = (0..512).filter(|_| tx.try_send(vec![0u8; 1200]).is_ok()).count();
-        assert_eq!(accepted, 8);
-        // Responses still get through (and count), and reading gives the room back.
-        tx.send(vec![1u8; 100]).await.unwrap();
-        let mut out = Vec::new();
-        assert_eq!(rx.recv_many(&mut out, 128).await, 9);
-        assert!(tx.try_send(vec![0u8; 1200]).is_ok());
-    }
 }

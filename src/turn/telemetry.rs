@@ -35,12 +35,13 @@ pub fn observe_lifetimes(metrics: &Metrics, lifetimes: &[Duration]) {
 
 /// Registers the TURN server's counters with `metrics`: they are brought up to date before
 /// every render. Holds the core weakly, so a stopped server is not kept alive by its metrics.
-pub fn register(metrics: &Metrics, core: &Core, shards: &Arc<[Arc<ShardHandle>]>, streams: &Arc<DataCounters>) {
+pub fn register(metrics: &Metrics, core: &Core, shards: &Arc<[Arc<ShardHandle>]>, streams: &Arc<[DataCounters]>) {
     for i in 0..shards.len() {
         metrics.turn_shard_packets.with_label_values(&[&i.to_string()]);
     }
     let core: Weak<Mutex<_>> = Arc::downgrade(core);
-    let data: Vec<Arc<DataCounters>> = shards.iter().map(|s| s.counters.clone()).chain([streams.clone()]).collect();
+    let shard_counters: Vec<Arc<DataCounters>> = shards.iter().map(|s| s.counters.clone()).collect();
+    let streams = streams.clone();
     // Two scrapes at once must not both add the same difference.
     let once = Mutex::new(());
     metrics.on_render(Box::new(move |m: &Metrics| {
@@ -59,7 +60,7 @@ pub fn register(metrics: &Metrics, core: &Core, shards: &Arc<[Arc<ShardHandle>]>
         };
         m.turn_allocations.set(allocations as i64);
         observe_lifetimes(m, &lifetimes);
-        let sum = |f: &dyn Fn(&DataCounters) -> u64| data.iter().map(|d| f(d)).sum::<u64>();
+        let sum = |f: &dyn Fn(&DataCounters) -> u64| shard_counters.iter().map(|d| f(d)).chain(streams.iter().map(f)).sum::<u64>();
         raise(&m.turn_packets_to_peer, sum(&|d| d.packets(Direction::ToPeer)));
         raise(&m.turn_packets_to_client, sum(&|d| d.packets(Direction::ToClient)));
         raise(&m.turn_bytes_to_peer, sum(&|d| d.bytes(Direction::ToPeer)));
@@ -67,7 +68,7 @@ pub fn register(metrics: &Metrics, core: &Core, shards: &Arc<[Arc<ShardHandle>]>
         for r in DropReason::ALL {
             raise(&m.turn_dropped.with_label_values(&[r.as_str()]), control_drops.get(r.as_str()) + sum(&|d| d.drops(r)));
         }
-        for (i, d) in data.iter().take(data.len() - 1).enumerate() {
+        for (i, d) in shard_counters.iter().enumerate() {
             raise(&m.turn_shard_packets.with_label_values(&[&i.to_string()]), d.packets(Direction::ToPeer) + d.packets(Direction::ToClient));
         }
     }));
