@@ -14,7 +14,7 @@ for line in open(sys.argv[1]):
         continue
     kv = dict(re.findall(r"(\w+)=(\S+)", line))
     key = (int(kv["allocations"]), int(kv["size"]), kv.get("transport", "udp"), int(kv["offered_pps"]))
-    runs[key, kv["server"]].append({k: float(v) for k, v in kv.items() if k not in ("server", "transport")})
+    runs[key, kv["server"]].append({k: float(v) for k, v in kv.items() if re.fullmatch(r"-?[0-9.]+(e-?[0-9]+)?|nan|inf", v)})
 
 
 def med(key, server, field):

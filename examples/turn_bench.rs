@@ -135,7 +135,9 @@ fn start(a: &Args, port: u16, metrics_port: u16, peer: Option<SocketAddr>) -> Se
                 .args(["--set", "turn.quota.device_allocations=100000", "--set", "log.level=warn"])
                 // Every bench client is 127.0.0.1: the per-source limit on the 401 leg (200/s by
                 // default) would measure itself, not allocation speed. coturn has no such limit.
-                .args(["--set", "turn.unauthenticated_per_ip_per_sec=0"]);
+                .args(["--set", "turn.unauthenticated_per_ip_per_sec=0"])
+                // Likewise the per-source cap on TCP/TLS connections (256 by default).
+                .args(["--set", "turn.max_stream_connections_per_ip=100000"]);
             if a.threads > 0 {
                 c.args(["--set", &format!("turn.data_threads={}", a.threads)]);
             }

@@ -116,6 +116,67 @@ impl<'de> Deserialize<'de> for Listen {
     }
 }
 
+/// `turn.public_ip`: the address relayed addresses are advertised on, given, or discovered by
+/// asking a STUN server what this host's address looks like from outside (cloud 1:1 NAT,
+/// `hostNetwork` on a node with a private VPC address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicIp {
+    /// This address.
+    Fixed(std::net::IpAddr),
+    /// Discovered by a STUN Binding request to this `host:port`, at start and periodically.
+    Stun(String),
+}
+
+impl PublicIp {
+    /// The fixed address, if it is one.
+    pub fn fixed(&self) -> Option<std::net::IpAddr> {
+        match self {
+            PublicIp::Fixed(ip) => Some(*ip),
+            PublicIp::Stun(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for PublicIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PublicIp::Fixed(ip) => write!(f, "{ip}"),
+            PublicIp::Stun(server) => write!(f, "stun:{server}"),
+        }
+    }
+}
+
+impl std::str::FromStr for PublicIp {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(server) = s.strip_prefix("stun:") {
+            // host:port, [v6]:port, or a host alone (port 3478).
+            let with_port = match server.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && !host.ends_with(':') && port.parse::<u16>().is_ok_and(|p| p > 0) => server.to_string(),
+                _ if !server.is_empty() && !server.contains(':') => format!("{server}:3478"),
+                _ if server.starts_with('[') && server.ends_with(']') => format!("{server}:3478"),
+                _ => return Err(format!("`{s}` is not stun:HOST:PORT (e.g. stun:stun.example.org:3478)")),
+            };
+            return Ok(PublicIp::Stun(with_port));
+        }
+        s.parse().map(PublicIp::Fixed).map_err(|_| format!("`{s}` is neither an IP address nor stun:HOST:PORT"))
+    }
+}
+
+impl Serialize for PublicIp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicIp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// An IP and port, with an error that says what is accepted (`localhost:8080` once got only
 /// "invalid socket address syntax").
 fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
@@ -309,8 +370,11 @@ pub struct TurnConfig {
     pub tls_key: Option<PathBuf>,
     /// Explicit ICE URLs (e.g. an external coturn sharing `turn.secret`); replaces the derived ones.
     pub urls: Vec<String>,
-    /// IP advertised in XOR-RELAYED-ADDRESS (behind NAT, Kubernetes); empty: the relay socket's.
-    pub public_ip: Option<std::net::IpAddr>,
+    /// IP advertised in XOR-RELAYED-ADDRESS (behind NAT, Kubernetes), or `stun:HOST:PORT` to
+    /// discover it; empty: the relay socket's.
+    pub public_ip: Option<PublicIp>,
+    /// With `public_ip = "stun:…"`: seconds between checks that the discovered address still holds.
+    pub public_ip_refresh_secs: u64,
     /// Relay port range, `"low-high"`.
     pub relay_ports: String,
     /// CIDRs peers may be in even when the defaults deny them (e.g. `10.0.0.0/8` on a LAN).
@@ -409,6 +473,7 @@ impl Default for TurnConfig {
             tls_key: None,
             urls: Vec::new(),
             public_ip: None,
+            public_ip_refresh_secs: 300,
             relay_ports: "49152-65535".into(),
             allowed_peers: Vec::new(),
             denied_peers: Vec::new(),
@@ -691,7 +756,7 @@ pub fn known_keys() -> std::collections::HashSet<String> {
     full.http.tls_cert = Some("x".into());
     full.http.tls_key = Some("x".into());
     full.turn.tls_key = Some("x".into());
-    full.turn.public_ip = Some(std::net::Ipv4Addr::LOCALHOST.into());
+    full.turn.public_ip = Some(PublicIp::Fixed(std::net::Ipv4Addr::LOCALHOST.into()));
     let table: toml::Table = toml::from_str(&toml::to_string(&full).expect("the config serializes")).expect("and parses back");
     fn walk(prefix: &str, t: &toml::Table, out: &mut std::collections::HashSet<String>) {
         for (k, v) in t {
@@ -810,6 +875,7 @@ impl Config {
             ("turn.unauthenticated_per_ip_per_sec", t.unauthenticated_per_ip_per_sec as u64, 0, 1_000_000),
             ("turn.stream_queue_bytes", t.stream_queue_bytes as u64, 16 * 1024, 64 * MIB),
             ("turn.data_threads", t.data_threads as u64, 0, 256),
+            ("turn.public_ip_refresh_secs", t.public_ip_refresh_secs, 10, 86_400),
             ("turn.quota.family_allocations", q.family_allocations as u64, 1, 10_000_000),
             ("turn.quota.device_allocations", q.device_allocations as u64, 1, 10_000_000),
             ("turn.quota.total_allocations", q.total_allocations as u64, 1, 10_000_000),
@@ -882,6 +948,20 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn public_ip_is_an_address_or_a_stun_server() {
+        let ip: PublicIp = "203.0.113.7".parse().unwrap();
+        assert_eq!(ip.fixed(), Some("203.0.113.7".parse().unwrap()));
+        assert_eq!("stun:stun.example.org:19302".parse::<PublicIp>(), Ok(PublicIp::Stun("stun.example.org:19302".into())));
+        assert_eq!("stun:stun.example.org".parse::<PublicIp>(), Ok(PublicIp::Stun("stun.example.org:3478".into())), "default port");
+        assert_eq!("stun:[2001:db8::1]:3478".parse::<PublicIp>(), Ok(PublicIp::Stun("[2001:db8::1]:3478".into())));
+        assert_eq!("stun:[2001:db8::1]".parse::<PublicIp>(), Ok(PublicIp::Stun("[2001:db8::1]:3478".into())));
+        for bad in ["stun:", "stun::3478", "stun:host:0", "stun:host:x", "203.0.113", "turn:host:3478"] {
+            assert!(bad.parse::<PublicIp>().is_err(), "{bad}");
+        }
+        assert_eq!(PublicIp::Stun("h:1".into()).to_string(), "stun:h:1");
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -1004,6 +1084,8 @@ mod tests {
         assert!(err.to_string().contains("turn.relay_ports"), "{err}");
         let err = load_with_env(None, &[], env(&[("KINLINK_TURN__PUBLIC_IP", "not-an-ip")])).unwrap_err();
         assert!(err.to_string().contains("turn.public_ip"), "{err}");
+        let err = load_with_env(None, &[], env(&[("KINLINK_TURN__PUBLIC_IP", "stun:host:99999")])).unwrap_err();
+        assert!(err.to_string().contains("turn.public_ip") && err.to_string().contains("stun:HOST:PORT"), "{err}");
         let err = load_with_env(None, &[], env(&[("KINLINK_METRICS__LISTEN", "x")])).unwrap_err();
         assert!(err.to_string().contains("metrics.listen"), "{err}");
     }

@@ -99,6 +99,9 @@ pub struct Metrics {
     /// `kinlink_turn_shard_packets_total{shard}`: packets relayed (both directions) by each
     /// UDP data-path shard; the label is bounded by `turn.data_threads`.
     pub turn_shard_packets: IntCounterVec,
+    /// `kinlink_turn_public_ip_checks_total{result}`: STUN checks of `turn.public_ip =
+    /// "stun:…"` (same, changed, failed).
+    pub turn_public_ip_checks: IntCounterVec,
     /// Run before every render, to bring counters kept elsewhere (the TURN core's) up to date.
     render_hooks: Arc<Mutex<Vec<RenderHook>>>,
 }
@@ -357,6 +360,11 @@ impl Metrics {
                 "Packets relayed (both directions) by each UDP data-path shard (turn.data_threads).",
                 "shard",
             ),
+            turn_public_ip_checks: counter_vec(
+                "kinlink_turn_public_ip_checks_total",
+                "STUN checks of this node's public address (turn.public_ip = stun:HOST:PORT), by result: same, changed, failed.",
+                "result",
+            ),
             render_hooks: Arc::default(),
             registry: registry.clone(),
         };
@@ -382,6 +390,9 @@ impl Metrics {
         for r in ["ok", "error"] {
             m.turn_tls_reloads.with_label_values(&["turn", r]);
             m.turn_tls_reloads.with_label_values(&["http", r]);
+        }
+        for r in ["same", "changed", "failed"] {
+            m.turn_public_ip_checks.with_label_values(&[r]);
         }
         for r in CHECK_TOKEN_RESULTS {
             m.check_tokens.with_label_values(&[r]);

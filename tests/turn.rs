@@ -410,3 +410,30 @@ async fn clients_spread_over_every_data_path_shard_without_loss() {
     assert_eq!(metric_value(&text, "kinlink_turn_allocations"), Some(CLIENTS as f64));
     drop(held);
 }
+
+/// `turn.public_ip = "stun:HOST:PORT"`: the node asks a STUN server (here another kinlink)
+/// for its address at start, advertises it, and counts the check; a server that does not
+/// answer stops the start with an error naming the key.
+#[tokio::test]
+async fn public_ip_is_learned_by_stun_at_start() {
+    use kinlink::config::PublicIp;
+    let stun = TestServer::start().await;
+    let stun_addr = stun.turn_udp.unwrap();
+    assert_eq!(stun.metric(r#"kinlink_turn_binding_requests_total{transport="udp"}"#).await, 0.0);
+    let node = TestServer::with(|c| c.turn.public_ip = Some(PublicIp::Stun(stun_addr.to_string()))).await;
+    assert_eq!(stun.metric(r#"kinlink_turn_binding_requests_total{transport="udp"}"#).await, 1.0, "the node asked");
+    assert_eq!(node.metric(r#"kinlink_turn_public_ip_checks_total{result="same"}"#).await, 1.0);
+    let (user, pass) = rest_credentials("fam", "phone", 600);
+    let client = turn_client(node.turn_udp.unwrap(), user, pass).await;
+    let relay = tokio::time::timeout(WAIT, client.allocate()).await.unwrap().expect("allocate");
+    assert_eq!(relay.local_addr().unwrap().ip().to_string(), "127.0.0.1", "the address the STUN server saw");
+
+    // Nobody answers on this port: the node does not start handing out unreachable relays.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut cfg = test_config();
+    cfg.turn.public_ip = Some(PublicIp::Stun(silent.local_addr().unwrap().to_string()));
+    let started = std::time::Instant::now();
+    let err = kinlink::Server::bind(cfg).await.err().expect("no public address, no start").to_string();
+    assert!(err.contains("turn.public_ip") && err.contains("no answer"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "bounded by the retransmissions");
+}

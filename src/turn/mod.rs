@@ -11,6 +11,7 @@
 //! - [`telemetry`]: the core's and the shards' counters as Prometheus metrics.
 
 pub mod batch;
+pub mod discover;
 pub mod outbox;
 pub mod policy;
 pub mod relay;
@@ -161,8 +162,12 @@ pub fn advertised(cfg: &crate::Config) -> Vec<String> {
         lines.push("  (turn.urls is set: kinlink's own TURN server does not run)".into());
         return lines;
     }
-    let (ip, from) = match t.public_ip {
-        Some(ip) => (ip, "turn.public_ip"),
+    let (ip, from) = match &t.public_ip {
+        Some(crate::config::PublicIp::Fixed(ip)) => (*ip, "turn.public_ip"),
+        Some(crate::config::PublicIp::Stun(server)) => {
+            lines.push(format!("Relayed addresses (XOR-RELAYED-ADDRESS): this node's address as the STUN server {server} sees it, asked at start (kinlink does not start without an answer) and every {} s", t.public_ip_refresh_secs));
+            return lines;
+        }
         None => relay_bind_ipv4(t),
     };
     lines.push(format!("Relayed addresses (XOR-RELAYED-ADDRESS): {ip}, from {from}"));
@@ -173,6 +178,28 @@ pub fn advertised(cfg: &crate::Config) -> Vec<String> {
         ));
     }
     lines
+}
+
+/// Asks the STUN server again every `every`: a changed address is what new allocations
+/// advertise from then on (and is denied as our own); a failed check keeps the last one.
+async fn watch_public_ip(server: String, bind: IpAddr, mut current: IpAddr, every: Duration, core: Core, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tick.tick().await;
+        match discover::public_address(&server, bind).await {
+            Ok(ip) if ip == current => metrics.turn_public_ip_checks.with_label_values(&["same"]).inc(),
+            Ok(ip) => {
+                metrics.turn_public_ip_checks.with_label_values(&["changed"]).inc();
+                tracing::warn!(from = %current, to = %ip, server = %server, "turn.public_ip changed: new allocations advertise the new address (existing ones keep theirs)");
+                lock(&core).set_public_ip(ip);
+                current = ip;
+            }
+            Err(e) => {
+                metrics.turn_public_ip_checks.with_label_values(&["failed"]).inc();
+                tracing::warn!(error = %e, server = %server, kept = %current, "turn.public_ip: STUN check failed; keeping the last address");
+            }
+        }
+    }
 }
 
 /// Binds a TCP listener; an IPv6 one only takes IPv6, so it can share the port with IPv4.
@@ -251,12 +278,25 @@ impl TurnService {
         if cfg.public_ip.is_none() && listen_ips.iter().any(|ip| ip.is_unspecified()) {
             tracing::warn!(relay_ip = %relay_ipv4, "turn.public_ip is not set: relayed addresses use this host IP; set it behind NAT");
         }
+        let public_ip = match &cfg.public_ip {
+            None => None,
+            Some(crate::config::PublicIp::Fixed(ip)) => Some(*ip),
+            Some(crate::config::PublicIp::Stun(server)) => {
+                let ip = discover::public_address(server, relay_ipv4).await.map_err(|e| {
+                    metrics.turn_public_ip_checks.with_label_values(&["failed"]).inc();
+                    anyhow::anyhow!("turn.public_ip = stun:{server}: cannot learn this node's public address: {e}")
+                })?;
+                metrics.turn_public_ip_checks.with_label_values(&["same"]).inc();
+                tracing::info!(%ip, server = %server, "turn.public_ip: this node's public address, from STUN");
+                Some(ip)
+            }
+        };
 
         // Every listener of ours, on every address it answers on. A relay that happens to
         // share its port number with a TCP listener stays reachable: the core exempts live
         // relay ports (see `TurnServer::policy_check`).
         let bound: Vec<SocketAddr> = udp_addrs.iter().chain(&tcp_addrs).chain(&tls_addrs).chain(other_own).copied().collect();
-        let extra: Vec<IpAddr> = cfg.public_ip.into_iter().chain([relay_ipv4, relay_ipv6]).collect();
+        let extra: Vec<IpAddr> = public_ip.into_iter().chain([relay_ipv4, relay_ipv6]).collect();
         let own = own_addresses(&bound, &extra);
         let policy = policy::PeerPolicy::new(
             policy::parse_list("turn.allowed_peers", &cfg.allowed_peers).map_err(anyhow::Error::msg)?,
@@ -266,7 +306,7 @@ impl TurnService {
         let settings = Settings {
             secret,
             realm: cfg.realm.clone(),
-            public_ip: cfg.public_ip,
+            public_ip,
             max_lifetime: Duration::from_secs(cfg.max_lifetime_secs),
             nonce_lifetime: Duration::from_secs(cfg.nonce_lifetime_secs),
             quota: cfg.quota.clone(),
@@ -338,7 +378,11 @@ impl TurnService {
                 telemetry::observe_lifetimes(&timer_metrics, &lifetimes);
             }
         }));
-        tracing::info!(udp = ?udp_addrs, tcp = ?tcp_addrs, tls = ?tls_addrs, relay_ip = %cfg.public_ip.unwrap_or(relay_ipv4), "TURN serving");
+        if let (Some(crate::config::PublicIp::Stun(server)), Some(ip)) = (&cfg.public_ip, public_ip) {
+            let every = Duration::from_secs(cfg.public_ip_refresh_secs);
+            tasks.push(tokio::spawn(watch_public_ip(server.clone(), relay_ipv4, ip, every, core.clone(), metrics.clone())));
+        }
+        tracing::info!(udp = ?udp_addrs, tcp = ?tcp_addrs, tls = ?tls_addrs, relay_ip = %public_ip.unwrap_or(relay_ipv4), "TURN serving");
         Ok(TurnService { udp: udp_addrs, tcp: tcp_addrs, tls: tls_addrs, core, shards, tasks })
     }
 

@@ -186,6 +186,14 @@ impl PeerPolicy {
         PeerPolicy { allowed, denied, defaults, own }
     }
 
+    /// The port numbers of kinlink's own listeners.
+    pub fn own_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.own.iter().map(|o| o.port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
     /// Checks a peer (CreatePermission/ChannelBind address, the destination of a Send
     /// indication, or the source of a peer packet). The literal address and every IPv4
     /// address it wraps are checked: the operator's deny list and kinlink's own sockets match

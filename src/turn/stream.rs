@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 
 use super::outbox::Outbox;
 use super::relay::Relay;
@@ -91,6 +91,9 @@ pub async fn serve_tcp(listener: Arc<TcpListener>, ctx: Ctx, limit: Arc<ConnLimi
     }
 }
 
+/// How long client data waits for room in the relay socket's send buffer.
+const SEND_WAIT: Duration = Duration::from_millis(500);
+
 /// A writer's buffer is given back to the allocator past this size once written.
 const KEEP_WRITE_BUFFER: usize = 64 * 1024;
 
@@ -120,6 +123,7 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(st
         }
     });
     let mut path: Option<Arc<Path<Relay>>> = None;
+    let mut writable: Option<(Arc<Path<Relay>>, UdpSocket)> = None;
     let counters = &ctx.counters[tuple.client.port() as usize % ctx.counters.len()];
     let mut buf = vec![0u8; 4096];
     let mut filled = 0usize;
@@ -163,12 +167,7 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(st
                 Packet::Junk => None,
             };
             if let Some((p, (peer, payload))) = routed {
-                // UDP to the peer is never waited for: a full socket buffer drops the datagram.
-                if let Err(e) = p.relay.send_to(&frame[payload], peer) {
-                    if e.kind() == std::io::ErrorKind::WouldBlock {
-                        counters.dropped(DropReason::SendBufferFull);
-                    }
-                }
+                send_to_peer(&p, &mut writable, &frame[payload], peer, counters).await;
             }
             start += len;
         }
@@ -202,6 +201,28 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(st
     ctx.control.closed(&tuple);
     outbox.close();
     let _ = writer.await;
+}
+
+/// Sends client data out of the relay socket. A full socket buffer is waited for: unlike a UDP
+/// client, a TCP/TLS client can be slowed down (its reads pause), so nothing is dropped; the
+/// wait is bounded so a stuck socket cannot hold the connection (then the datagram is dropped).
+async fn send_to_peer(p: &Arc<Path<Relay>>, writable: &mut Option<(Arc<Path<Relay>>, UdpSocket)>, payload: &[u8], peer: std::net::SocketAddr, counters: &DataCounters) {
+    match p.relay.send_to(payload, peer) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        _ => return,
+    }
+    // The relay socket is read by a shard's poller; a duplicate of its descriptor, registered
+    // with tokio on first need and kept for the connection, waits for writability.
+    if writable.as_ref().is_none_or(|(q, _)| !Arc::ptr_eq(q, p)) {
+        *writable = p.relay.try_clone().and_then(UdpSocket::from_std).ok().map(|s| (p.clone(), s));
+    }
+    let sent = match writable.as_ref() {
+        Some((_, socket)) => tokio::time::timeout(SEND_WAIT, socket.send_to(payload, peer)).await.is_ok_and(|r| r.is_ok()),
+        None => false,
+    };
+    if !sent {
+        counters.dropped(DropReason::SendBufferFull);
+    }
 }
 
 /// This connection's allocation, live: the one it started, or the core's (a frame before

@@ -312,6 +312,13 @@ impl<R: Clone> TurnServer<R> {
         std::mem::take(&mut self.released)
     }
 
+    /// The public IP changed (`turn.public_ip = "stun:…"`): new allocations advertise `ip`,
+    /// and it is denied as one of our own addresses.
+    pub fn set_public_ip(&mut self, ip: IpAddr) {
+        self.settings.public_ip = Some(ip);
+        self.gate.learn_public_ip(ip);
+    }
+
     /// Stop granting new allocations (shutdown); existing ones run on.
     pub fn drain(&mut self) {
         self.draining = true;

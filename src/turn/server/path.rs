@@ -25,12 +25,18 @@ pub struct PeerGate {
     policy: PeerPolicy,
     /// Allocations and reservations holding each port number (IPv4 and IPv6 relays may share one).
     relay_ports: Box<[AtomicU32]>,
+    /// Our listeners' port numbers, and a public IP learned after start (`stun:`): an
+    /// address the policy was built without, denied on those ports. Read only for a peer on
+    /// one of the ports, so the data path almost never touches the lock.
+    own_ports: Vec<u16>,
+    learned_public: RwLock<Option<std::net::IpAddr>>,
 }
 
 impl PeerGate {
     /// A gate applying `policy`, with no relay port in use.
     pub fn new(policy: PeerPolicy) -> Self {
-        PeerGate { policy, relay_ports: (0..=u16::MAX).map(|_| AtomicU32::new(0)).collect() }
+        let own_ports = policy.own_ports();
+        PeerGate { policy, relay_ports: (0..=u16::MAX).map(|_| AtomicU32::new(0)).collect(), own_ports, learned_public: RwLock::new(None) }
     }
 
     /// The peer policy, except that a port one of our relays holds is another allocation of
@@ -38,10 +44,24 @@ impl PeerGate {
     /// and a UDP relay port cannot be a UDP listener's, so only a TCP listener could share the
     /// number, and UDP sent there reaches the relay.
     pub fn check(&self, peer: SocketAddr) -> Result<(), Denied> {
+        let relay_port = || self.relay_ports[peer.port() as usize].load(Ordering::Relaxed) > 0;
         match self.policy.check(peer) {
-            Err(Denied::OwnPort) if self.relay_ports[peer.port() as usize].load(Ordering::Relaxed) > 0 => Ok(()),
+            Err(Denied::OwnPort) if relay_port() => Ok(()),
+            Ok(()) if self.own_ports.binary_search(&peer.port()).is_ok() && !relay_port() => {
+                let learned = *self.learned_public.read().unwrap_or_else(|e| e.into_inner());
+                if learned.is_some_and(|ip| ip == peer.ip()) {
+                    Err(Denied::OwnPort)
+                } else {
+                    Ok(())
+                }
+            }
             other => other,
         }
+    }
+
+    /// A public IP learned after start: denied as our own on our listeners' ports.
+    pub(super) fn learn_public_ip(&self, ip: std::net::IpAddr) {
+        *self.learned_public.write().unwrap_or_else(|e| e.into_inner()) = Some(ip);
     }
 
     pub(super) fn hold_port(&self, port: u16) {
