@@ -92,12 +92,16 @@ pub enum DeliverError {
     QueueFull,
 }
 
+/// What [`Hub::join`] resolves to: the family's other online devices, or why not. With
+/// several nodes it is a round trip to the cluster, hence a future.
+pub type JoinFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<DeviceInfo>, JoinError>> + Send>>;
+
 /// Routing of signaling messages between devices of a family.
 pub trait Hub: Send + Sync + 'static {
     /// Registers `member`, replacing an older connection of the same device (which receives
     /// [`Outbound::Close`] with [`CloseCode::Replaced`]). The family's other devices receive
     /// `device-online`. Returns the family's other online devices.
-    fn join(&self, member: Member) -> Result<Vec<DeviceInfo>, JoinError>;
+    fn join(&self, member: Member) -> JoinFuture;
     /// Removes the device if `session` is still its connection; the family then receives
     /// `device-offline`.
     fn leave(&self, family: &str, device: &str, session: SessionId);
@@ -157,7 +161,22 @@ fn notify(members: &[Member], skip_device: &str, text: &Utf8Bytes) {
 }
 
 impl Hub for LocalHub {
-    fn join(&self, member: Member) -> Result<Vec<DeviceInfo>, JoinError> {
+    fn join(&self, member: Member) -> JoinFuture {
+        Box::pin(std::future::ready(self.join_now(member)))
+    }
+
+    fn leave(&self, family_id: &str, device: &str, session: SessionId) {
+        self.leave_now(family_id, device, session)
+    }
+
+    fn deliver(&self, family: &str, to_device: &str, text: Utf8Bytes, relayed_at: Instant) -> Result<(), DeliverError> {
+        self.deliver_now(family, to_device, text, relayed_at)
+    }
+}
+
+impl LocalHub {
+    /// Registers `member` on this node (see [`Hub::join`]).
+    pub fn join_now(&self, member: Member) -> Result<Vec<DeviceInfo>, JoinError> {
         let mut state = self.lock();
         let state = &mut *state;
         let existing = state.families.get(&member.family);
@@ -191,7 +210,8 @@ impl Hub for LocalHub {
         Ok(others)
     }
 
-    fn leave(&self, family_id: &str, device: &str, session: SessionId) {
+    /// See [`Hub::leave`].
+    pub fn leave_now(&self, family_id: &str, device: &str, session: SessionId) {
         let mut state = self.lock();
         let Some(family) = state.families.get_mut(family_id) else { return };
         let Some(i) = family.iter().position(|m| &*m.device == device && m.session == session) else { return };
@@ -206,7 +226,8 @@ impl Hub for LocalHub {
         self.publish_gauges(&state);
     }
 
-    fn deliver(&self, family: &str, to_device: &str, text: Utf8Bytes, relayed_at: Instant) -> Result<(), DeliverError> {
+    /// See [`Hub::deliver`].
+    pub fn deliver_now(&self, family: &str, to_device: &str, text: Utf8Bytes, relayed_at: Instant) -> Result<(), DeliverError> {
         let state = self.lock();
         let target = state.families.get(family).and_then(|f| f.iter().find(|m| &*m.device == to_device));
         let Some(target) = target else { return Err(DeliverError::Offline) };
@@ -243,15 +264,15 @@ mod tests {
         let (a, mut ra) = member("f1", "a", 1);
         let (b, mut rb) = member("f1", "b", 2);
         let (x, mut rx) = member("f2", "a", 3);
-        assert!(h.join(a).unwrap().is_empty());
-        assert_eq!(h.join(b).unwrap(), vec![DeviceInfo { device_id: "a".into(), user_id: "u-a".into() }]);
+        assert!(h.join_now(a).unwrap().is_empty());
+        assert_eq!(h.join_now(b).unwrap(), vec![DeviceInfo { device_id: "a".into(), user_id: "u-a".into() }]);
         assert!(text(&mut ra).contains(r#""type":"device-online","familyId":"f1","deviceId":"b""#));
-        assert!(h.join(x).unwrap().is_empty(), "another family's devices are invisible");
-        h.deliver("f1", "b", "hi".into(), Instant::now()).unwrap();
+        assert!(h.join_now(x).unwrap().is_empty(), "another family's devices are invisible");
+        h.deliver_now("f1", "b", "hi".into(), Instant::now()).unwrap();
         assert_eq!(text(&mut rb), "hi");
-        assert_eq!(h.deliver("f2", "b", "x".into(), Instant::now()), Err(DeliverError::Offline));
+        assert_eq!(h.deliver_now("f2", "b", "x".into(), Instant::now()), Err(DeliverError::Offline));
         assert!(rx.try_recv().is_err());
-        h.leave("f1", "b", 2);
+        h.leave_now("f1", "b", 2);
         assert!(text(&mut ra).contains(r#""type":"device-offline","familyId":"f1","deviceId":"b""#));
         assert!(rx.try_recv().is_err());
     }
@@ -262,18 +283,18 @@ mod tests {
         let (a, mut ra) = member("f", "a", 1);
         let (b1, mut rb1) = member("f", "b", 2);
         let (b2, _rb2) = member("f", "b", 3);
-        h.join(a).unwrap();
-        h.join(b1).unwrap();
+        h.join_now(a).unwrap();
+        h.join_now(b1).unwrap();
         let _ = text(&mut ra);
-        let others = h.join(b2).unwrap();
+        let others = h.join_now(b2).unwrap();
         assert_eq!(others.len(), 1);
         assert!(matches!(rb1.try_recv(), Ok(Outbound::Close(CloseCode::Replaced))));
         // The replacement is announced as online again (the device must be re-offered)...
         assert!(text(&mut ra).contains("device-online"));
         // ...and the old connection's late leave changes nothing.
-        h.leave("f", "b", 2);
+        h.leave_now("f", "b", 2);
         assert!(ra.try_recv().is_err());
-        assert!(h.deliver("f", "b", "x".into(), Instant::now()).is_ok());
+        assert!(h.deliver_now("f", "b", "x".into(), Instant::now()).is_ok());
     }
 
     #[test]
@@ -282,17 +303,17 @@ mod tests {
         let (a, _ra) = member("f", "a", 1);
         let (b, _rb) = member("f", "b", 2);
         let (c, _rc) = member("f", "c", 3);
-        h.join(a).unwrap();
-        h.join(b).unwrap();
-        assert_eq!(h.join(c).unwrap_err(), JoinError::FamilyFull);
+        h.join_now(a).unwrap();
+        h.join_now(b).unwrap();
+        assert_eq!(h.join_now(c).unwrap_err(), JoinError::FamilyFull);
         let (d, _rd) = member("g", "d", 4);
-        h.join(d).unwrap();
+        h.join_now(d).unwrap();
         let (e, _re) = member("h", "e", 5);
-        assert_eq!(h.join(e).unwrap_err(), JoinError::ServerFull);
+        assert_eq!(h.join_now(e).unwrap_err(), JoinError::ServerFull);
         for _ in 0..4 {
-            h.deliver("g", "d", "x".into(), Instant::now()).unwrap();
+            h.deliver_now("g", "d", "x".into(), Instant::now()).unwrap();
         }
-        assert_eq!(h.deliver("g", "d", "x".into(), Instant::now()), Err(DeliverError::QueueFull));
+        assert_eq!(h.deliver_now("g", "d", "x".into(), Instant::now()), Err(DeliverError::QueueFull));
     }
 
     #[test]

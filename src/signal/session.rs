@@ -14,7 +14,7 @@ use super::hub::{DeliverError, Hub, JoinError, Member, OutboundTx, SessionId};
 #[cfg(test)]
 use super::hub::{Outbound, OutboundRx};
 use super::negotiation::{Negotiations, ReportError, Reported, Route, State};
-use super::protocol::{self, ClientMsg, CloseCode, ErrorCode, RelayKind, ServerMsg};
+use super::protocol::{self, ClientMsg, CloseCode, DeviceInfo, ErrorCode, RelayKind, ServerMsg};
 use crate::auth::{self, AuthError, TokenVerifier};
 use crate::config::SignalConfig;
 use crate::ice::IceConfig;
@@ -75,6 +75,19 @@ pub enum Output {
     Ping,
     /// Write a close frame and stop.
     Close(CloseCode),
+    /// Join the hub with this member (with several nodes, a round trip to the cluster), and
+    /// hand the result to [`Session::handle_joined`] before anything else.
+    Join(JoinRequest),
+}
+
+/// A registration the hub must accept or refuse.
+#[derive(Debug)]
+pub struct JoinRequest(pub Member);
+
+impl PartialEq for JoinRequest {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.0.family, &self.0.device, self.0.session) == (&other.0.family, &other.0.device, other.0.session)
+    }
 }
 
 struct Registered {
@@ -100,6 +113,8 @@ pub struct Session {
     /// Handed to the hub at registration.
     tx: Option<OutboundTx>,
     registered: Option<Registered>,
+    /// A registration handed to the driver to join the hub, until [`Session::handle_joined`].
+    joining: Option<Registered>,
     register_deadline: Instant,
     rate: TokenBucket,
     strikes: u32,
@@ -129,6 +144,7 @@ impl Session {
             host,
             tx: Some(tx),
             registered: None,
+            joining: None,
             register_deadline: now + Duration::from_secs(l.register_timeout_secs),
             rate: TokenBucket::new(l.rate_per_sec, l.rate_burst, now),
             strikes: 0,
@@ -145,6 +161,21 @@ impl Session {
     /// The next thing to write, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()
+    }
+
+    /// [`Session::poll_output`], joining the hub on the spot (`LocalHub` answers at once).
+    #[cfg(test)]
+    fn poll_output_joined(&mut self) -> Option<Output> {
+        use futures_util::FutureExt;
+        match self.out.pop_front() {
+            Some(Output::Join(JoinRequest(member))) => {
+                let result = self.env.hub.join(member).now_or_never().expect("LocalHub joins at once");
+                // At the virtual time of the input that registered.
+                self.handle_joined(self.last_activity, result);
+                self.poll_output_joined()
+            }
+            other => other,
+        }
     }
 
     /// True once a close has been queued; the driver stops reading.
@@ -312,7 +343,7 @@ impl Session {
     }
 
     fn register(&mut self, now: Instant, family: &str, user: &str, device: &str, token: Option<&str>) {
-        if self.registered.is_some() {
+        if self.registered.is_some() || self.joining.is_some() {
             return self.error(ErrorCode::AlreadyRegistered, "this connection is already registered", None);
         }
         let token = token.or(self.upgrade_token.as_deref()).unwrap_or("");
@@ -336,13 +367,21 @@ impl Session {
             token_exp: claims.exp,
             ice_refresh: now,
         };
-        match self.env.hub.join(member) {
+        self.joining = Some(reg);
+        self.out.push_back(Output::Join(JoinRequest(member)));
+    }
+
+    /// The hub's answer to [`Output::Join`].
+    pub fn handle_joined(&mut self, now: Instant, result: Result<Vec<DeviceInfo>, JoinError>) {
+        let Some(reg) = self.joining.take() else { return };
+        let (family, device) = (reg.family.clone(), reg.device.clone());
+        match result {
             Ok(devices) => {
                 self.env.metrics.signal_registrations.inc();
                 let unix = auth::unix_now();
                 let ttl = self.env.ice.ttl_secs(reg.token_exp, unix);
-                let ice = self.env.ice.block(family, device, self.host.as_deref(), unix, ttl);
-                let msg = ServerMsg::Registered { device_id: device, devices: &devices, ice_servers: &ice, ice_servers_ttl: ttl };
+                let ice = self.env.ice.block(&family, &device, self.host.as_deref(), unix, ttl);
+                let msg = ServerMsg::Registered { device_id: &device, devices: &devices, ice_servers: &ice, ice_servers_ttl: ttl };
                 self.send(msg);
                 let ice_refresh = self.next_ice_refresh(now, &reg, unix, ttl);
                 self.registered = Some(Registered { ice_refresh, ..reg });
@@ -536,7 +575,7 @@ mod tests {
             dev
         }
         fn next_text(&mut self) -> String {
-            match self.s.poll_output() {
+            match self.s.poll_output_joined() {
                 Some(Output::Text(t)) => t.to_string(),
                 other => panic!("expected text, got {other:?}"),
             }
@@ -563,7 +602,7 @@ mod tests {
         let mut b = Dev::register(&env, 2, "fam", "b", now);
         assert!(a.hub_text().contains("device-online"));
         b.s.handle_text(now, r#"{"type":"offer","toDeviceId":"a","sdp":{"type":"offer","sdp":"v=0"}}"#);
-        assert!(b.s.poll_output().is_none(), "a relayed message gets no reply");
+        assert!(b.s.poll_output_joined().is_none(), "a relayed message gets no reply");
         let got = a.hub_text();
         assert!(got.contains(r#""fromDeviceId":"b""#) && got.contains(r#""sdp":{"type":"offer","sdp":"v=0"}"#), "{got}");
         b.s.handle_text(now, r#"{"type":"answer","toDeviceId":"zzz","sdp":"x"}"#);
@@ -604,9 +643,9 @@ mod tests {
         assert_eq!(b.next_error(), "bad-message", "connected needs a route");
         let t1 = t0 + Duration::from_millis(700);
         b.s.handle_text(t1, r#"{"type":"p2p-status","peerDeviceId":"a","state":"connected","route":"relay","connectMs":650}"#);
-        assert!(b.s.poll_output().is_none(), "an accepted report gets no reply");
+        assert!(b.s.poll_output_joined().is_none(), "an accepted report gets no reply");
         a.s.handle_text(t1, r#"{"type":"p2p-status","peerDeviceId":"b","state":"connected","route":"relay"}"#);
-        assert!(a.s.poll_output().is_none(), "the other side's report is accepted");
+        assert!(a.s.poll_output_joined().is_none(), "the other side's report is accepted");
         assert_eq!((outcome(&env, "relay"), outcome(&env, "direct"), outcome(&env, "http_fallback")), (1, 0, 0));
         assert_eq!(env.metrics.p2p_connect.get_sample_count(), 1);
         assert!((env.metrics.p2p_connect.get_sample_sum() - 0.7).abs() < 1e-9, "measured by the server");
@@ -655,7 +694,7 @@ mod tests {
             let mut d = Dev::new(&env, i as u64, now);
             d.s.handle_text(now, &frame);
             assert_eq!(d.next_error(), code);
-            assert_eq!(d.s.poll_output(), Some(Output::Close(close)));
+            assert_eq!(d.s.poll_output_joined(), Some(Output::Close(close)));
             assert!(d.s.is_closed());
         }
         assert_eq!(env.metrics.auth_failures.with_label_values(&["missing"]).get(), 1);
@@ -670,7 +709,7 @@ mod tests {
         let (tx, _rx) = super::super::hub::outbound(8, usize::MAX);
         let mut s = Session::new(1, env, tx, Some(token("f", "u", "d")), None, now);
         s.handle_text(now, r#"{"type":"register","familyId":"f","userId":"u","deviceId":"d"}"#);
-        assert!(matches!(s.poll_output(), Some(Output::Text(t)) if t.as_str().starts_with(r#"{"type":"registered""#)));
+        assert!(matches!(s.poll_output_joined(), Some(Output::Text(t)) if t.as_str().starts_with(r#"{"type":"registered""#)));
     }
 
     #[test]
@@ -714,7 +753,7 @@ mod tests {
         }
         d.s.handle_text(now + Duration::from_millis(100), "{}");
         assert_eq!(d.next_error(), "rate-limited");
-        assert_eq!(d.s.poll_output(), Some(Output::Close(CloseCode::RateLimited)));
+        assert_eq!(d.s.poll_output_joined(), Some(Output::Close(CloseCode::RateLimited)));
     }
 
     #[test]
@@ -733,25 +772,25 @@ mod tests {
         assert_eq!(d.s.poll_timeout(), t0 + Duration::from_secs(5));
         d.s.handle_timeout(t0 + Duration::from_secs(5));
         assert_eq!(d.next_error(), "not-registered");
-        assert_eq!(d.s.poll_output(), Some(Output::Close(CloseCode::RegisterTimeout)));
+        assert_eq!(d.s.poll_output_joined(), Some(Output::Close(CloseCode::RegisterTimeout)));
         // Heartbeat: two unanswered pings, then the third tick drops the connection.
         let mut d = Dev::register(&env, 2, "f", "a", t0);
         let t = t0 + Duration::from_secs(10);
         assert_eq!(d.s.poll_timeout(), t);
         d.s.handle_timeout(t);
-        assert_eq!(d.s.poll_output(), Some(Output::Ping));
+        assert_eq!(d.s.poll_output_joined(), Some(Output::Ping));
         d.s.handle_pong(t);
         d.s.handle_timeout(t + Duration::from_secs(10));
-        assert_eq!(d.s.poll_output(), Some(Output::Ping));
+        assert_eq!(d.s.poll_output_joined(), Some(Output::Ping));
         d.s.handle_timeout(t + Duration::from_secs(20));
-        assert_eq!(d.s.poll_output(), Some(Output::Ping));
+        assert_eq!(d.s.poll_output_joined(), Some(Output::Ping));
         d.s.handle_timeout(t + Duration::from_secs(30));
-        assert_eq!(d.s.poll_output(), Some(Output::Close(CloseCode::HeartbeatTimeout)));
+        assert_eq!(d.s.poll_output_joined(), Some(Output::Close(CloseCode::HeartbeatTimeout)));
         // Idle.
         let mut d = Dev::register(&env, 3, "g", "a", t0);
         d.s.handle_pong(t0);
         d.s.handle_timeout(t0 + Duration::from_secs(100));
-        assert_eq!(d.s.poll_output(), Some(Output::Close(CloseCode::Normal)));
+        assert_eq!(d.s.poll_output_joined(), Some(Output::Close(CloseCode::Normal)));
     }
 
     #[test]
@@ -762,11 +801,11 @@ mod tests {
         let refresh = t0 + Duration::from_secs(86_400 * 3 / 4);
         assert_eq!(d.s.poll_timeout(), refresh.min(t0 + Duration::from_secs(3600)));
         d.s.handle_timeout(t0 + Duration::from_secs(3599));
-        assert!(d.s.poll_output().is_none());
+        assert!(d.s.poll_output_joined().is_none());
         // The token (1 h) expires before the refresh is due: the device is told and closed.
         d.s.handle_timeout(t0 + Duration::from_secs(3600));
         assert_eq!(d.next_error(), "unauthorized");
-        assert_eq!(d.s.poll_output(), Some(Output::Close(CloseCode::Unauthorized)));
+        assert_eq!(d.s.poll_output_joined(), Some(Output::Close(CloseCode::Unauthorized)));
     }
 
     #[test]
@@ -777,11 +816,11 @@ mod tests {
         let long = auth::mint_token(&Secret::new(SECRET), "f", "u", "a", 10 * 86_400, auth::unix_now());
         let mut s = Session::new(1, env.clone(), tx, Some(long), None, t0);
         s.handle_text(t0, r#"{"type":"register","familyId":"f","userId":"u","deviceId":"a"}"#);
-        assert!(s.poll_output().is_some());
+        assert!(s.poll_output_joined().is_some());
         let refresh = t0 + Duration::from_secs(86_400 * 3 / 4);
         assert_eq!(s.poll_timeout(), refresh);
         s.handle_timeout(refresh);
-        match s.poll_output() {
+        match s.poll_output_joined() {
             Some(Output::Text(t)) => assert!(t.as_str().starts_with(r#"{"type":"ice-servers","iceServers":[{"urls""#), "{t}"),
             other => panic!("{other:?}"),
         }
@@ -807,7 +846,7 @@ mod tests {
         // with the token.
         d.s.handle_pong(t0 + Duration::from_secs(400));
         d.s.handle_timeout(t0 + Duration::from_secs(460));
-        while let Some(out) = d.s.poll_output() {
+        while let Some(out) = d.s.poll_output_joined() {
             assert!(!matches!(&out, Output::Text(t) if t.contains("ice-servers")), "{out:?}");
         }
     }
@@ -845,7 +884,7 @@ mod tests {
                 }
             }
             a.s.handle_binary(now, &bytes);
-            while a.s.poll_output().is_some() {}
+            while a.s.poll_output_joined().is_some() {}
             while b.rx.try_recv().is_ok() {}
             if a.s.is_closed() {
                 a = Dev::register(&env, 10 + i as u64, "f", "a", now);

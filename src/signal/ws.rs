@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use super::hub::{Outbound, SessionId};
 use super::protocol::CloseCode;
-use super::session::{Output, Session, SessionEnv};
+use super::session::{JoinRequest, Output, Session, SessionEnv};
 
 /// Why the write side gave up.
 enum WriteError {
@@ -31,7 +31,7 @@ pub async fn drive(
     tracing::debug!(session = id, "connection opened");
     let write_timeout = Duration::from_secs(env.limits.write_timeout_secs);
     let (tx, mut rx) = super::hub::outbound(env.limits.outbound_queue, env.limits.outbound_queue_bytes);
-    let mut session = Session::new(id, env, tx, token, host, Instant::now());
+    let mut session = Session::new(id, env.clone(), tx, token, host, Instant::now());
     let mut drain_seen = false;
     if *draining.borrow_and_update() {
         session.handle_shutdown();
@@ -45,6 +45,12 @@ pub async fn drive(
                 Output::Close(code) => {
                     close(&mut socket, code, write_timeout).await;
                     break 'conn code.reason();
+                }
+                Output::Join(JoinRequest(member)) => {
+                    // Nothing is read from the socket meanwhile: the join answers first.
+                    let result = env.hub.join(member).await;
+                    session.handle_joined(Instant::now(), result);
+                    continue;
                 }
             };
             if let Err(e) = write(&mut socket, msg, write_timeout).await {
