@@ -208,6 +208,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Draining on SIGTERM.
     pub shutdown: ShutdownConfig,
+    /// `[cluster]`: several nodes sharing presence and routing through Redis.
+    pub cluster: ClusterConfig,
     /// The `/check` self-check page.
     pub check: CheckConfig,
     /// `KINLINK_*` environment variables that were not configuration but Kubernetes
@@ -252,6 +254,7 @@ impl Default for Config {
             signal: SignalConfig::default(),
             log: LogConfig::default(),
             shutdown: ShutdownConfig::default(),
+            cluster: ClusterConfig::default(),
             check: CheckConfig::default(),
             ignored_env: Vec::new(),
         }
@@ -635,6 +638,39 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// `cluster.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://…` (TLS). Unset: a single node,
+    /// no Redis. Holds a password: never logged.
+    pub redis_url: Option<Secret>,
+    /// This node's name in the cluster; unset: the host name (the pod name on Kubernetes).
+    pub node_id: String,
+    /// Seconds after which a node that stopped heartbeating is declared gone and its devices
+    /// offline; it heartbeats every third of it.
+    pub presence_ttl_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig { redis_url: None, node_id: String::new(), presence_ttl_secs: 15 }
+    }
+}
+
+impl ClusterConfig {
+    /// `node_id`, or the host name, or a random name.
+    pub fn node(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()).filter(|h| !h.is_empty())
+        });
+        host.unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()))
+    }
+}
+
 /// Keys whose environment-variable form is a comma-separated list.
 const LIST_KEYS: &[&str] = &["turn.urls", "turn.allowed_peers", "turn.denied_peers", "http.cors_origins"];
 
@@ -757,6 +793,7 @@ pub fn known_keys() -> std::collections::HashSet<String> {
     full.http.tls_key = Some("x".into());
     full.turn.tls_key = Some("x".into());
     full.turn.public_ip = Some(PublicIp::Fixed(std::net::Ipv4Addr::LOCALHOST.into()));
+    full.cluster.redis_url = Some(Secret::new("redis://x"));
     let table: toml::Table = toml::from_str(&toml::to_string(&full).expect("the config serializes")).expect("and parses back");
     fn walk(prefix: &str, t: &toml::Table, out: &mut std::collections::HashSet<String>) {
         for (k, v) in t {
@@ -876,6 +913,7 @@ impl Config {
             ("turn.stream_queue_bytes", t.stream_queue_bytes as u64, 16 * 1024, 64 * MIB),
             ("turn.data_threads", t.data_threads as u64, 0, 256),
             ("turn.public_ip_refresh_secs", t.public_ip_refresh_secs, 10, 86_400),
+            ("cluster.presence_ttl_secs", self.cluster.presence_ttl_secs, 3, 600),
             ("turn.quota.family_allocations", q.family_allocations as u64, 1, 10_000_000),
             ("turn.quota.device_allocations", q.device_allocations as u64, 1, 10_000_000),
             ("turn.quota.total_allocations", q.total_allocations as u64, 1, 10_000_000),

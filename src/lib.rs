@@ -29,6 +29,7 @@
 
 pub mod auth;
 pub mod check;
+pub mod cluster;
 pub mod cli;
 pub mod config;
 pub mod connlimit;

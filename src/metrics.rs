@@ -102,6 +102,9 @@ pub struct Metrics {
     /// `kinlink_turn_public_ip_checks_total{result}`: STUN checks of `turn.public_ip =
     /// "stun:…"` (same, changed, failed).
     pub turn_public_ip_checks: IntCounterVec,
+    /// `kinlink_cluster_redis_errors_total{op}`: Redis commands that failed (join, leave,
+    /// publish, subscribe, heartbeat, sweep); while they fail, devices see only this node.
+    pub cluster_redis_errors: IntCounterVec,
     /// Run before every render, to bring counters kept elsewhere (the TURN core's) up to date.
     render_hooks: Arc<Mutex<Vec<RenderHook>>>,
 }
@@ -365,6 +368,11 @@ impl Metrics {
                 "STUN checks of this node's public address (turn.public_ip = stun:HOST:PORT), by result: same, changed, failed.",
                 "result",
             ),
+            cluster_redis_errors: counter_vec(
+                "kinlink_cluster_redis_errors_total",
+                "Redis commands that failed, by operation; while they fail, devices see only the devices of their own node.",
+                "op",
+            ),
             render_hooks: Arc::default(),
             registry: registry.clone(),
         };
@@ -390,6 +398,9 @@ impl Metrics {
         for r in ["ok", "error"] {
             m.turn_tls_reloads.with_label_values(&["turn", r]);
             m.turn_tls_reloads.with_label_values(&["http", r]);
+        }
+        for op in ["join", "leave", "publish", "subscribe", "heartbeat", "sweep"] {
+            m.cluster_redis_errors.with_label_values(&[op]);
         }
         for r in ["same", "changed", "failed"] {
             m.turn_public_ip_checks.with_label_values(&[r]);

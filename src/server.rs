@@ -53,13 +53,14 @@ impl Server {
         raise_nofile_limit(&config);
         let metrics = Arc::new(Metrics::new());
         metrics.turn_relay_capacity.set(i64::try_from(config.metrics.relay_capacity_bytes_per_sec).unwrap_or(i64::MAX));
-        let hub: Arc<dyn Hub> = Arc::new(LocalHub::new(
-            HubLimits {
-                max_devices_per_family: config.signal.max_devices_per_family,
-                max_devices: config.signal.max_devices,
-            },
-            metrics.clone(),
-        ));
+        let limits = HubLimits { max_devices_per_family: config.signal.max_devices_per_family, max_devices: config.signal.max_devices };
+        let hub: Arc<dyn Hub> = match &config.cluster.redis_url {
+            None => Arc::new(LocalHub::new(limits, metrics.clone())),
+            Some(url) => {
+                let ttl = std::time::Duration::from_secs(config.cluster.presence_ttl_secs);
+                Arc::new(crate::cluster::RedisHub::connect(url.expose(), config.cluster.node(), ttl, limits, metrics.clone()).await?)
+            }
+        };
         let http = TcpListener::bind(config.http.listen).await.with_context(|| format!("http.listen: cannot bind {}", config.http.listen))?;
         let metrics_listener = match config.metrics.listen_addr() {
             Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("metrics.listen: cannot bind {addr}"))?),

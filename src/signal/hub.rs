@@ -166,7 +166,7 @@ impl Hub for LocalHub {
     }
 
     fn leave(&self, family_id: &str, device: &str, session: SessionId) {
-        self.leave_now(family_id, device, session)
+        self.leave_now(family_id, device, session);
     }
 
     fn deliver(&self, family: &str, to_device: &str, text: Utf8Bytes, relayed_at: Instant) -> Result<(), DeliverError> {
@@ -210,11 +210,11 @@ impl LocalHub {
         Ok(others)
     }
 
-    /// See [`Hub::leave`].
-    pub fn leave_now(&self, family_id: &str, device: &str, session: SessionId) {
+    /// See [`Hub::leave`]. False when `session` was no longer the device's connection.
+    pub fn leave_now(&self, family_id: &str, device: &str, session: SessionId) -> bool {
         let mut state = self.lock();
-        let Some(family) = state.families.get_mut(family_id) else { return };
-        let Some(i) = family.iter().position(|m| &*m.device == device && m.session == session) else { return };
+        let Some(family) = state.families.get_mut(family_id) else { return false };
+        let Some(i) = family.iter().position(|m| &*m.device == device && m.session == session) else { return false };
         family.swap_remove(i);
         if family.is_empty() {
             state.families.remove(family_id);
@@ -224,6 +224,46 @@ impl LocalHub {
         }
         state.devices -= 1;
         self.publish_gauges(&state);
+        true
+    }
+
+    /// Closes the device's connection here with [`CloseCode::Replaced`] (a newer one joined on
+    /// another node), without telling the family it went offline.
+    pub fn evict(&self, family_id: &str, device: &str) {
+        let mut state = self.lock();
+        let Some(family) = state.families.get_mut(family_id) else { return };
+        let Some(i) = family.iter().position(|m| &*m.device == device) else { return };
+        let old = family.swap_remove(i);
+        let _ = old.tx.try_send(Outbound::Close(CloseCode::Replaced));
+        if family.is_empty() {
+            state.families.remove(family_id);
+        }
+        state.devices -= 1;
+        self.publish_gauges(&state);
+    }
+
+    /// Tells the family's devices on this node (but `skip`) `text`: presence from other nodes.
+    pub fn notify_family(&self, family_id: &str, skip: &str, text: &Utf8Bytes) {
+        let state = self.lock();
+        if let Some(family) = state.families.get(family_id) {
+            notify(family, skip, text);
+        }
+    }
+
+    /// The user of `device`'s connection `session`, if it is still the device's.
+    pub fn user_of(&self, family_id: &str, device: &str, session: SessionId) -> Option<Arc<str>> {
+        let state = self.lock();
+        state.families.get(family_id)?.iter().find(|m| &*m.device == device && m.session == session).map(|m| m.user.clone())
+    }
+
+    /// Devices of the family on this node.
+    pub fn local_devices(&self, family_id: &str) -> usize {
+        self.lock().families.get(family_id).map_or(0, Vec::len)
+    }
+
+    /// Every device on this node, for re-announcing them.
+    pub fn members(&self) -> Vec<Member> {
+        self.lock().families.values().flatten().cloned().collect()
     }
 
     /// See [`Hub::deliver`].

@@ -1,0 +1,462 @@
+//! Several kinlink nodes sharing presence and routing through Redis (`cluster.redis_url`).
+//!
+//! Each node keeps its own devices in a [`LocalHub`] (delivery and presence among them need no
+//! Redis), and Redis holds what every node must agree on:
+//!
+//! - `kl:{F}:dev`, a hash per family: device → `node|session|user`. Joining is one Lua script
+//!   that checks `signal.max_devices_per_family` and writes the device atomically, so two
+//!   devices joining at once on two nodes cannot both take the last slot. The `{F}` hash tag
+//!   keeps a family's keys in one Redis Cluster slot.
+//! - `kl:{F}:ev`, a channel per family that the nodes holding its devices subscribe to:
+//!   `on`/`off` presence events, and `msg` for a message to a device on another node (the
+//!   node holding it delivers). Families are small, so the fan-out is a few nodes.
+//! - `kl:node:{N}:alive` (expires after `cluster.presence_ttl_secs`), `kl:nodes` (a sorted set
+//!   of heartbeats) and `kl:node:{N}:fam` (the families a node has devices in): a node whose
+//!   heartbeat is older than the TTL is swept by whichever node gets there first, and its
+//!   devices are announced offline.
+//!
+//! Every node also keeps a roster of its families' devices on other nodes (from the join
+//! script's answer and the events), so `deliver` answers `peer-offline` without Redis.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::Utf8Bytes;
+use fred::clients::SubscriberClient;
+use fred::prelude::*;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::ratelimit::LogLimiter;
+use crate::signal::hub::{DeliverError, Hub, HubLimits, JoinError, JoinFuture, LocalHub, Member, SessionId};
+use crate::signal::protocol::{DeviceInfo, ServerMsg};
+
+/// Registers a device unless the family is full: `{0}`, or `{1, previous value or '', HGETALL}`.
+const JOIN: &str = r"
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return {0} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return {1, old or '', redis.call('HGETALL', KEYS[1])}
+";
+
+/// Removes a device if it is still this connection: 1 when removed.
+const LEAVE: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+";
+
+/// Removes every device of node ARGV[1] (values starting `node|`): their names and values.
+const SWEEP: &str = r"
+local all = redis.call('HGETALL', KEYS[1])
+local gone = {}
+for i = 1, #all, 2 do
+  if string.sub(all[i + 1], 1, #ARGV[1] + 1) == ARGV[1] .. '|' then
+    redis.call('HDEL', KEYS[1], all[i])
+    table.insert(gone, all[i])
+    table.insert(gone, all[i + 1])
+  end
+end
+return gone
+";
+
+/// Events on a family's channel.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "lowercase")]
+enum Event {
+    /// `d` (user `u`) joined on node `n` as session `s`.
+    On { d: String, u: String, n: String, s: SessionId },
+    /// `d`'s session `s` on node `n` left (or the node is gone).
+    Off { d: String, n: String, s: SessionId },
+    /// Text `x` for device `to`, sent from node `n`.
+    Msg { to: String, n: String, x: String },
+}
+
+fn devices_key(family: &str) -> String {
+    format!("kl:{{{family}}}:dev")
+}
+
+fn channel(family: &str) -> String {
+    format!("kl:{{{family}}}:ev")
+}
+
+fn family_of(channel: &str) -> Option<&str> {
+    channel.strip_prefix("kl:{")?.strip_suffix("}:ev")
+}
+
+fn alive_key(node: &str) -> String {
+    format!("kl:node:{{{node}}}:alive")
+}
+
+fn families_key(node: &str) -> String {
+    format!("kl:node:{{{node}}}:fam")
+}
+
+const NODES: &str = "kl:nodes";
+
+/// A device on another node.
+#[derive(Debug, Clone)]
+struct Remote {
+    node: Arc<str>,
+    session: SessionId,
+    user: Arc<str>,
+}
+
+/// `node|session|user`.
+fn record(node: &str, session: SessionId, user: &str) -> String {
+    format!("{node}|{session}|{user}")
+}
+
+fn parse_record(v: &str) -> Option<Remote> {
+    let mut parts = v.splitn(3, '|');
+    let (node, session, user) = (parts.next()?, parts.next()?.parse().ok()?, parts.next()?);
+    Some(Remote { node: node.into(), session, user: user.into() })
+}
+
+/// Family → its devices on other nodes.
+type Rosters = HashMap<Arc<str>, HashMap<Arc<str>, Remote>>;
+
+/// The hub of a node in a cluster.
+pub struct RedisHub {
+    inner: Arc<Inner>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+struct Inner {
+    node: Arc<str>,
+    local: LocalHub,
+    limits: HubLimits,
+    ttl: Duration,
+    client: Client,
+    subscriber: SubscriberClient,
+    /// Every family with devices here: its devices on other nodes.
+    remote: Mutex<Rosters>,
+    /// Messages for other nodes, published in order by one task.
+    outgoing: mpsc::Sender<(String, String)>,
+    metrics: Arc<Metrics>,
+    errors_log: LogLimiter,
+}
+
+/// Messages for other nodes queued before `deliver` answers `rate-limited`.
+const OUTGOING_QUEUE: usize = 65_536;
+
+impl RedisHub {
+    /// Connects to Redis, clears what a previous life of this node left, and starts the
+    /// heartbeat, the sweeper and the subscriber.
+    pub async fn connect(url: &str, node: String, ttl: Duration, limits: HubLimits, metrics: Arc<Metrics>) -> anyhow::Result<RedisHub> {
+        anyhow::ensure!(!node.is_empty() && !node.contains(['|', '{', '}']), "cluster.node_id `{node}` must not be empty or contain | {{ }}");
+        let config = Config::from_url(url).map_err(|e| anyhow::anyhow!("cluster.redis_url: {e}"))?;
+        let mut builder = Builder::from_config(config);
+        builder.set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+        let client = builder.build().map_err(|e| anyhow::anyhow!("cluster.redis_url: {e}"))?;
+        let subscriber = builder.build_subscriber_client().map_err(|e| anyhow::anyhow!("cluster.redis_url: {e}"))?;
+        // The URL holds a password: errors name the key, never the value.
+        tokio::time::timeout(Duration::from_secs(10), client.init())
+            .await
+            .map_err(|_| anyhow::anyhow!("cluster.redis_url: no connection to Redis within 10 s"))?
+            .map_err(|e| anyhow::anyhow!("cluster.redis_url: cannot connect to Redis: {e}"))?;
+        subscriber.init().await.map_err(|e| anyhow::anyhow!("cluster.redis_url: cannot connect the subscriber: {e}"))?;
+        let (outgoing, mut out_rx) = mpsc::channel::<(String, String)>(OUTGOING_QUEUE);
+        let inner = Arc::new(Inner {
+            node: node.into(),
+            local: LocalHub::new(limits, metrics.clone()),
+            limits,
+            ttl,
+            client,
+            subscriber,
+            remote: Mutex::new(HashMap::new()),
+            outgoing,
+            metrics,
+            errors_log: LogLimiter::new(Instant::now(), Duration::from_secs(5)),
+        });
+        // A node restarted under the same name sweeps its former self first.
+        inner.sweep(&inner.node.clone()).await;
+        inner.heartbeat().await;
+        let mut tasks = vec![inner.subscriber.manage_subscriptions()];
+        let i = inner.clone();
+        let mut messages = inner.subscriber.message_rx();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match messages.recv().await {
+                    Ok(m) => {
+                        let (Some(family), Some(text)) = (family_of(&m.channel), m.value.as_str()) else { continue };
+                        i.on_event(family, &text);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "cluster: the subscriber fell behind; events were missed");
+                    }
+                    Err(_) => break,
+                }
+            }
+        }));
+        let i = inner.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some((ch, text)) = out_rx.recv().await {
+                if let Err(e) = i.client.publish::<(), _, _>(ch, text).await {
+                    i.redis_error("publish", &e);
+                }
+            }
+        }));
+        let i = inner.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(i.ttl / 3);
+            loop {
+                tick.tick().await;
+                i.heartbeat().await;
+                i.sweep_dead().await;
+            }
+        }));
+        tracing::info!(node = %inner.node, ttl_secs = ttl.as_secs(), "cluster: presence and routing through Redis");
+        Ok(RedisHub { inner, tasks })
+    }
+}
+
+impl Drop for RedisHub {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Inner {
+    fn redis_error(&self, op: &'static str, e: &Error) {
+        self.metrics.cluster_redis_errors.with_label_values(&[op]).inc();
+        if let Some(suppressed) = self.errors_log.allow(Instant::now()) {
+            tracing::warn!(op, error = %e, suppressed, "cluster: Redis command failed; serving this node's devices only meanwhile");
+        }
+    }
+
+    fn now_ms() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+
+    async fn heartbeat(&self) {
+        let ttl_ms = self.ttl.as_millis() as u64;
+        let r: Result<(), Error> = async {
+            let _: () = self.client.set(alive_key(&self.node), 1, Some(Expiration::PX(ttl_ms as i64)), None, false).await?;
+            let _: Value = self.client.eval("return redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])", vec![NODES], vec![Self::now_ms().to_string(), self.node.to_string()]).await?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = r {
+            self.redis_error("heartbeat", &e);
+        }
+    }
+
+    /// Sweeps every node whose heartbeat is older than the TTL.
+    async fn sweep_dead(&self) {
+        let cutoff = Self::now_ms().saturating_sub(self.ttl.as_millis() as u64);
+        let dead: Result<Vec<String>, Error> = self.client.eval("return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])", vec![NODES], vec![cutoff.to_string()]).await;
+        match dead {
+            Ok(nodes) => {
+                for n in nodes.into_iter().filter(|n| **n != *self.node) {
+                    self.sweep(&n).await;
+                }
+            }
+            Err(e) => self.redis_error("sweep", &e),
+        }
+    }
+
+    /// Removes node `dead`'s devices from every family it had, announcing them offline.
+    async fn sweep(&self, dead: &str) {
+        let r: Result<(), Error> = async {
+            // One sweeper per dead node at a time.
+            let lock: Option<String> = self.client.set(format!("kl:node:{{{dead}}}:sweep"), 1, Some(Expiration::PX(self.ttl.as_millis() as i64)), Some(SetOptions::NX), false).await?;
+            if lock.is_none() && dead != &*self.node {
+                return Ok(());
+            }
+            let families: Vec<String> = self.client.smembers(families_key(dead)).await?;
+            for f in &families {
+                let gone: Vec<String> = self.client.eval(SWEEP, vec![devices_key(f)], vec![dead]).await?;
+                for pair in gone.chunks(2) {
+                    let Some(r) = pair.get(1).and_then(|v| parse_record(v)) else { continue };
+                    let off = Event::Off { d: pair[0].clone(), n: dead.to_string(), s: r.session };
+                    let _: () = self.client.publish(channel(f), serde_json::to_string(&off).unwrap_or_default()).await?;
+                }
+            }
+            let _: () = self.client.del(families_key(dead)).await?;
+            let _: Value = self.client.eval("return redis.call('ZREM', KEYS[1], ARGV[1])", vec![NODES], vec![dead]).await?;
+            if dead != &*self.node {
+                tracing::info!(node = dead, families = families.len(), "cluster: node gone; its devices are offline");
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = r {
+            self.redis_error("sweep", &e);
+        }
+    }
+
+    fn on_event(&self, family: &str, text: &str) {
+        let Ok(event) = serde_json::from_str::<Event>(text) else { return };
+        match event {
+            Event::On { n, .. } | Event::Off { n, .. } | Event::Msg { n, .. } if *n == *self.node => {}
+            Event::On { d, u, n, s } => {
+                // The same device joined elsewhere: its connection here is replaced, quietly.
+                self.local.evict(family, &d);
+                let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(devices) = remote.get_mut(family) {
+                    devices.insert(d.as_str().into(), Remote { node: n.as_str().into(), session: s, user: u.as_str().into() });
+                }
+                drop(remote);
+                let online: Utf8Bytes = ServerMsg::DeviceOnline { family_id: family, device_id: &d, user_id: &u }.to_text().into();
+                self.local.notify_family(family, &d, &online);
+            }
+            Event::Off { d, n, s } => {
+                let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+                let was = remote.get_mut(family).and_then(|devices| {
+                    let matches = devices.get(d.as_str()).is_some_and(|r| *r.node == *n && r.session == s);
+                    matches.then(|| devices.remove(d.as_str()))
+                });
+                drop(remote);
+                if was.is_some() {
+                    let offline: Utf8Bytes = ServerMsg::DeviceOffline { family_id: family, device_id: &d }.to_text().into();
+                    self.local.notify_family(family, &d, &offline);
+                }
+            }
+            Event::Msg { to, x, .. } => {
+                let _ = self.local.deliver_now(family, &to, x.into(), Instant::now());
+            }
+        }
+    }
+
+    async fn join(self: Arc<Self>, member: Member) -> Result<Vec<DeviceInfo>, JoinError> {
+        let family = member.family.clone();
+        let device = member.device.clone();
+        let value = record(&self.node, member.session, &member.user);
+        // Subscribed before joining, so no event between the roster read and now is missed.
+        if self.local.local_devices(&family) == 0 {
+            if let Err(e) = self.subscriber.subscribe(channel(&family)).await {
+                self.redis_error("subscribe", &e);
+            }
+        }
+        let answer: Result<Value, Error> =
+            self.client.eval(JOIN, vec![devices_key(&family)], vec![device.to_string(), value.clone(), self.limits.max_devices_per_family.to_string()]).await;
+        let all = match answer {
+            Ok(v) => match parse_join(v) {
+                Some(JoinAnswer::Full) => return Err(JoinError::FamilyFull),
+                Some(JoinAnswer::Joined(all)) => Some(all),
+                None => None,
+            },
+            Err(e) => {
+                self.redis_error("join", &e);
+                None
+            }
+        };
+        let Some(all) = all else {
+            // Redis unavailable: this node's devices still see and reach each other.
+            return self.local.join_now(member);
+        };
+        let user = member.user.clone();
+        let session = member.session;
+        if let Err(e) = self.local.join_now(member) {
+            let _: Result<i64, Error> = self.client.eval(LEAVE, vec![devices_key(&family)], vec![device.to_string(), value]).await;
+            return Err(e);
+        }
+        if let Err(e) = self.client.sadd::<(), _, _>(families_key(&self.node), family.to_string()).await {
+            self.redis_error("join", &e);
+        }
+        let mut others = Vec::new();
+        let mut roster = HashMap::new();
+        for (d, v) in &all {
+            let Some(r) = parse_record(v) else { continue };
+            if **d != *device {
+                others.push(DeviceInfo { device_id: d.clone(), user_id: r.user.to_string() });
+                if *r.node != *self.node {
+                    roster.insert(d.as_str().into(), r);
+                }
+            }
+        }
+        self.remote.lock().unwrap_or_else(|e| e.into_inner()).insert(family.clone(), roster);
+        let on = Event::On { d: device.to_string(), u: user.to_string(), n: self.node.to_string(), s: session };
+        let _ = self.outgoing.try_send((channel(&family), serde_json::to_string(&on).unwrap_or_default()));
+        others.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        Ok(others)
+    }
+
+    async fn leave(self: Arc<Self>, family: Arc<str>, device: Arc<str>, session: SessionId, user: Arc<str>) {
+        let value = record(&self.node, session, &user);
+        let removed: Result<i64, Error> = self.client.eval(LEAVE, vec![devices_key(&family)], vec![device.to_string(), value]).await;
+        match removed {
+            Ok(1) => {
+                let off = Event::Off { d: device.to_string(), n: self.node.to_string(), s: session };
+                let _ = self.outgoing.try_send((channel(&family), serde_json::to_string(&off).unwrap_or_default()));
+            }
+            Ok(_) => {}
+            Err(e) => self.redis_error("leave", &e),
+        }
+        if self.local.local_devices(&family) == 0 {
+            self.remote.lock().unwrap_or_else(|e| e.into_inner()).remove(&family);
+            let _ = self.client.srem::<(), _, _>(families_key(&self.node), family.to_string()).await;
+            if let Err(e) = self.subscriber.unsubscribe(channel(&family)).await {
+                self.redis_error("subscribe", &e);
+            }
+        }
+    }
+}
+
+enum JoinAnswer {
+    Full,
+    Joined(Vec<(String, String)>),
+}
+
+/// The JOIN script's answer.
+fn parse_join(v: Value) -> Option<JoinAnswer> {
+    let Value::Array(items) = v else { return None };
+    match items.first()?.as_i64()? {
+        0 => Some(JoinAnswer::Full),
+        _ => {
+            let Value::Array(flat) = items.get(2)?.clone() else { return None };
+            let flat: Vec<String> = flat.into_iter().filter_map(|v| v.as_string()).collect();
+            Some(JoinAnswer::Joined(flat.chunks(2).filter(|p| p.len() == 2).map(|p| (p[0].clone(), p[1].clone())).collect()))
+        }
+    }
+}
+
+impl Hub for RedisHub {
+    fn join(&self, member: Member) -> JoinFuture {
+        Box::pin(self.inner.clone().join(member))
+    }
+
+    fn leave(&self, family: &str, device: &str, session: SessionId) {
+        let Some(user) = self.inner.local.user_of(family, device, session) else { return };
+        if !self.inner.local.leave_now(family, device, session) {
+            return;
+        }
+        tokio::spawn(self.inner.clone().leave(family.into(), device.into(), session, user));
+    }
+
+    fn deliver(&self, family: &str, to_device: &str, text: Utf8Bytes, relayed_at: Instant) -> Result<(), DeliverError> {
+        match self.inner.local.deliver_now(family, to_device, text.clone(), relayed_at) {
+            Err(DeliverError::Offline) => {}
+            other => return other,
+        }
+        let remote = self.inner.remote.lock().unwrap_or_else(|e| e.into_inner());
+        if !remote.get(family).is_some_and(|d| d.contains_key(to_device)) {
+            return Err(DeliverError::Offline);
+        }
+        drop(remote);
+        let msg = Event::Msg { to: to_device.to_string(), n: self.inner.node.to_string(), x: text.to_string() };
+        self.inner.outgoing.try_send((channel(family), serde_json::to_string(&msg).unwrap_or_default())).map_err(|_| DeliverError::QueueFull)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_and_channels_round_trip() {
+        let r = parse_record(&record("pod-1", 42, "u|with|bars")).unwrap();
+        assert_eq!((&*r.node, r.session, &*r.user), ("pod-1", 42, "u|with|bars"));
+        assert_eq!(family_of(&channel("fam-1")), Some("fam-1"));
+        assert_eq!(devices_key("f"), "kl:{f}:dev");
+        let e: Event = serde_json::from_str(&serde_json::to_string(&Event::Off { d: "a".into(), n: "n".into(), s: 7 }).unwrap()).unwrap();
+        assert!(matches!(e, Event::Off { s: 7, .. }));
+    }
+}

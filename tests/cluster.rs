@@ -1,0 +1,231 @@
+//! Several kinlink nodes sharing presence and routing through a real `redis-server` (Debian
+//! package, installed by scripts/test), started on a free loopback port per test.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kinlink::config::Secret;
+use serde_json::json;
+
+/// A `redis-server` on 127.0.0.1, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        #[allow(clippy::zombie_processes)] // waited for by Redis's Drop
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if redis_cmd(port, "PING").is_some_and(|r| r.starts_with("+PONG")) {
+                return Redis { child, port };
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not answer on {port}");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Keys matching `pattern` (KEYS; a test-sized database).
+    fn keys(&self, pattern: &str) -> String {
+        redis_cmd(self.port, &format!("KEYS {pattern}")).unwrap_or_default()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One inline command, the raw reply.
+fn redis_cmd(port: u16, cmd: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    s.write_all(format!("{cmd}\r\n").as_bytes()).ok()?;
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).to_string())
+}
+
+async fn node(redis: &Redis, id: &str, per_family: usize) -> TestServer {
+    let url = redis.url();
+    let id = id.to_string();
+    TestServer::with(move |c| {
+        c.cluster.redis_url = Some(Secret::new(url));
+        c.cluster.node_id = id;
+        c.cluster.presence_ttl_secs = 3;
+        c.signal.max_devices_per_family = per_family;
+        c.turn.enabled = false;
+    })
+    .await
+}
+
+/// The next message that is not a presence notice about `other` devices.
+async fn recv_type(c: &mut Client, kind: &str) -> serde_json::Value {
+    loop {
+        let v = c.recv().await;
+        if v["type"] == kind {
+            return v;
+        }
+    }
+}
+
+#[tokio::test]
+async fn devices_on_different_nodes_see_each_other_and_relay_every_message_type() {
+    let redis = Redis::start();
+    let (n1, n2, n3) = (node(&redis, "n1", 8).await, node(&redis, "n2", 8).await, node(&redis, "n3", 8).await);
+    let (mut a, reg_a) = Client::register(&n1, "fam", "u1", "a").await;
+    assert_eq!(reg_a["devices"], json!([]));
+    let (mut b, reg_b) = Client::register(&n2, "fam", "u2", "b").await;
+    assert_eq!(reg_b["devices"], json!([{"deviceId":"a","userId":"u1"}]), "a on n1 is listed on n2");
+    let online = a.recv().await;
+    assert_eq!((online["type"].as_str(), online["deviceId"].as_str(), online["userId"].as_str()), (Some("device-online"), Some("b"), Some("u2")));
+    // Another family on the third node sees nothing and reaches nobody.
+    let (mut x, reg_x) = Client::register(&n3, "evil", "u3", "x").await;
+    assert_eq!(reg_x["devices"], json!([]));
+    x.send(json!({"type":"offer","toDeviceId":"a","sdp":{"type":"offer","sdp":"v=0"}})).await;
+    x.expect_error("peer-offline").await;
+
+    a.send(json!({"type":"offer","toDeviceId":"b","sdp":{"type":"offer","sdp":"v=0 a"}})).await;
+    let got = b.recv().await;
+    assert_eq!((got["type"].as_str(), got["fromDeviceId"].as_str()), (Some("offer"), Some("a")), "{got}");
+    assert_eq!(got["sdp"]["sdp"], "v=0 a");
+    b.send(json!({"type":"answer","toDeviceId":"a","sdp":{"type":"answer","sdp":"v=0 b"}})).await;
+    assert_eq!(recv_type(&mut a, "answer").await["sdp"]["sdp"], "v=0 b");
+    for i in 0..20 {
+        a.send(json!({"type":"ice-candidate","toDeviceId":"b","candidate":{"candidate":format!("candidate:{i}"),"sdpMid":"0","sdpMLineIndex":0}})).await;
+    }
+    for i in 0..20 {
+        let c = recv_type(&mut b, "ice-candidate").await;
+        assert_eq!(c["candidate"]["candidate"], format!("candidate:{i}"), "in order");
+    }
+    x.expect_silence(Duration::from_millis(300)).await;
+
+    // b leaves: a (on the other node) sees it offline, and an offer to b is refused.
+    b.ws.close(None).await.unwrap();
+    let off = recv_type(&mut a, "device-offline").await;
+    assert_eq!(off["deviceId"], "b");
+    a.send(json!({"type":"offer","toDeviceId":"b","sdp":{"type":"offer","sdp":"v=0"}})).await;
+    a.expect_error("peer-offline").await;
+    assert!(!redis.keys("kl:{fam}:dev").is_empty());
+    drop((n3, x));
+}
+
+#[tokio::test]
+async fn the_family_limit_holds_across_nodes_when_devices_join_at_once() {
+    let redis = Redis::start();
+    let nodes = [node(&redis, "r1", 2).await, node(&redis, "r2", 2).await, node(&redis, "r3", 2).await];
+    for round in 0..5 {
+        let family = format!("race{round}");
+        let joins = nodes.iter().enumerate().map(|(i, n)| {
+            let (url, family) = (n.ws_url(), family.clone());
+            async move {
+                let mut c = Client::connect(&url).await;
+                let d = format!("d{i}");
+                c.send(json!({"type":"register","familyId":family,"userId":"u","deviceId":d,"token":token(&family,"u",&d)})).await;
+                let v = c.recv().await;
+                (c, v["type"] == "registered", v)
+            }
+        });
+        let results = futures_util::future::join_all(joins).await;
+        let joined = results.iter().filter(|(_, ok, _)| *ok).count();
+        assert_eq!(joined, 2, "round {round}: exactly the limit joins: {:?}", results.iter().map(|r| &r.2).collect::<Vec<_>>());
+        let refused = results.iter().find(|(_, ok, _)| !ok).unwrap();
+        assert_eq!(refused.2["code"], "family-full");
+    }
+}
+
+#[tokio::test]
+async fn a_device_reconnecting_on_another_node_replaces_its_old_connection_without_going_offline() {
+    let redis = Redis::start();
+    let (n1, n2, n3) = (node(&redis, "p1", 8).await, node(&redis, "p2", 8).await, node(&redis, "p3", 8).await);
+    let (mut watcher, _) = Client::register(&n3, "fam", "u", "watcher").await;
+    let (mut old, _) = Client::register(&n1, "fam", "u", "phone").await;
+    assert_eq!(recv_type(&mut watcher, "device-online").await["deviceId"], "phone");
+    let (mut new, reg) = Client::register(&n2, "fam", "u", "phone").await;
+    assert_eq!(reg["devices"], json!([{"deviceId":"watcher","userId":"u"}]));
+    assert_eq!(old.expect_close().await, 4409, "replaced (the documented close code)");
+    // The watcher sees the device online again (its new connection), never offline.
+    let v = watcher.recv().await;
+    assert_eq!((v["type"].as_str(), v["deviceId"].as_str()), (Some("device-online"), Some("phone")), "{v}");
+    watcher.expect_silence(Duration::from_millis(500)).await;
+    // And reaches it on the new node.
+    watcher.send(json!({"type":"offer","toDeviceId":"phone","sdp":{"type":"offer","sdp":"v=0"}})).await;
+    assert_eq!(recv_type(&mut new, "offer").await["fromDeviceId"], "watcher");
+}
+
+#[tokio::test]
+async fn a_node_that_dies_has_its_devices_reported_offline_within_the_ttl_and_leaves_nothing() {
+    let redis = Redis::start();
+    let n1 = node(&redis, "k1", 8).await;
+    let (mut a, _) = Client::register(&n1, "fam", "u", "a").await;
+    // The second node is a separate process, killed with SIGKILL: no goodbye to Redis.
+    let data = temp_dir("cluster-kill");
+    #[allow(clippy::zombie_processes)] // killed and waited for below
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kinlink"))
+        .args(["--data-dir", data.to_str().unwrap(), "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--set", &format!("cluster.redis_url={}", redis.url()), "--set", "cluster.node_id=k2", "--set", "cluster.presence_ttl_secs=3"])
+        .args(["--set", "turn.enabled=false", "--set", &format!("auth.token_secret={TOKEN_SECRET}"), "--set", "log.format=json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let http = serving_addr(&mut child);
+    let mut b = Client::connect(&format!("ws://{http}/signal")).await;
+    b.send(json!({"type":"register","familyId":"fam","userId":"u","deviceId":"b","token":token("fam","u","b")})).await;
+    assert_eq!(b.recv().await["type"], "registered");
+    assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "b");
+    child.kill().unwrap();
+    let _ = child.wait();
+    let killed = Instant::now();
+    let off = tokio::time::timeout(Duration::from_secs(10), recv_type(&mut a, "device-offline")).await.expect("offline within the TTL");
+    assert_eq!(off["deviceId"], "b");
+    assert!(killed.elapsed() < Duration::from_secs(3 + 2), "TTL 3 s plus one sweep period: {:?}", killed.elapsed());
+    // Nothing of k2 is left: not its device, not its family set, not its heartbeat.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = redis.keys("kl:node:{k2}*");
+        let fam = redis_cmd(redis.port, "HKEYS kl:{fam}:dev").unwrap_or_default();
+        if !left.contains("k2") && !fam.contains("\r\nb\r\n") && !redis_cmd(redis.port, "ZRANGE kl:nodes 0 -1").unwrap_or_default().contains("k2") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "k2 left {left:?} / devices {fam:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The HTTP address from the server's JSON "kinlink serving" line (stderr; drained after).
+fn serving_addr(child: &mut Child) -> String {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(10)).expect("the node logs that it is serving");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["fields"]["message"] == "kinlink serving" {
+            return v["fields"]["http"].as_str().unwrap().to_string();
+        }
+    }
+}
