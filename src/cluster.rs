@@ -64,6 +64,16 @@ end
 return gone
 ";
 
+/// Re-registers a device after Redis came back, unless another node holds it now: 1 when set.
+const REANNOUNCE: &str = r"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v or string.sub(v, 1, #ARGV[3] + 1) == ARGV[3] .. '|' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
 /// Events on a family's channel.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "lowercase")]
@@ -149,8 +159,13 @@ impl RedisHub {
     /// heartbeat, the sweeper and the subscriber.
     pub async fn connect(url: &str, node: String, ttl: Duration, limits: HubLimits, metrics: Arc<Metrics>) -> anyhow::Result<RedisHub> {
         anyhow::ensure!(!node.is_empty() && !node.contains(['|', '{', '}']), "cluster.node_id `{node}` must not be empty or contain | {{ }}");
-        let config = Config::from_url(url).map_err(|e| anyhow::anyhow!("cluster.redis_url: {e}"))?;
+        let mut config = Config::from_url(url).map_err(|e| anyhow::anyhow!("cluster.redis_url: {e}"))?;
+        // While Redis is away, commands fail at once instead of queueing: a registration must
+        // fall back to this node's devices, not wait for Redis.
+        config.fail_fast = true;
         let mut builder = Builder::from_config(config);
+        builder.with_performance_config(|p| p.default_command_timeout = Duration::from_secs(2));
+        builder.with_connection_config(|c| c.connection_timeout = Duration::from_secs(2));
         builder.set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
         let client = builder.build().map_err(|e| anyhow::anyhow!("cluster.redis_url: {e}"))?;
         let subscriber = builder.build_subscriber_client().map_err(|e| anyhow::anyhow!("cluster.redis_url: {e}"))?;
@@ -193,6 +208,40 @@ impl RedisHub {
                 }
             }
         }));
+        // Redis back (restarted, possibly empty): announce this node's devices again and
+        // re-read the rosters, so every node converges without a restart.
+        let i = inner.clone();
+        let mut reconnects = inner.client.reconnect_rx();
+        tasks.push(tokio::spawn(async move {
+            while let Ok(_server) = reconnects.recv().await {
+                i.metrics.cluster_connected.set(1);
+                tracing::info!(node = %i.node, "cluster: Redis reachable again; re-announcing this node's devices");
+                i.reannounce().await;
+                // The other nodes re-announce as they reconnect, possibly while this node's
+                // subscription is not back yet: re-read the rosters each heartbeat period for
+                // a TTL, then drop what is still missing (it left while Redis was away).
+                let j = i.clone();
+                tokio::spawn(async move {
+                    for _ in 0..3 {
+                        tokio::time::sleep(j.ttl / 3).await;
+                        let families: Vec<Arc<str>> = j.remote.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+                        for f in &families {
+                            j.merge_roster(f).await;
+                        }
+                    }
+                    j.prune_rosters().await;
+                });
+            }
+        }));
+        let i = inner.clone();
+        let mut errors = inner.client.error_rx();
+        tasks.push(tokio::spawn(async move {
+            while let Ok((e, _)) = errors.recv().await {
+                i.metrics.cluster_connected.set(0);
+                i.redis_error("connection", &e);
+            }
+        }));
+        inner.metrics.cluster_connected.set(1);
         let i = inner.clone();
         tasks.push(tokio::spawn(async move {
             while let Some((ch, text)) = out_rx.recv().await {
@@ -300,10 +349,14 @@ impl Inner {
                 // The same device joined elsewhere: its connection here is replaced, quietly.
                 self.local.evict(family, &d);
                 let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(devices) = remote.get_mut(family) {
-                    devices.insert(d.as_str().into(), Remote { node: n.as_str().into(), session: s, user: u.as_str().into() });
-                }
+                let known = remote.get_mut(family).and_then(|devices| {
+                    devices.insert(d.as_str().into(), Remote { node: n.as_str().into(), session: s, user: u.as_str().into() })
+                });
                 drop(remote);
+                // A re-announcement of a device already known here is not news.
+                if known.is_some_and(|k| *k.node == *n && k.session == s) {
+                    return;
+                }
                 let online: Utf8Bytes = ServerMsg::DeviceOnline { family_id: family, device_id: &d, user_id: &u }.to_text().into();
                 self.local.notify_family(family, &d, &online);
             }
@@ -321,6 +374,85 @@ impl Inner {
             }
             Event::Msg { to, x, .. } => {
                 let _ = self.local.deliver_now(family, &to, x.into(), Instant::now());
+            }
+        }
+    }
+
+    fn connected(&self) -> bool {
+        self.client.state() == ClientState::Connected
+    }
+
+    /// Writes every device of this node back, re-reads its families' rosters and announces
+    /// the devices online again (other nodes treat a repeated `on` as a refresh).
+    async fn reannounce(&self) {
+        self.heartbeat().await;
+        let members = self.local.members();
+        let mut families: Vec<Arc<str>> = members.iter().map(|m| m.family.clone()).collect();
+        families.sort();
+        families.dedup();
+        for m in &members {
+            let value = record(&self.node, m.session, &m.user);
+            let set: Result<i64, Error> = self.client.eval(REANNOUNCE, vec![devices_key(&m.family)], vec![m.device.to_string(), value, self.node.to_string()]).await;
+            match set {
+                Ok(1) => {
+                    let on = Event::On { d: m.device.to_string(), u: m.user.to_string(), n: self.node.to_string(), s: m.session };
+                    let _ = self.outgoing.try_send((channel(&m.family), serde_json::to_string(&on).unwrap_or_default()));
+                }
+                // Another node holds the device now: this connection is the stale one.
+                Ok(_) => self.local.evict(&m.family, &m.device),
+                Err(e) => self.redis_error("join", &e),
+            }
+        }
+        for f in families {
+            if let Err(e) = self.client.sadd::<(), _, _>(families_key(&self.node), f.to_string()).await {
+                self.redis_error("join", &e);
+            }
+            self.merge_roster(&f).await;
+        }
+    }
+
+    /// Adds the family's devices on other nodes that this node did not know (announcing them
+    /// online here). Nothing is removed: right after Redis returns, the other nodes may not
+    /// have re-announced yet; [`Inner::prune_rosters`] removes, one TTL later.
+    async fn merge_roster(&self, f: &Arc<str>) {
+        let Ok(all) = self.client.hgetall::<HashMap<String, String>, _>(devices_key(f)).await else { return };
+        let mut added = Vec::new();
+        {
+            let mut rosters = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            let roster = rosters.entry(f.clone()).or_default();
+            for (d, v) in &all {
+                let Some(r) = parse_record(v).filter(|r| *r.node != *self.node) else { continue };
+                if !roster.contains_key(d.as_str()) {
+                    added.push((d.clone(), r.user.clone()));
+                }
+                roster.insert(d.as_str().into(), r);
+            }
+        }
+        for (d, user) in added {
+            let online: Utf8Bytes = ServerMsg::DeviceOnline { family_id: f, device_id: &d, user_id: &user }.to_text().into();
+            self.local.notify_family(f, &d, &online);
+        }
+    }
+
+    /// Removes devices of other nodes that Redis no longer has (they left while Redis was
+    /// away, and their `off` was lost), announcing them offline here.
+    async fn prune_rosters(&self) {
+        let families: Vec<Arc<str>> = self.remote.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        for f in families {
+            let Ok(all) = self.client.hgetall::<HashMap<String, String>, _>(devices_key(&f)).await else { continue };
+            let mut gone = Vec::new();
+            if let Some(roster) = self.remote.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&f) {
+                roster.retain(|d, r| {
+                    let still = all.get(&**d).and_then(|v| parse_record(v)).is_some_and(|now| now.node == r.node && now.session == r.session);
+                    if !still {
+                        gone.push(d.clone());
+                    }
+                    still
+                });
+            }
+            for d in gone {
+                let offline: Utf8Bytes = ServerMsg::DeviceOffline { family_id: &f, device_id: &d }.to_text().into();
+                self.local.notify_family(&f, &d, &offline);
             }
         }
     }
@@ -441,6 +573,9 @@ impl Hub for RedisHub {
             return Err(DeliverError::Offline);
         }
         drop(remote);
+        if !self.inner.connected() {
+            return Err(DeliverError::ClusterUnavailable);
+        }
         let msg = Event::Msg { to: to_device.to_string(), n: self.inner.node.to_string(), x: text.to_string() };
         self.inner.outgoing.try_send((channel(family), serde_json::to_string(&msg).unwrap_or_default())).map_err(|_| DeliverError::QueueFull)
     }

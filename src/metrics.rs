@@ -105,6 +105,8 @@ pub struct Metrics {
     /// `kinlink_cluster_redis_errors_total{op}`: Redis commands that failed (join, leave,
     /// publish, subscribe, heartbeat, sweep); while they fail, devices see only this node.
     pub cluster_redis_errors: IntCounterVec,
+    /// `kinlink_cluster_connected`: 1 while this node reaches Redis (several nodes only).
+    pub cluster_connected: IntGauge,
     /// Run before every render, to bring counters kept elsewhere (the TURN core's) up to date.
     render_hooks: Arc<Mutex<Vec<RenderHook>>>,
 }
@@ -373,6 +375,10 @@ impl Metrics {
                 "Redis commands that failed, by operation; while they fail, devices see only the devices of their own node.",
                 "op",
             ),
+            cluster_connected: gauge(
+                "kinlink_cluster_connected",
+                "1 while this node reaches Redis (cluster.redis_url set); 0 means devices see only their own node.",
+            ),
             render_hooks: Arc::default(),
             registry: registry.clone(),
         };
@@ -399,7 +405,7 @@ impl Metrics {
             m.turn_tls_reloads.with_label_values(&["turn", r]);
             m.turn_tls_reloads.with_label_values(&["http", r]);
         }
-        for op in ["join", "leave", "publish", "subscribe", "heartbeat", "sweep"] {
+        for op in ["join", "leave", "publish", "subscribe", "heartbeat", "sweep", "connection"] {
             m.cluster_redis_errors.with_label_values(&[op]);
         }
         for r in ["same", "changed", "failed"] {

@@ -18,7 +18,12 @@ struct Redis {
 
 impl Redis {
     fn start() -> Redis {
+        // The probe listener is closed before redis-server binds the port.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Redis::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Redis {
         #[allow(clippy::zombie_processes)] // waited for by Redis's Drop
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -228,4 +233,53 @@ fn serving_addr(child: &mut Child) -> String {
             return v["fields"]["http"].as_str().unwrap().to_string();
         }
     }
+}
+
+#[tokio::test]
+async fn without_redis_each_node_serves_its_own_devices_and_all_converge_when_it_returns() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let (n1, n2) = (node(&redis, "q1", 8).await, node(&redis, "q2", 8).await);
+    let (mut a, _) = Client::register(&n1, "fam", "u", "a").await;
+    let (mut b, _) = Client::register(&n2, "fam", "u", "b").await;
+    assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "b");
+
+    // Redis goes away (and will come back empty).
+    let _ = redis.child.kill();
+    let _ = redis.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        a.send(json!({"type":"offer","toDeviceId":"b","sdp":{"type":"offer","sdp":"v=0"}})).await;
+        // A send the node still took for delivered gets no answer: try again.
+        if let Ok(v) = tokio::time::timeout(Duration::from_millis(300), a.recv()).await {
+            if v["code"] == "cluster-unavailable" {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the node notices Redis is gone");
+    }
+    assert_eq!(n1.metric("kinlink_cluster_connected").await, 0.0);
+    let ready = reqwest::get(format!("http://{}/readyz", n1.http)).await.unwrap();
+    assert_eq!(ready.status(), 200, "still ready: this node's devices are served");
+    // A device joining n1 meanwhile sees and reaches a (same node).
+    let (mut c, reg_c) = Client::register(&n1, "fam", "u", "c").await;
+    assert!(reg_c["devices"].as_array().unwrap().iter().any(|d| d["deviceId"] == "a"), "{reg_c}");
+    assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "c");
+    c.send(json!({"type":"offer","toDeviceId":"a","sdp":{"type":"offer","sdp":"local"}})).await;
+    assert_eq!(recv_type(&mut a, "offer").await["fromDeviceId"], "c");
+
+    // Redis is back, empty: the nodes re-announce; b learns of c, and messages flow again.
+    redis = Redis::start_on(port);
+    assert_eq!(recv_type(&mut b, "device-online").await["deviceId"], "c", "b converges without a restart");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        c.send(json!({"type":"offer","toDeviceId":"b","sdp":{"type":"offer","sdp":"again"}})).await;
+        match tokio::time::timeout(Duration::from_millis(500), recv_type(&mut b, "offer")).await {
+            // (a's offers from before Redis left may arrive first.)
+            Ok(v) if v["fromDeviceId"] == "c" => break,
+            _ => assert!(Instant::now() < deadline, "cross-node delivery resumes"),
+        }
+    }
+    assert_eq!(n1.metric("kinlink_cluster_connected").await, 1.0);
+    drop(redis);
 }

@@ -90,6 +90,9 @@ pub enum DeliverError {
     /// The target's queue is full: it is not reading.
     #[error("device is not keeping up")]
     QueueFull,
+    /// The target is on another node, and this node has lost the cluster (Redis).
+    #[error("the device is on another node, which this node cannot reach now")]
+    ClusterUnavailable,
 }
 
 /// What [`Hub::join`] resolves to: the family's other online devices, or why not. With

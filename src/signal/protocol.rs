@@ -42,11 +42,14 @@ pub enum ErrorCode {
     /// A `p2p-status` about a device this one has no negotiation with (no offer relayed
     /// between them within `signal.negotiation_timeout_secs`).
     NoNegotiation,
+    /// The target is on another node and this node has lost Redis (several nodes only):
+    /// retry, or fall back; devices on the same node still reach each other.
+    ClusterUnavailable,
 }
 
 impl ErrorCode {
     /// Every code, for pre-registering metrics at zero.
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::Unauthorized,
         ErrorCode::BadMessage,
         ErrorCode::NotRegistered,
@@ -59,6 +62,7 @@ impl ErrorCode {
         ErrorCode::ServerFull,
         ErrorCode::ShuttingDown,
         ErrorCode::NoNegotiation,
+        ErrorCode::ClusterUnavailable,
     ];
 
     /// The wire name, also the metric label.
@@ -76,6 +80,7 @@ impl ErrorCode {
             ErrorCode::ServerFull => "server-full",
             ErrorCode::ShuttingDown => "shutting-down",
             ErrorCode::NoNegotiation => "no-negotiation",
+            ErrorCode::ClusterUnavailable => "cluster-unavailable",
         }
     }
 }

@@ -438,6 +438,7 @@ impl Session {
             }
             Err(DeliverError::Offline) => self.error(ErrorCode::PeerOffline, &format!("{} is not online", Shown(to)), None),
             Err(DeliverError::QueueFull) => self.error(ErrorCode::RateLimited, "target device is not keeping up; dropped", None),
+            Err(e @ DeliverError::ClusterUnavailable) => self.error(ErrorCode::ClusterUnavailable, &format!("{}: {e}", Shown(to)), None),
         }
     }
 
