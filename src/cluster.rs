@@ -31,6 +31,10 @@ use tokio::sync::mpsc;
 use crate::metrics::Metrics;
 use crate::ratelimit::LogLimiter;
 use crate::signal::hub::{DeliverError, Hub, HubLimits, JoinError, JoinFuture, LocalHub, Member, SessionId};
+use crate::signal::negotiation::Report;
+
+/// Where reports forwarded by other nodes go: `(family, reporter, peer, report)`.
+pub type ReportSink = Box<dyn Fn(&str, &str, &str, Report) + Send + Sync>;
 use crate::signal::protocol::{DeviceInfo, ServerMsg};
 
 /// Registers a device unless the family is full: `{0}`, or `{1, previous value or '', HGETALL}`.
@@ -84,6 +88,8 @@ enum Event {
     Off { d: String, n: String, s: SessionId },
     /// Text `x` for device `to`, sent from node `n`.
     Msg { to: String, n: String, x: String },
+    /// `from`'s `p2p-status` about `to`, for the node that relayed their offer.
+    Rep { to: String, from: String, n: String, r: Report },
 }
 
 fn devices_key(family: &str) -> String {
@@ -149,6 +155,7 @@ struct Inner {
     outgoing: mpsc::Sender<(String, String)>,
     metrics: Arc<Metrics>,
     errors_log: LogLimiter,
+    reports: std::sync::OnceLock<ReportSink>,
 }
 
 /// Messages for other nodes queued before `deliver` answers `rate-limited`.
@@ -187,6 +194,7 @@ impl RedisHub {
             outgoing,
             metrics,
             errors_log: LogLimiter::new(Instant::now(), Duration::from_secs(5)),
+            reports: std::sync::OnceLock::new(),
         });
         // A node restarted under the same name sweeps its former self first.
         inner.sweep(&inner.node.clone()).await;
@@ -261,6 +269,13 @@ impl RedisHub {
         }));
         tracing::info!(node = %inner.node, ttl_secs = ttl.as_secs(), "cluster: presence and routing through Redis");
         Ok(RedisHub { inner, tasks })
+    }
+}
+
+impl RedisHub {
+    /// Where `p2p-status` reports forwarded by other nodes are applied (the negotiations).
+    pub fn set_report_sink(&self, sink: ReportSink) {
+        let _ = self.inner.reports.set(sink);
     }
 }
 
@@ -344,7 +359,13 @@ impl Inner {
     fn on_event(&self, family: &str, text: &str) {
         let Ok(event) = serde_json::from_str::<Event>(text) else { return };
         match event {
-            Event::On { n, .. } | Event::Off { n, .. } | Event::Msg { n, .. } if *n == *self.node => {}
+            Event::On { n, .. } | Event::Off { n, .. } | Event::Msg { n, .. } | Event::Rep { n, .. } if *n == *self.node => {}
+            // Only the node that relayed the offer holds the negotiation; the others find none.
+            Event::Rep { to, from, r, .. } => {
+                if let Some(sink) = self.reports.get() {
+                    sink(family, &from, &to, r);
+                }
+            }
             Event::On { d, u, n, s } => {
                 // The same device joined elsewhere: its connection here is replaced, quietly.
                 self.local.evict(family, &d);
@@ -551,6 +572,16 @@ fn parse_join(v: Value) -> Option<JoinAnswer> {
 }
 
 impl Hub for RedisHub {
+    fn forward_report(&self, family: &str, reporter: &str, peer: &str, report: Report) -> bool {
+        let remote = self.inner.remote.lock().unwrap_or_else(|e| e.into_inner());
+        if !remote.get(family).is_some_and(|d| d.contains_key(peer)) {
+            return false;
+        }
+        drop(remote);
+        let rep = Event::Rep { to: peer.to_string(), from: reporter.to_string(), n: self.inner.node.to_string(), r: report };
+        self.inner.outgoing.try_send((channel(family), serde_json::to_string(&rep).unwrap_or_default())).is_ok()
+    }
+
     fn join(&self, member: Member) -> JoinFuture {
         Box::pin(self.inner.clone().join(member))
     }

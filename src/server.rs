@@ -54,11 +54,14 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         metrics.turn_relay_capacity.set(i64::try_from(config.metrics.relay_capacity_bytes_per_sec).unwrap_or(i64::MAX));
         let limits = HubLimits { max_devices_per_family: config.signal.max_devices_per_family, max_devices: config.signal.max_devices };
+        let mut cluster = None;
         let hub: Arc<dyn Hub> = match &config.cluster.redis_url {
             None => Arc::new(LocalHub::new(limits, metrics.clone())),
             Some(url) => {
                 let ttl = std::time::Duration::from_secs(config.cluster.presence_ttl_secs);
-                Arc::new(crate::cluster::RedisHub::connect(url.expose(), config.cluster.node(), ttl, limits, metrics.clone()).await?)
+                let hub = Arc::new(crate::cluster::RedisHub::connect(url.expose(), config.cluster.node(), ttl, limits, metrics.clone()).await?);
+                cluster = Some(hub.clone());
+                hub
             }
         };
         let http = TcpListener::bind(config.http.listen).await.with_context(|| format!("http.listen: cannot bind {}", config.http.listen))?;
@@ -98,6 +101,16 @@ impl Server {
             tracing::warn!("check.demo is on: anyone reaching this server can mint throw-away devices and use TURN");
         }
         let minter = crate::check::Minter::new(config.check.clone(), token_secret.clone(), std::time::Instant::now());
+        if let Some(cluster) = &cluster {
+            // Reports other nodes forward land in this node's negotiations (weakly held: the
+            // hub lives inside the environment).
+            let env = Arc::downgrade(&env);
+            cluster.set_report_sink(Box::new(move |family, reporter, peer, report| {
+                if let Some(env) = env.upgrade() {
+                    let _ = env.record_report(family, reporter, peer, report, std::time::Instant::now());
+                }
+            }));
+        }
         let state = AppState::new(env, draining, minter, health, config.http.cors_origins.clone());
         let http_limits = http::listener::HttpLimits::new(&config.http).context("https: certificate")?;
         Ok(Server { config, http, metrics: metrics_listener, state, drain, turn, http_limits })

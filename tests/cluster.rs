@@ -283,3 +283,41 @@ async fn without_redis_each_node_serves_its_own_devices_and_all_converge_when_it
     assert_eq!(n1.metric("kinlink_cluster_connected").await, 1.0);
     drop(redis);
 }
+
+/// The offer is relayed by the offerer's node; the answerer's `p2p-status` arrives at the
+/// other node and is forwarded there: each negotiation is counted once, by one node.
+#[tokio::test]
+async fn negotiation_outcomes_are_counted_once_when_the_report_arrives_at_another_node() {
+    let redis = Redis::start();
+    let (n1, n2) = (node(&redis, "g1", 8).await, node(&redis, "g2", 8).await);
+    let (mut a, _) = Client::register(&n1, "fam", "u", "a").await;
+    let (mut b, _) = Client::register(&n2, "fam", "u", "b").await;
+    let (mut c, _) = Client::register(&n2, "fam", "u", "c").await;
+    assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "b");
+    assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "c");
+    assert_eq!(recv_type(&mut b, "device-online").await["deviceId"], "c");
+    for (peer, client) in [("b", &mut b), ("c", &mut c)] {
+        a.send(json!({"type":"offer","toDeviceId":peer,"sdp":{"type":"offer","sdp":"v=0"}})).await;
+        assert_eq!(recv_type(client, "offer").await["fromDeviceId"], "a");
+    }
+    // b (on n2) reports a relayed connection first; a (on n1) reports its side after.
+    b.send(json!({"type":"p2p-status","peerDeviceId":"a","state":"connected","route":"relay"})).await;
+    // c gives up and syncs over HTTP; a never reports about c.
+    c.send(json!({"type":"p2p-status","peerDeviceId":"a","state":"failed"})).await;
+    n1.wait_metric(r#"kinlink_p2p_negotiations_total{outcome="relay"}"#, 1.0).await;
+    n1.wait_metric(r#"kinlink_p2p_negotiations_total{outcome="http_fallback"}"#, 1.0).await;
+    a.send(json!({"type":"p2p-status","peerDeviceId":"b","state":"connected","route":"host"})).await;
+    // No error came back to the reporters on n2, and nothing was counted twice or there.
+    b.expect_silence(Duration::from_millis(300)).await;
+    c.expect_silence(Duration::from_millis(100)).await;
+    a.expect_silence(Duration::from_millis(100)).await;
+    for outcome in ["direct", "relay", "http_fallback", "abandoned"] {
+        let sample = format!(r#"kinlink_p2p_negotiations_total{{outcome="{outcome}"}}"#);
+        let total = n1.metric(&sample).await + n2.metric(&sample).await;
+        let want = if outcome == "relay" || outcome == "http_fallback" { 1.0 } else { 0.0 };
+        assert_eq!(total, want, "{outcome}");
+    }
+    // A report about a device nowhere in the family is still refused.
+    b.send(json!({"type":"p2p-status","peerDeviceId":"zz","state":"failed"})).await;
+    b.expect_error("no-negotiation").await;
+}

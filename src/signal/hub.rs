@@ -110,6 +110,11 @@ pub trait Hub: Send + Sync + 'static {
     fn leave(&self, family: &str, device: &str, session: SessionId);
     /// Queues `text` for `to_device` of `family`, without waiting.
     fn deliver(&self, family: &str, to_device: &str, text: Utf8Bytes, relayed_at: Instant) -> Result<(), DeliverError>;
+    /// A `p2p-status` about a negotiation this node does not hold: hands it to the node of
+    /// `peer` (which relayed the offer), true when sent there. One node: nowhere to send.
+    fn forward_report(&self, _family: &str, _reporter: &str, _peer: &str, _report: super::negotiation::Report) -> bool {
+        false
+    }
 }
 
 /// Limits the hub enforces.

@@ -46,8 +46,19 @@ impl Outcome {
     }
 }
 
+/// A `p2p-status` report, as forwarded to the node that relayed the offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    /// The reported state.
+    pub state: State,
+    /// The reporter's route.
+    pub route: Option<Route>,
+    /// The route the reporter saw its peer use.
+    pub remote: Option<Route>,
+}
+
 /// The `state` of a `p2p-status` report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     /// The peer connection reached `connected`.
@@ -59,7 +70,7 @@ pub enum State {
 }
 
 /// The `route` of a `p2p-status` report: the selected pair's local candidate type, or `http`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Route {
     /// Host candidate.

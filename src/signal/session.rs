@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use super::hub::{DeliverError, Hub, JoinError, Member, OutboundTx, SessionId};
 #[cfg(test)]
 use super::hub::{Outbound, OutboundRx};
-use super::negotiation::{Negotiations, ReportError, Reported, Route, State};
+use super::negotiation::{Negotiations, Report, ReportError, Reported, Route, State};
 use super::protocol::{self, ClientMsg, CloseCode, DeviceInfo, ErrorCode, RelayKind, ServerMsg};
 use crate::auth::{self, AuthError, TokenVerifier};
 use crate::config::SignalConfig;
@@ -47,6 +47,27 @@ impl SessionEnv {
     fn negotiations(&self) -> std::sync::MutexGuard<'_, Negotiations> {
         // Plain map updates only: a poisoned lock holds consistent data.
         self.negotiations.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies a `p2p-status` report from `reporter` about `peer` (made here, or forwarded by
+    /// another node), counting the outcome when it closes the negotiation.
+    pub fn record_report(&self, family: &str, reporter: &str, peer: &str, report: Report, now: Instant) -> Result<Reported, ReportError> {
+        let mut n = self.negotiations();
+        let result = n.report(family, reporter, peer, report.state, report.route, report.remote, now);
+        self.metrics.p2p_negotiations_open.set(n.open() as i64);
+        drop(n);
+        match &result {
+            Ok(Reported::Closed { outcome, connect }) => {
+                self.metrics.p2p_negotiations.with_label_values(&[outcome.as_str()]).inc();
+                if let Some(d) = connect {
+                    self.metrics.p2p_connect.observe(d.as_secs_f64());
+                }
+                tracing::info!(outcome = outcome.as_str(), connect_ms = connect.map(|d| d.as_millis() as u64), "p2p negotiation ended");
+            }
+            Ok(Reported::Settling) => tracing::debug!("direct connection reported; waiting for the other side's route"),
+            _ => {}
+        }
+        result
     }
 
     /// Closes negotiations without a report as `abandoned`; called about once a second.
@@ -449,20 +470,12 @@ impl Session {
         if family.is_some_and(|f| f != &*r.family) {
             return self.error(ErrorCode::FamilyMismatch, "familyId is not this device's family", None);
         }
-        let mut n = self.env.negotiations();
-        let result = n.report(&r.family, &r.device, peer, state, route, remote, now);
-        self.env.metrics.p2p_negotiations_open.set(n.open() as i64);
-        drop(n);
-        match result {
-            Ok(Reported::Closed { outcome, connect }) => {
-                self.env.metrics.p2p_negotiations.with_label_values(&[outcome.as_str()]).inc();
-                if let Some(d) = connect {
-                    self.env.metrics.p2p_connect.observe(d.as_secs_f64());
-                }
-                tracing::info!(session = self.id, outcome = outcome.as_str(), connect_ms = connect.map(|d| d.as_millis() as u64), "p2p negotiation ended");
-            }
-            Ok(Reported::Known) => {}
-            Ok(Reported::Settling) => tracing::debug!(session = self.id, "direct connection reported; waiting for the other side's route"),
+        let (family, device) = (r.family.clone(), r.device.clone());
+        let report = Report { state, route, remote };
+        match self.env.record_report(&family, &device, peer, report, now) {
+            Ok(_) => {}
+            // The offer was relayed by another node: the report goes there, to be counted once.
+            Err(ReportError::Unknown) if self.env.hub.forward_report(&family, &device, peer, report) => {}
             Err(ReportError::Unknown) => {
                 self.error(ErrorCode::NoNegotiation, &format!("no offer was relayed between this device and {}", Shown(peer)), None)
             }
