@@ -156,6 +156,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     errors_log: LogLimiter,
     reports: std::sync::OnceLock<ReportSink>,
+    /// Shutting down: devices that leave are expected to reconnect on another node.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Messages for other nodes queued before `deliver` answers `rate-limited`.
@@ -195,6 +197,7 @@ impl RedisHub {
             metrics,
             errors_log: LogLimiter::new(Instant::now(), Duration::from_secs(5)),
             reports: std::sync::OnceLock::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         // A node restarted under the same name sweeps its former self first.
         inner.sweep(&inner.node.clone()).await;
@@ -370,12 +373,11 @@ impl Inner {
                 // The same device joined elsewhere: its connection here is replaced, quietly.
                 self.local.evict(family, &d);
                 let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-                let known = remote.get_mut(family).and_then(|devices| {
-                    devices.insert(d.as_str().into(), Remote { node: n.as_str().into(), session: s, user: u.as_str().into() })
-                });
+                let known = remote.entry(family.into()).or_default().insert(d.as_str().into(), Remote { node: n.as_str().into(), session: s, user: u.as_str().into() });
                 drop(remote);
-                // A re-announcement of a device already known here is not news.
-                if known.is_some_and(|k| *k.node == *n && k.session == s) {
+                // A re-announcement, or a device moving between nodes (a rolling update, a
+                // reconnect), is not news: the family already sees it online.
+                if known.is_some() {
                     return;
                 }
                 let online: Utf8Bytes = ServerMsg::DeviceOnline { family_id: family, device_id: &d, user_id: &u }.to_text().into();
@@ -507,7 +509,9 @@ impl Inner {
         };
         let user = member.user.clone();
         let session = member.session;
-        if let Err(e) = self.local.join_now(member) {
+        // A device moving here from another node is already online for this family.
+        let moved = self.remote.lock().unwrap_or_else(|e| e.into_inner()).get(&family).is_some_and(|r| r.contains_key(&device));
+        if let Err(e) = self.local.join_announced(member, !moved) {
             let _: Result<i64, Error> = self.client.eval(LEAVE, vec![devices_key(&family)], vec![device.to_string(), value]).await;
             return Err(e);
         }
@@ -515,6 +519,7 @@ impl Inner {
             self.redis_error("join", &e);
         }
         let mut others = Vec::new();
+        // (The device itself is local now, whatever node the roster had it on.)
         let mut roster = HashMap::new();
         for (d, v) in &all {
             let Some(r) = parse_record(v) else { continue };
@@ -525,7 +530,13 @@ impl Inner {
                 }
             }
         }
-        self.remote.lock().unwrap_or_else(|e| e.into_inner()).insert(family.clone(), roster);
+        // Merged, not replaced: an event that arrived since the script ran is newer than it.
+        {
+            let mut rosters = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            let known = rosters.entry(family.clone()).or_default();
+            known.remove(&device);
+            known.extend(roster);
+        }
         let on = Event::On { d: device.to_string(), u: user.to_string(), n: self.node.to_string(), s: session };
         let _ = self.outgoing.try_send((channel(&family), serde_json::to_string(&on).unwrap_or_default()));
         others.sort_by(|a, b| a.device_id.cmp(&b.device_id));
@@ -591,7 +602,25 @@ impl Hub for RedisHub {
         if !self.inner.local.leave_now(family, device, session) {
             return;
         }
-        tokio::spawn(self.inner.clone().leave(family.into(), device.into(), session, user));
+        let leave = self.inner.clone().leave(family.into(), device.into(), session, user);
+        if self.inner.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            // A rolling update: the device is reconnecting elsewhere. Its record is left for
+            // a TTL; by then its new node has overwritten it (and the removal below finds
+            // another connection's record and does nothing), or it did not come back and is
+            // removed and announced offline then (by this node, or by the sweep of this node
+            // once it is gone).
+            let ttl = self.inner.ttl;
+            tokio::spawn(async move {
+                tokio::time::sleep(ttl).await;
+                leave.await;
+            });
+        } else {
+            tokio::spawn(leave);
+        }
+    }
+
+    fn drain(&self) {
+        self.inner.draining.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn deliver(&self, family: &str, to_device: &str, text: Utf8Bytes, relayed_at: Instant) -> Result<(), DeliverError> {

@@ -190,6 +190,9 @@ impl Server {
         let open = shared.env.metrics.signal_connections.get();
         tracing::info!(open_connections = open, grace_secs = config.shutdown.grace_secs, "shutting down: draining");
         shared.ready.store(false, Ordering::Relaxed);
+        // Before the devices are told to go: their leaving is then not news to their families
+        // on other nodes (they reconnect there).
+        shared.env.hub.drain();
         let _ = drain.send(true);
         if let Some(t) = &turn {
             t.drain();

@@ -110,6 +110,8 @@ pub trait Hub: Send + Sync + 'static {
     fn leave(&self, family: &str, device: &str, session: SessionId);
     /// Queues `text` for `to_device` of `family`, without waiting.
     fn deliver(&self, family: &str, to_device: &str, text: Utf8Bytes, relayed_at: Instant) -> Result<(), DeliverError>;
+    /// The node is shutting down and its devices are about to reconnect elsewhere.
+    fn drain(&self) {}
     /// A `p2p-status` about a negotiation this node does not hold: hands it to the node of
     /// `peer` (which relayed the offer), true when sent there. One node: nowhere to send.
     fn forward_report(&self, _family: &str, _reporter: &str, _peer: &str, _report: super::negotiation::Report) -> bool {
@@ -185,6 +187,12 @@ impl Hub for LocalHub {
 impl LocalHub {
     /// Registers `member` on this node (see [`Hub::join`]).
     pub fn join_now(&self, member: Member) -> Result<Vec<DeviceInfo>, JoinError> {
+        self.join_announced(member, true)
+    }
+
+    /// [`LocalHub::join_now`]; with `announce` false the family's devices here are not told
+    /// (they already see the device online: it moved here from another node).
+    pub fn join_announced(&self, member: Member, announce: bool) -> Result<Vec<DeviceInfo>, JoinError> {
         let mut state = self.lock();
         let state = &mut *state;
         let existing = state.families.get(&member.family);
@@ -199,8 +207,10 @@ impl LocalHub {
         }
         let family = state.families.entry(member.family.clone()).or_default();
         let online = ServerMsg::DeviceOnline { family_id: &member.family, device_id: &member.device, user_id: &member.user };
-        let online: Utf8Bytes = online.to_text().into();
-        notify(family, &member.device, &online);
+        if announce {
+            let online: Utf8Bytes = online.to_text().into();
+            notify(family, &member.device, &online);
+        }
         let others =
             family.iter().filter(|m| m.device != member.device).map(|m| DeviceInfo { device_id: m.device.to_string(), user_id: m.user.to_string() }).collect();
         match replacing {
