@@ -158,6 +158,9 @@ struct Inner {
     reports: std::sync::OnceLock<ReportSink>,
     /// Shutting down: devices that leave are expected to reconnect on another node.
     draining: std::sync::atomic::AtomicBool,
+    /// A Redis Cluster (`redis-cluster://`): family channels are sharded (`SSUBSCRIBE` and
+    /// `SPUBLISH` on the family's slot) instead of broadcast over the cluster bus.
+    sharded: bool,
 }
 
 /// Messages for other nodes queued before `deliver` answers `rate-limited`.
@@ -169,6 +172,7 @@ impl RedisHub {
     pub async fn connect(url: &str, node: String, ttl: Duration, limits: HubLimits, metrics: Arc<Metrics>) -> anyhow::Result<RedisHub> {
         anyhow::ensure!(!node.is_empty() && !node.contains(['|', '{', '}']), "cluster.node_id `{node}` must not be empty or contain | {{ }}");
         let mut config = Config::from_url(url).map_err(|e| anyhow::anyhow!("cluster.redis_url: {e}"))?;
+        let sharded = matches!(config.server, ServerConfig::Clustered { .. });
         // While Redis is away, commands fail at once instead of queueing: a registration must
         // fall back to this node's devices, not wait for Redis.
         config.fail_fast = true;
@@ -198,6 +202,7 @@ impl RedisHub {
             errors_log: LogLimiter::new(Instant::now(), Duration::from_secs(5)),
             reports: std::sync::OnceLock::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
+            sharded,
         });
         // A node restarted under the same name sweeps its former self first.
         inner.sweep(&inner.node.clone()).await;
@@ -256,7 +261,7 @@ impl RedisHub {
         let i = inner.clone();
         tasks.push(tokio::spawn(async move {
             while let Some((ch, text)) = out_rx.recv().await {
-                if let Err(e) = i.client.publish::<(), _, _>(ch, text).await {
+                if let Err(e) = i.publish(ch, text).await {
                     i.redis_error("publish", &e);
                 }
             }
@@ -343,7 +348,7 @@ impl Inner {
                 for pair in gone.chunks(2) {
                     let Some(r) = pair.get(1).and_then(|v| parse_record(v)) else { continue };
                     let off = Event::Off { d: pair[0].clone(), n: dead.to_string(), s: r.session };
-                    let _: () = self.client.publish(channel(f), serde_json::to_string(&off).unwrap_or_default()).await?;
+                    self.publish(channel(f), serde_json::to_string(&off).unwrap_or_default()).await?;
                 }
             }
             let _: () = self.client.del(families_key(dead)).await?;
@@ -398,6 +403,30 @@ impl Inner {
             Event::Msg { to, x, .. } => {
                 let _ = self.local.deliver_now(family, &to, x.into(), Instant::now());
             }
+        }
+    }
+
+    async fn publish(&self, channel: String, text: String) -> Result<(), Error> {
+        if self.sharded {
+            self.client.spublish::<(), _, _>(channel, text).await
+        } else {
+            self.client.publish::<(), _, _>(channel, text).await
+        }
+    }
+
+    async fn subscribe(&self, channel: String) -> Result<(), Error> {
+        if self.sharded {
+            self.subscriber.ssubscribe(channel).await
+        } else {
+            self.subscriber.subscribe(channel).await
+        }
+    }
+
+    async fn unsubscribe(&self, channel: String) -> Result<(), Error> {
+        if self.sharded {
+            self.subscriber.sunsubscribe(channel).await
+        } else {
+            self.subscriber.unsubscribe(channel).await
         }
     }
 
@@ -486,7 +515,7 @@ impl Inner {
         let value = record(&self.node, member.session, &member.user);
         // Subscribed before joining, so no event between the roster read and now is missed.
         if self.local.local_devices(&family) == 0 {
-            if let Err(e) = self.subscriber.subscribe(channel(&family)).await {
+            if let Err(e) = self.subscribe(channel(&family)).await {
                 self.redis_error("subscribe", &e);
             }
         }
@@ -557,7 +586,7 @@ impl Inner {
         if self.local.local_devices(&family) == 0 {
             self.remote.lock().unwrap_or_else(|e| e.into_inner()).remove(&family);
             let _ = self.client.srem::<(), _, _>(families_key(&self.node), family.to_string()).await;
-            if let Err(e) = self.subscriber.unsubscribe(channel(&family)).await {
+            if let Err(e) = self.unsubscribe(channel(&family)).await {
                 self.redis_error("subscribe", &e);
             }
         }

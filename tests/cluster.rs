@@ -70,7 +70,10 @@ fn redis_cmd(port: u16, cmd: &str) -> Option<String> {
 }
 
 async fn node(redis: &Redis, id: &str, per_family: usize) -> TestServer {
-    let url = redis.url();
+    node_at(redis.url(), id, per_family).await
+}
+
+async fn node_at(url: String, id: &str, per_family: usize) -> TestServer {
     let id = id.to_string();
     TestServer::with(move |c| {
         c.cluster.redis_url = Some(Secret::new(url));
@@ -400,4 +403,79 @@ async fn a_rolling_restart_keeps_a_family_online_without_a_flap() {
             assert_eq!(v["fromDeviceId"], names[i]);
         }
     }
+}
+
+/// A local Redis Cluster: three masters, no replicas, slots spread by `redis-cli --cluster`.
+struct RedisCluster {
+    nodes: Vec<Redis>,
+    _dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    fn start() -> RedisCluster {
+        let dir = temp_dir("redis-cluster");
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            #[allow(clippy::zombie_processes)] // waited for by Redis's Drop
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file", &format!("nodes-{port}.conf")])
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !redis_cmd(port, "PING").is_some_and(|r| r.starts_with("+PONG")) {
+                assert!(Instant::now() < deadline, "redis-server on {port}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            nodes.push(Redis { child, port });
+        }
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = Command::new("redis-cli").args(["--cluster", "create"]).args(&addrs).args(["--cluster-replicas", "0", "--cluster-yes"]).output().expect("redis-cli");
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !nodes.iter().all(|n| redis_cmd(n.port, "CLUSTER INFO").is_some_and(|i| i.contains("cluster_state:ok"))) {
+            assert!(Instant::now() < deadline, "the cluster converges");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        RedisCluster { nodes, _dir: dir }
+    }
+
+    fn url(&self) -> String {
+        format!("redis-cluster://127.0.0.1:{}", self.nodes[0].port)
+    }
+}
+
+/// The core behaviour on a Redis Cluster (sharded pub/sub): families spread over the three
+/// masters' slots see each other across nodes, relay in order, and keep their limit.
+#[tokio::test]
+async fn the_core_behaviour_holds_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let (n1, n2, n3) = (node_at(cluster.url(), "c1", 2).await, node_at(cluster.url(), "c2", 2).await, node_at(cluster.url(), "c3", 2).await);
+    // Enough families that their slots land on every master.
+    for f in 0..6 {
+        let family = format!("family-{f}");
+        let (mut a, _) = Client::register(&n1, &family, "u", "a").await;
+        let (mut b, reg) = Client::register(&n2, &family, "u", "b").await;
+        assert_eq!(reg["devices"], json!([{"deviceId":"a","userId":"u"}]), "{family}");
+        assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "b");
+        for i in 0..5 {
+            a.send(json!({"type":"ice-candidate","toDeviceId":"b","candidate":{"candidate":format!("c{i}")}})).await;
+        }
+        for i in 0..5 {
+            assert_eq!(recv_type(&mut b, "ice-candidate").await["candidate"]["candidate"], format!("c{i}"));
+        }
+        // The family is full (2): a third device on the third node is refused.
+        let mut c = Client::connect(&n3.ws_url()).await;
+        c.send(json!({"type":"register","familyId":family,"userId":"u","deviceId":"c","token":token(&family,"u","c")})).await;
+        assert_eq!(c.expect_error("family-full").await["code"], "family-full");
+        b.ws.close(None).await.unwrap();
+        assert_eq!(recv_type(&mut a, "device-offline").await["deviceId"], "b");
+    }
+    let used: Vec<String> = cluster.nodes.iter().map(|n| redis_cmd(n.port, "DBSIZE").unwrap_or_default()).collect();
+    assert!(used.iter().filter(|r| !r.starts_with(":0")).count() >= 2, "keys on several masters: {used:?}");
 }
