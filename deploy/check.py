@@ -284,16 +284,38 @@ def chart(kinlink):
         (["--set", "turn.port=http"], "port"),
         (["--set", "secrets.tokenSecret=short"], "tokenSecret"),
         (["--set", "config.nope.x=1"], "nope"),
+        # Several replicas without Redis would split families; with TURN behind one load
+        # balancer they would split allocations.
+        (["--set", "replicaCount=3"], "cluster.redis"),
+        (["--set", "autoscaling.enabled=true"], "cluster.redis"),
+        (["--set", "replicaCount=3", "--set", "cluster.redis.url=redis://r:6379"], "turn.hostNetwork"),
+        (["--set", "cluster.redis.url=http://r"], "url"),
     ]
     for args, why in bad:
         rc, out = run([helm, "template", "rel", str(CHART), *args])
         if rc == 0 or why not in out:
             fail(f"helm template {' '.join(args)} should fail mentioning {why!r}; got rc={rc}:\n{out[-600:]}")
 
-    # NOTES.txt warns about several replicas, and about TURN without a public IP.
+    # NOTES.txt warns about TURN without a public IP, and says how several replicas work.
+    notes = must([helm, "install", "rel", str(CHART), "--dry-run=client"], "helm install --dry-run")
+    if "turn.publicIP is empty" not in notes:
+        fail(f"NOTES.txt lacks its warning:\n{notes[-1500:]}")
     notes = must([helm, "install", "rel", str(CHART), "--dry-run=client", "-f", str(CHART / "ci/monitoring-values.yaml")], "helm install --dry-run")
-    if "WARNING: more than one replica" not in notes or "turn.publicIP is empty" not in notes:
-        fail(f"NOTES.txt lacks its warnings:\n{notes[-1500:]}")
+    if "share presence and routing through Redis" not in notes or "WARNING" in notes.split("NOTES:")[-1]:
+        fail(f"NOTES.txt for several replicas:\n{notes[-1500:]}")
+    # Several replicas: the Redis URL reaches the pod from a Secret, and each pod is its node.
+    docs = list(yaml.safe_load_all(must([helm, "template", "rel", str(CHART), "-f", str(CHART / "ci/monitoring-values.yaml")], "render replicas")))
+    pod = next(d for d in docs if d and d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("valueFrom", {}) for e in pod["containers"][0]["env"]}
+    if env.get("KINLINK_CLUSTER__REDIS_URL", {}).get("secretKeyRef", {}).get("name") != "rel-kinlink-redis":
+        fail(f"KINLINK_CLUSTER__REDIS_URL not from the chart's Redis Secret: {env}")
+    if env.get("KINLINK_CLUSTER__NODE_ID", {}).get("fieldRef", {}).get("fieldPath") != "metadata.name":
+        fail("KINLINK_CLUSTER__NODE_ID is not the pod name")
+    redis_secret = next((d for d in docs if d and d["kind"] == "Secret" and d["metadata"]["name"] == "rel-kinlink-redis"), None)
+    if not redis_secret or "redis-url" not in redis_secret["data"]:
+        fail("no Secret holding the Redis URL")
+    if not pod.get("hostNetwork") or "podAntiAffinity" not in pod.get("affinity", {}):
+        fail("several replicas run on the nodes' network, one pod per node")
     notes = must([helm, "install", "rel", str(CHART), "--dry-run=client", "-f", str(CHART / "ci/loadbalancer-values.yaml")], "helm install --dry-run")
     if "WARNING" in notes.split("NOTES:")[-1]:
         fail(f"NOTES.txt warns on a coherent setup:\n{notes.split('NOTES:')[-1]}")

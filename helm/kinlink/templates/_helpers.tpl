@@ -47,6 +47,11 @@ existingSecret rotated by hand or by an operator) changed.
 {{- printf "%s|%s|%s|%s|%s" .Values.existingSecret .Values.secrets.tokenSecret .Values.secrets.turnSecret (get $live "token-secret" | default "") (get $live "turn-secret" | default "") | sha256sum -}}
 {{- end }}
 
+{{/* Non-empty when several replicas share presence through Redis. */}}
+{{- define "kinlink.clustered" -}}
+{{- if or .Values.cluster.redis.url .Values.cluster.redis.existingSecret }}true{{ end -}}
+{{- end }}
+
 {{/* The lowest port the pod binds; below 1024 needs NET_BIND_SERVICE. */}}
 {{- define "kinlink.lowestPort" -}}
 {{- $ports := list (int .Values.http.port) (int .Values.metrics.port) -}}
@@ -80,6 +85,7 @@ existingSecret rotated by hand or by an operator) changed.
   "metrics" (dict "listen" (printf "0.0.0.0:%d" (int $v.metrics.port)) "relay_capacity_bytes_per_sec" $v.metrics.relayCapacityBytesPerSec)
   "shutdown" (dict "grace_secs" $v.shutdownGraceSecs)
   "turn" $turn -}}
+{{- if include "kinlink.clustered" . }}{{ $_ := set $base "cluster" (dict "presence_ttl_secs" (int $v.cluster.presenceTtlSecs)) }}{{ end -}}
 {{- $cfg := mergeOverwrite (deepCopy ($v.config | default dict)) $base -}}
 {{- include "kinlink.tomlTable" (dict "table" $cfg "prefix" "") -}}
 {{- end }}
