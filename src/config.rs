@@ -378,6 +378,11 @@ pub struct TurnConfig {
     pub public_ip: Option<PublicIp>,
     /// With `public_ip = "stun:…"`: seconds between checks that the discovered address still holds.
     pub public_ip_refresh_secs: u64,
+    /// Put this node's public address (`public_ip`, given or discovered) in the STUN/TURN
+    /// URLs instead of `public_host`: with several replicas each on its node's network, a
+    /// device's URLs then reach the node it registered on. (`turns:` needs a certificate for
+    /// that IP.)
+    pub advertise_ip: bool,
     /// Relay port range, `"low-high"`.
     pub relay_ports: String,
     /// CIDRs peers may be in even when the defaults deny them (e.g. `10.0.0.0/8` on a LAN).
@@ -477,6 +482,7 @@ impl Default for TurnConfig {
             urls: Vec::new(),
             public_ip: None,
             public_ip_refresh_secs: 300,
+            advertise_ip: false,
             relay_ports: "49152-65535".into(),
             allowed_peers: Vec::new(),
             denied_peers: Vec::new(),

@@ -78,6 +78,10 @@ impl Server {
             config.turn.udp_listen = Listen(service.udp.clone());
             config.turn.tcp_listen = Listen(service.tcp.clone());
             config.turn.tls_listen = Listen(service.tls.clone());
+            if config.turn.advertise_ip {
+                // Several replicas on their nodes' network: each hands out URLs to itself.
+                config.turn.public_host = service.advertised_ip.to_string();
+            }
             Some(service)
         } else {
             None

@@ -437,3 +437,17 @@ async fn public_ip_is_learned_by_stun_at_start() {
     assert!(err.contains("turn.public_ip") && err.contains("no answer"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10), "bounded by the retransmissions");
 }
+
+/// `turn.advertise_ip`: the ICE URLs carry this node's public address, not the Host header.
+#[tokio::test]
+async fn advertise_ip_puts_the_nodes_address_in_the_ice_urls() {
+    let server = TestServer::with(|c| {
+        c.turn.public_ip = Some(kinlink::config::PublicIp::Fixed("203.0.113.9".parse().unwrap()));
+        c.turn.advertise_ip = true;
+    })
+    .await;
+    let (_c, reg) = Client::register(&server, "fam", "u", "d").await;
+    let port = server.turn_udp.unwrap().port();
+    let urls: Vec<String> = reg["iceServers"].as_array().unwrap().iter().flat_map(|s| s["urls"].as_array().unwrap().iter().map(|u| u.as_str().unwrap().to_string())).collect();
+    assert!(urls.contains(&format!("stun:203.0.113.9:{port}")) && urls.contains(&format!("turn:203.0.113.9:{port}?transport=udp")), "{urls:?}");
+}

@@ -106,6 +106,9 @@ pub struct TurnService {
     pub tcp: Vec<SocketAddr>,
     /// Bound TLS listeners.
     pub tls: Vec<SocketAddr>,
+    /// The address relayed addresses carry: `turn.public_ip` (given or discovered at start),
+    /// else the relays' own.
+    pub advertised_ip: IpAddr,
     core: Core,
     shards: Arc<[Arc<ShardHandle>]>,
     tasks: Vec<JoinHandle<()>>,
@@ -383,7 +386,7 @@ impl TurnService {
             tasks.push(tokio::spawn(watch_public_ip(server.clone(), relay_ipv4, ip, every, core.clone(), metrics.clone())));
         }
         tracing::info!(udp = ?udp_addrs, tcp = ?tcp_addrs, tls = ?tls_addrs, relay_ip = %public_ip.unwrap_or(relay_ipv4), "TURN serving");
-        Ok(TurnService { udp: udp_addrs, tcp: tcp_addrs, tls: tls_addrs, core, shards, tasks })
+        Ok(TurnService { udp: udp_addrs, tcp: tcp_addrs, tls: tls_addrs, advertised_ip: public_ip.unwrap_or(relay_ipv4), core, shards, tasks })
     }
 
     /// Stops granting allocations; existing ones keep relaying until the process exits.

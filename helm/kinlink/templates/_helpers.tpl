@@ -71,6 +71,7 @@ existingSecret rotated by hand or by an operator) changed.
 {{- $_ := set $turn "tcp_listen" (printf "0.0.0.0:%d" (int $v.turn.port)) -}}
 {{- $_ := set $turn "relay_ports" (printf "%d-%d" (int $v.turn.relayPorts.min) (int $v.turn.relayPorts.max)) -}}
 {{- if $v.turn.publicIP }}{{ $_ := set $turn "public_ip" $v.turn.publicIP }}{{ end -}}
+{{- if and (include "kinlink.clustered" .) $v.turn.hostNetwork (not $v.turn.publicHost) }}{{ $_ := set $turn "advertise_ip" true }}{{ end -}}
 {{- if $v.turn.tls.enabled -}}
 {{- $_ := set $turn "tls_listen" (printf "0.0.0.0:%d" (int $v.turn.tls.port)) -}}
 {{- $_ := set $turn "tls_cert" "/etc/kinlink/tls/tls.crt" -}}
