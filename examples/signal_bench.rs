@@ -10,6 +10,11 @@
 //! `--server node` runs the same load against the seed app's planned Node `ws` server
 //! (bench/peer/seed-signaling.mjs), the peer BENCHMARKS.md compares with.
 //!
+//! `--nodes N` (N > 1) starts a `redis-server` and N kinlink nodes sharing it
+//! (`cluster.redis_url`); device i connects to node i mod N, so most of a family's pairs are
+//! cross-node. It then also reports CPU per message per node and in Redis, and Redis memory
+//! per online device.
+//!
 //! ```text
 //! cargo build --release && cargo run --release --example signal_bench -- --devices 19900 --rate 10000 --seconds 10
 //! bench/signal.sh   # both servers, three rounds each, side by side
@@ -38,10 +43,11 @@ struct Args {
     concurrency: usize,
     bin: String,
     server: String,
+    nodes: usize,
 }
 
 fn args() -> Args {
-    let mut a = Args { devices: 2000, rate: 10_000, seconds: 10, concurrency: 256, bin: "target/release/kinlink".into(), server: "kinlink".into() };
+    let mut a = Args { devices: 2000, rate: 10_000, seconds: 10, concurrency: 256, bin: "target/release/kinlink".into(), server: "kinlink".into(), nodes: 1 };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -52,6 +58,7 @@ fn args() -> Args {
             "--concurrency" => a.concurrency = v.parse().unwrap(),
             "--bin" => a.bin = v,
             "--server" => a.server = v,
+            "--nodes" => a.nodes = v.parse().unwrap(),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -73,13 +80,20 @@ impl Drop for Server {
     }
 }
 
-fn start_server(bin: &str, devices: usize) -> Server {
+fn start_server(bin: &str, devices: usize, cluster: Option<(u16, usize)>) -> Server {
     let data = std::env::temp_dir().join(format!("kinlink-bench-{}", std::process::id()));
+    let mut cmd = Command::new(bin);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()]);
+    if let Some((port, node)) = cluster {
+        cmd.args(["--set", &format!("cluster.redis_url=redis://127.0.0.1:{port}"), "--set", &format!("cluster.node_id=bench{node}")]);
+    }
     #[allow(clippy::zombie_processes)] // `Server`'s Drop kills and waits
-    let mut child = Command::new(bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()])
+    let mut child = cmd
         .args(["--set", "log.format=json", "--set", "log.level=warn,kinlink::server=info", "--set", "turn.enabled=false"])
         .args(["--set", &format!("signal.max_connections={}", devices + 100)])
+        // Thousands of bench devices share a few 127.x source addresses: the per-IP caps
+        // (hardening defaults) would measure themselves.
+        .args(["--set", "http.max_connections_per_ip=1000000", "--set", "http.max_unupgraded_per_ip=1000000"])
         .args(["--set", &format!("signal.max_devices={}", devices + 100)])
         .env("KINLINK_AUTH__TOKEN_SECRET", SECRET)
         .env("KINLINK_TURN__SECRET", "bench-turn-secret-0123456789")
@@ -91,7 +105,7 @@ fn start_server(bin: &str, devices: usize) -> Server {
     std::thread::spawn(move || {
         use std::io::BufRead;
         for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("warn") || line.contains("ERROR") {
+            if line.contains("WARN") || line.contains("ERROR") {
                 eprintln!("server: {line}");
             }
             let _ = tx.send(line);
@@ -125,6 +139,38 @@ fn start_node_peer() -> Server {
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr = line.trim().strip_prefix("listening ").expect("peer prints its address").parse().unwrap();
     Server { child, http: addr, metrics: None }
+}
+
+/// A `redis-server` for `--nodes`: its port and process.
+fn start_redis() -> (u16, Server) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    #[allow(clippy::zombie_processes)] // `Server`'s Drop kills and waits
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server (Debian package redis-server)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis_info(port, "PING").is_empty() {
+        assert!(Instant::now() < deadline, "redis-server answers");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (port, Server { child, http: ([127, 0, 0, 1], port).into(), metrics: None })
+}
+
+/// One inline command's raw reply.
+fn redis_info(port: u16, cmd: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let _ = s.write_all(format!("{cmd}\r\n").as_bytes());
+    let mut buf = vec![0u8; 16384];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).to_string()
+}
+
+fn redis_used_memory(port: u16) -> u64 {
+    redis_info(port, "INFO memory").lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -213,15 +259,25 @@ async fn scrape(addr: SocketAddr) -> String {
 #[tokio::main]
 async fn main() {
     let a = args();
-    let server = match a.server.as_str() {
-        "kinlink" => start_server(&a.bin, a.devices),
-        "node" => start_node_peer(),
-        other => panic!("--server kinlink|node, not {other}"),
-    };
-    println!("server: {}", a.server);
-    let pid = server.child.id();
+    let redis = (a.nodes > 1).then(start_redis);
+    let mut servers = Vec::new();
+    for node in 0..a.nodes {
+        servers.push(match a.server.as_str() {
+            "kinlink" => start_server(&a.bin, a.devices, redis.as_ref().map(|(port, _)| (*port, node))),
+            "node" => start_node_peer(),
+            other => panic!("--server kinlink|node, not {other}"),
+        });
+    }
+    let server = &servers[0];
+    println!("server: {}{}", a.server, if a.nodes > 1 { format!(" x {} nodes sharing redis-server", a.nodes) } else { String::new() });
+    let pids: Vec<u32> = servers.iter().map(|s| s.child.id()).collect();
+    let pid = pids[0];
+    let rss_all = |pids: &[u32]| pids.iter().map(|p| rss_kib(*p)).sum::<u64>();
+    let redis_port = redis.as_ref().map(|(p, _)| *p);
+    let redis_pid = redis.as_ref().map(|(_, s)| s.child.id());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_before = rss_kib(pid);
+    let rss_before = rss_all(&pids);
+    let redis_mem_before = redis_port.map_or(0, redis_used_memory);
     println!("devices={} families={} rate={}/s seconds={}", a.devices, a.devices / 4, a.rate, a.seconds);
     println!("server rss before: {rss_before} KiB");
 
@@ -233,9 +289,10 @@ async fn main() {
     let mut sinks: Vec<Option<Arc<tokio::sync::Mutex<Sink>>>> = (0..a.devices).map(|_| None).collect();
     let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency));
     let mut joins = Vec::with_capacity(a.devices);
+    let https: Vec<SocketAddr> = servers.iter().map(|s| s.http).collect();
     for i in 0..a.devices {
         let permit = sem.clone().acquire_owned().await.unwrap();
-        let http = server.http;
+        let http = https[i % https.len()];
         joins.push(tokio::spawn(async move {
             let r = connect(i, http).await;
             drop(permit);
@@ -267,19 +324,30 @@ async fn main() {
     println!("registered {} devices in {:.2} s: {:.0} registrations/s", a.devices, reg_secs, a.devices as f64 / reg_secs);
     // Let allocator and kernel settle, then read RSS with everyone idle.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_after = rss_kib(pid);
+    let rss_after = rss_all(&pids);
+    let _ = pid;
+    if let Some(port) = redis_port {
+        let used = redis_used_memory(port);
+        println!(
+            "redis used_memory: {} -> {} bytes; per online device: {:.0} bytes",
+            redis_mem_before,
+            used,
+            used.saturating_sub(redis_mem_before) as f64 / a.devices as f64
+        );
+    }
     if let Some(m) = server.metrics {
         let held = kinlink_metric(&scrape(m).await, "kinlink_signal_connections");
         println!("connections held (server's gauge): {held}");
     }
     println!(
-        "server rss after: {rss_after} KiB; per idle connection: {:.2} KiB",
+        "server rss after (all nodes): {rss_after} KiB; per idle connection: {:.2} KiB",
         (rss_after - rss_before) as f64 / a.devices as f64
     );
 
     // Relay: `rate` offers per second spread over all devices, each to the next device of its family.
     latencies.lock().unwrap().clear();
-    let cpu0 = cpu_secs(pid);
+    let cpu0: Vec<f64> = pids.iter().map(|p| cpu_secs(*p)).collect();
+    let redis_cpu0 = redis_pid.map_or(0.0, cpu_secs);
     let total = a.rate * a.seconds;
     let tick = Duration::from_millis(1);
     let mut sent = 0u64;
@@ -310,7 +378,9 @@ async fn main() {
     while received.load(Ordering::Relaxed) < sent && Instant::now() < wait_until {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let cpu = cpu_secs(pid) - cpu0;
+    let per_node: Vec<f64> = pids.iter().zip(&cpu0).map(|(p, c)| cpu_secs(*p) - c).collect();
+    let cpu: f64 = per_node.iter().sum();
+    let redis_cpu = redis_pid.map_or(0.0, cpu_secs) - redis_cpu0;
     let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
     lat.sort_unstable();
     println!(
@@ -336,6 +406,12 @@ async fn main() {
         );
     }
     println!("server cpu during relay: {:.2} s ({:.1} us per message)", cpu, cpu * 1e6 / sent as f64);
+    if a.nodes > 1 {
+        let shown: Vec<String> = per_node.iter().map(|c| format!("{c:.2}")).collect();
+        println!("cpu per node: {} s; redis-server: {:.2} s ({:.1} us per message)", shown.join(" / "), redis_cpu, redis_cpu * 1e6 / sent as f64);
+    }
+    drop(servers);
+    drop(redis);
 }
 
 fn kinlink_metric(text: &str, name: &str) -> f64 {
