@@ -96,6 +96,45 @@ pub enum ConfigAction {
     Check,
 }
 
+impl Cli {
+    /// Parses the command line. Every `--set` counts, wherever it is: clap keeps only the
+    /// occurrences after the subcommand when a global option is given on both sides, and
+    /// `kinlink --set a=1 serve --set b=2` must not silently drop `a=1`.
+    pub fn parse_all() -> Cli {
+        Cli::parse_all_from(std::env::args_os())
+    }
+
+    /// [`Cli::parse_all`] over `args` (the program name first).
+    pub fn parse_all_from<I, T>(args: I) -> Cli
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let mut cli = <Cli as clap::Parser>::parse_from(&args);
+        let mut sets = Vec::new();
+        let mut it = args.iter().skip(1).map(|a| a.to_string_lossy().into_owned());
+        while let Some(arg) = it.next() {
+            if arg == "--" {
+                break;
+            }
+            let value = match arg.strip_prefix("--set") {
+                Some("") => it.next(),
+                Some(rest) => rest.strip_prefix('=').map(str::to_string),
+                None => None,
+            };
+            // clap has validated every occurrence already.
+            if let Some(Ok(kv)) = value.as_deref().map(parse_set) {
+                sets.push(kv);
+            }
+        }
+        if sets.len() > cli.set.len() {
+            cli.set = sets;
+        }
+        cli
+    }
+}
+
 fn parse_set(s: &str) -> Result<(String, String), String> {
     let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}` is not KEY=VALUE"))?;
     Ok((k.trim().to_string(), v.to_string()))
@@ -160,6 +199,17 @@ pub fn init_logging(cfg: &Config) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_set_counts_on_both_sides_of_the_subcommand() {
+        let cli = Cli::parse_all_from(["kinlink", "--set", "a=1", "serve", "--set", "b=2", "--set=c=3", "--listen", "127.0.0.1:0"]);
+        let keys: Vec<&str> = cli.set.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["a", "b", "c"]);
+        let cli = Cli::parse_all_from(["kinlink", "serve", "--set", "b=2"]);
+        assert_eq!(cli.set, vec![("b".to_string(), "2".to_string())]);
+        let cli = Cli::parse_all_from(["kinlink", "--set", "a=1", "serve"]);
+        assert_eq!(cli.set, vec![("a".to_string(), "1".to_string())]);
+    }
 
     #[test]
     fn durations() {

@@ -1,10 +1,10 @@
 use std::process::ExitCode;
 
-use clap::Parser;
+
 use kinlink::cli::{init_logging, Cli, Command, ConfigAction};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_all();
     let mut config = match cli.load_config() {
         Ok(c) => c,
         Err(e) => {
