@@ -334,6 +334,49 @@ enum Sender {
     Tcp(mpsc::Sender<Vec<u8>>),
 }
 
+/// The side of an allocation that sends the load and measures what comes back: a reader
+/// handing each frame to `on_frame`, and (TCP) a writer batching whatever is queued into one
+/// write. Returns where the load goes.
+fn measured_leg<F>(leg: Leg, on_frame: F, tasks: &mut Vec<tokio::task::JoinHandle<()>>) -> Sender
+where
+    F: Fn(&[u8]) + Send + 'static,
+{
+    match leg {
+        Leg::Udp(sock) => {
+            let reader = sock.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                while let Ok(n) = reader.recv(&mut buf).await {
+                    on_frame(&buf[..n]);
+                }
+            }));
+            Sender::Udp(sock)
+        }
+        Leg::Tcp(stream) => {
+            let (mut r, mut w) = stream.into_split();
+            tasks.push(tokio::spawn(async move {
+                let mut buf = Vec::with_capacity(2048);
+                while read_frame(&mut r, &mut buf).await.is_ok() {
+                    on_frame(&buf);
+                }
+            }));
+            let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4096);
+            tasks.push(tokio::spawn(async move {
+                let mut batch = Vec::new();
+                let mut out = Vec::with_capacity(64 * 1024);
+                while rx.recv_many(&mut batch, 256).await > 0 {
+                    out.clear();
+                    batch.drain(..).for_each(|f| out.extend_from_slice(&f));
+                    if w.write_all(&out).await.is_err() {
+                        break;
+                    }
+                }
+            }));
+            Sender::Tcp(tx)
+        }
+    }
+}
+
 /// Round-trip histogram shared by every receiver: 10 µs buckets up to 200 ms.
 struct Rtt(Vec<AtomicU64>);
 
@@ -442,67 +485,24 @@ async fn main() {
         }
     };
     if echo.is_some() {
+        // Every allocation sends and gets its packets back from the echo peer.
         for x in allocs.drain(..) {
-            match x.leg {
-                Leg::Udp(sock) => {
-                    let (s2, on_frame) = (sock.clone(), on_frame.clone());
-                    tasks.push(tokio::spawn(async move {
-                        let mut buf = vec![0u8; 2048];
-                        while let Ok(n) = s2.recv(&mut buf).await {
-                            on_frame(&buf[..n]);
-                        }
-                    }));
-                    senders.push(Sender::Udp(sock));
-                }
-                Leg::Tcp(stream) => {
-                    let (mut r, mut w) = stream.into_split();
-                    let on_frame = on_frame.clone();
-                    tasks.push(tokio::spawn(async move {
-                        let mut buf = Vec::with_capacity(2048);
-                        while read_frame(&mut r, &mut buf).await.is_ok() {
-                            on_frame(&buf);
-                        }
-                    }));
-                    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4096);
-                    tasks.push(tokio::spawn(async move {
-                        let mut batch = Vec::new();
-                        let mut out = Vec::with_capacity(64 * 1024);
-                        while rx.recv_many(&mut batch, 256).await > 0 {
-                            out.clear();
-                            batch.drain(..).for_each(|f| out.extend_from_slice(&f));
-                            if w.write_all(&out).await.is_err() {
-                                break;
-                            }
-                        }
-                    }));
-                    senders.push(Sender::Tcp(tx));
-                }
-            }
+            senders.push(measured_leg(x.leg, on_frame.clone(), &mut tasks));
         }
     }
     let mut it = allocs.into_iter();
     while let (Some(first), Some(second)) = (it.next(), it.next()) {
-        match (first.leg, second.leg) {
-            (Leg::Udp(a_sock), Leg::Udp(b)) => {
-                // Reflector: B sends every ChannelData frame straight back on its own channel.
-                tasks.push(tokio::spawn(async move {
-                    let mut buf = vec![0u8; 2048];
-                    while let Ok(n) = b.recv(&mut buf).await {
-                        if n >= 4 && buf[0] & 0xC0 == 0x40 {
-                            let _ = b.try_send(&buf[..n]);
-                        }
+        // Reflector: B sends every ChannelData frame straight back on its own channel.
+        match second.leg {
+            Leg::Udp(b) => tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                while let Ok(n) = b.recv(&mut buf).await {
+                    if n >= 4 && buf[0] & 0xC0 == 0x40 {
+                        let _ = b.try_send(&buf[..n]);
                     }
-                }));
-                let (sock, on_frame) = (a_sock.clone(), on_frame.clone());
-                tasks.push(tokio::spawn(async move {
-                    let mut buf = vec![0u8; 2048];
-                    while let Ok(n) = sock.recv(&mut buf).await {
-                        on_frame(&buf[..n]);
-                    }
-                }));
-                senders.push(Sender::Udp(a_sock));
-            }
-            (Leg::Tcp(a_stream), Leg::Tcp(b_stream)) => {
+                }
+            })),
+            Leg::Tcp(b_stream) => {
                 let (mut rb, mut wb) = b_stream.into_split();
                 tasks.push(tokio::spawn(async move {
                     let mut buf = Vec::with_capacity(2048);
@@ -512,31 +512,9 @@ async fn main() {
                         }
                     }
                 }));
-                let (mut ra, mut wa) = a_stream.into_split();
-                let on_frame = on_frame.clone();
-                tasks.push(tokio::spawn(async move {
-                    let mut buf = Vec::with_capacity(2048);
-                    while read_frame(&mut ra, &mut buf).await.is_ok() {
-                        on_frame(&buf);
-                    }
-                }));
-                // A writer per stream, batching whatever is queued into one write.
-                let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4096);
-                tasks.push(tokio::spawn(async move {
-                    let mut batch = Vec::new();
-                    let mut out = Vec::with_capacity(64 * 1024);
-                    while rx.recv_many(&mut batch, 256).await > 0 {
-                        out.clear();
-                        batch.drain(..).for_each(|f| out.extend_from_slice(&f));
-                        if wa.write_all(&out).await.is_err() {
-                            break;
-                        }
-                    }
-                }));
-                senders.push(Sender::Tcp(tx));
             }
-            _ => unreachable!("both legs use --transport"),
         }
+        senders.push(measured_leg(first.leg, on_frame.clone(), &mut tasks));
     }
     let padded = (a.size + 3) & !3;
     let mut frame = vec![0u8; 4 + padded];

@@ -635,11 +635,8 @@ impl Hub for RedisHub {
     }
 
     fn leave(&self, family: &str, device: &str, session: SessionId) {
-        let Some(user) = self.inner.local.user_of(family, device, session) else { return };
-        if !self.inner.local.leave_now(family, device, session) {
-            return;
-        }
-        let leave = self.inner.clone().leave(family.into(), device.into(), session, user);
+        let Some(gone) = self.inner.local.leave_now(family, device, session) else { return };
+        let leave = self.inner.clone().leave(gone.family, gone.device, session, gone.user);
         if self.inner.draining.load(std::sync::atomic::Ordering::Relaxed) {
             // A rolling update: the device is reconnecting elsewhere. Its record is left for
             // a TTL; by then its new node has overwritten it (and the removal below finds

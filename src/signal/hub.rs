@@ -228,12 +228,13 @@ impl LocalHub {
         Ok(others)
     }
 
-    /// See [`Hub::leave`]. False when `session` was no longer the device's connection.
-    pub fn leave_now(&self, family_id: &str, device: &str, session: SessionId) -> bool {
+    /// See [`Hub::leave`]. The member that left; none when `session` was no longer the
+    /// device's connection.
+    pub fn leave_now(&self, family_id: &str, device: &str, session: SessionId) -> Option<Member> {
         let mut state = self.lock();
-        let Some(family) = state.families.get_mut(family_id) else { return false };
-        let Some(i) = family.iter().position(|m| &*m.device == device && m.session == session) else { return false };
-        family.swap_remove(i);
+        let family = state.families.get_mut(family_id)?;
+        let i = family.iter().position(|m| &*m.device == device && m.session == session)?;
+        let gone = family.swap_remove(i);
         if family.is_empty() {
             state.families.remove(family_id);
         } else {
@@ -242,7 +243,7 @@ impl LocalHub {
         }
         state.devices -= 1;
         self.publish_gauges(&state);
-        true
+        Some(gone)
     }
 
     /// Closes the device's connection here with [`CloseCode::Replaced`] (a newer one joined on
@@ -266,12 +267,6 @@ impl LocalHub {
         if let Some(family) = state.families.get(family_id) {
             notify(family, skip, text);
         }
-    }
-
-    /// The user of `device`'s connection `session`, if it is still the device's.
-    pub fn user_of(&self, family_id: &str, device: &str, session: SessionId) -> Option<Arc<str>> {
-        let state = self.lock();
-        state.families.get(family_id)?.iter().find(|m| &*m.device == device && m.session == session).map(|m| m.user.clone())
     }
 
     /// Devices of the family on this node.

@@ -75,9 +75,18 @@ impl Control {
         }
     }
 
-    /// The path of `tuple`'s allocation.
-    pub fn path(&self, tuple: &FiveTuple) -> Option<Arc<Path<Relay>>> {
-        lock(&self.core).path(tuple)
+    /// `cached` while its allocation is open, else the core's current one for `tuple` (a
+    /// frame before the driver saw the allocation, or after it was replaced); none counts a
+    /// `no_allocation` drop.
+    pub fn live_path(&self, cached: Option<&Arc<Path<Relay>>>, tuple: &FiveTuple, counters: &server::DataCounters) -> Option<Arc<Path<Relay>>> {
+        let live = match cached {
+            Some(p) if !p.is_closed() => Some(p.clone()),
+            _ => lock(&self.core).path(tuple),
+        };
+        if live.is_none() {
+            counters.dropped(server::DropReason::NoAllocation);
+        }
+        live
     }
 
     /// A TCP/TLS client is gone.

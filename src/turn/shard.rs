@@ -199,7 +199,7 @@ impl Shard {
     }
 
     fn client_datagram(&mut self, i: usize, k: usize, now: Instant) {
-        let counters = self.handle.counters.clone();
+        let counters = &self.handle.counters;
         let local = self.listeners[i].local;
         let offset = self.client_recv.offset(k);
         let (from, slot, len, truncated) = self.client_recv.get(k);
@@ -210,26 +210,10 @@ impl Shard {
         let tuple = FiveTuple { client: from, server: local, transport: Transport::Udp };
         let buf = &slot[..len];
         let routed = match classify(buf) {
-            Packet::ChannelData => {
-                let path = lookup(&mut self.clients, &self.control, &tuple);
-                match path {
-                    Some(p) => p.channel_data(now, buf, &counters).map(|(peer, r)| (p.relay.clone(), peer, r)),
-                    None => {
-                        counters.dropped(DropReason::NoAllocation);
-                        None
-                    }
-                }
-            }
-            Packet::Send(msg) => {
-                let path = lookup(&mut self.clients, &self.control, &tuple);
-                match path {
-                    Some(p) => p.send_indication(now, &msg, &counters).map(|(peer, r)| (p.relay.clone(), peer, r)),
-                    None => {
-                        counters.dropped(DropReason::NoAllocation);
-                        None
-                    }
-                }
-            }
+            Packet::ChannelData => lookup(&mut self.clients, &self.control, &tuple, counters)
+                .and_then(|p| p.channel_data(now, buf, counters).map(|(peer, r)| (p.relay.clone(), peer, r))),
+            Packet::Send(msg) => lookup(&mut self.clients, &self.control, &tuple, counters)
+                .and_then(|p| p.send_indication(now, &msg, counters).map(|(peer, r)| (p.relay.clone(), peer, r))),
             Packet::Control => {
                 let (reply, started) = self.control.request(tuple, buf);
                 if let Some(reply) = reply {
@@ -322,14 +306,15 @@ impl Shard {
 }
 
 /// The path of `tuple`'s allocation: this shard's copy, else the core's (a client this shard
-/// has not served before, e.g. after its listener socket was replaced).
-fn lookup(clients: &mut HashMap<FiveTuple, Arc<Path<Relay>>>, control: &Control, tuple: &FiveTuple) -> Option<Arc<Path<Relay>>> {
-    if let Some(p) = clients.get(tuple).filter(|p| !p.is_closed()) {
-        return Some(p.clone());
+/// has not served before, e.g. after its listener socket was replaced), kept for next time.
+/// `None` counts a drop.
+fn lookup(clients: &mut HashMap<FiveTuple, Arc<Path<Relay>>>, control: &Control, tuple: &FiveTuple, counters: &DataCounters) -> Option<Arc<Path<Relay>>> {
+    let cached = clients.get(tuple);
+    let live = control.live_path(cached, tuple, counters);
+    if let Some(p) = live.as_ref().filter(|p| !cached.is_some_and(|c| Arc::ptr_eq(c, p))) {
+        clients.insert(*tuple, p.clone());
     }
-    let p = control.path(tuple)?;
-    clients.insert(*tuple, p.clone());
-    Some(p)
+    live
 }
 
 /// Starts shard `index` on its listener sockets (one per UDP listener address, already

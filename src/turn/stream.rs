@@ -228,11 +228,6 @@ async fn send_to_peer(p: &Arc<Path<Relay>>, writable: &mut Option<(Arc<Path<Rela
 /// This connection's allocation, live: the one it started, or the core's (a frame before
 /// the allocation, or after it was replaced). `None` counts a drop.
 fn current(path: &mut Option<Arc<Path<Relay>>>, control: &Control, tuple: &FiveTuple, counters: &DataCounters) -> Option<Arc<Path<Relay>>> {
-    if path.as_ref().is_none_or(|p| p.is_closed()) {
-        *path = control.path(tuple);
-    }
-    if path.is_none() {
-        counters.dropped(DropReason::NoAllocation);
-    }
+    *path = control.live_path(path.as_ref(), tuple, counters);
     path.clone()
 }
