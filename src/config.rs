@@ -905,7 +905,7 @@ impl Config {
             ("signal.write_timeout_secs", s.write_timeout_secs, 1, 3600),
             ("signal.negotiation_timeout_secs", s.negotiation_timeout_secs, 1, DAY),
             ("signal.negotiation_settle_secs", s.negotiation_settle_secs, 1, 600),
-            ("turn.credential_ttl_secs", t.credential_ttl_secs, 60, 30 * DAY),
+            ("turn.credential_ttl_secs", t.credential_ttl_secs, 10, 30 * DAY),
             ("turn.max_lifetime_secs", t.max_lifetime_secs, 1, DAY),
             ("turn.nonce_lifetime_secs", t.nonce_lifetime_secs, 1, DAY),
             ("turn.tls_reload_poll_secs", t.tls_reload_poll_secs, 1, DAY),

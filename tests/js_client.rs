@@ -1,0 +1,167 @@
+//! The TypeScript client (clients/js) against the real binary: Node on libwebrtc
+//! (@roamhq/wrtc, the stack inside react-native-webrtc) running the scenario scripts in
+//! clients/js/test, real WebSockets, real peer connections and data channels on this machine.
+//! scripts/test installs the package's dev dependencies (`npm ci`); the client is built once
+//! per run here (`npm run build`, tsc).
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/js");
+
+/// Builds the client once for every test of this binary.
+fn build() {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let r = BUILT.get_or_init(|| {
+        let out = std::process::Command::new("npm").args(["run", "--silent", "build"]).current_dir(DIR).output().map_err(|e| format!("npm: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        }
+    });
+    if let Err(e) = r {
+        panic!("building clients/js failed (scripts/test runs `npm ci` there first): {e}");
+    }
+}
+
+/// `node` with WebSocket available (a global from Node 22; behind a flag in Node 20).
+fn node() -> tokio::process::Command {
+    let major = std::process::Command::new("node")
+        .arg("-p")
+        .arg("process.versions.node.split('.')[0]")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<u32>().ok())
+        .expect("node runs");
+    let mut cmd = tokio::process::Command::new("node");
+    if major < 22 {
+        cmd.arg("--experimental-websocket");
+    }
+    cmd.env("KL_TEST_TOKEN_SECRET", TOKEN_SECRET).current_dir(DIR).kill_on_drop(true);
+    cmd
+}
+
+/// Runs a scenario script to its end and returns its result line.
+async fn scenario(script: &str, args: &[&str]) -> Value {
+    build();
+    let out = tokio::time::timeout(Duration::from_secs(120), node().arg(format!("test/{script}")).args(args).output())
+        .await
+        .expect("scenario within 120 s")
+        .expect("node runs");
+    result(&String::from_utf8_lossy(&out.stdout), &String::from_utf8_lossy(&out.stderr))
+}
+
+fn result(stdout: &str, stderr: &str) -> Value {
+    let line = stdout.lines().rev().find(|l| l.starts_with("{\"ok\"")).unwrap_or_else(|| panic!("no result: {stdout}\n{stderr}"));
+    let v: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["ok"], true, "scenario failed: {v:#}\n{stderr}");
+    v
+}
+
+#[test]
+fn message_types_match_the_protocol_schema() {
+    // docs/protocol.schema.json is generated from the Rust types (its own drift test in
+    // src/signal/schema.rs); src/protocol.ts is generated from it.
+    let out = std::process::Command::new("node").args(["scripts/gen-protocol.mjs", "--check"]).current_dir(DIR).output().expect("node runs");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn reconnect_policy_unit_tests() {
+    build();
+    let out = std::process::Command::new("node").args(["--test", "test/unit/"]).current_dir(DIR).output().expect("node runs");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn a_family_of_four_meshes_and_comes_back_after_a_kinlink_restart() {
+    build();
+    let mut server = TestServer::with(|c| c.shutdown.grace_secs = 0).await;
+    let url = server.ws_url();
+    let mut child = node().arg("test/mesh.mjs").arg(&url).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("node runs");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut stdout = String::new();
+    // Meshed: all six pairs connected and messages exchanged.
+    let meshed = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            stdout.push_str(&l);
+            stdout.push('\n');
+            if l.contains("\"meshed\"") || l.starts_with("{\"ok\"") {
+                return l;
+            }
+        }
+        String::new()
+    })
+    .await
+    .expect("meshed within 60 s");
+    assert!(meshed.contains("meshed"), "{stdout}");
+    server.wait_metric(r#"kinlink_p2p_negotiations_total{outcome="direct"}"#, 6.0).await;
+
+    // Restart kinlink on the same ports.
+    let (http, metrics, udp, tcp) = (server.http, server.metrics, server.turn_udp.unwrap(), server.turn_tcp.unwrap());
+    server.begin_shutdown().await.unwrap().unwrap();
+    let server = TestServer::with(|c| {
+        c.http.listen = http;
+        c.metrics.listen = metrics.to_string();
+        c.turn.udp_listen = kinlink::config::Listen::one(udp);
+        c.turn.tcp_listen = kinlink::config::Listen::one(tcp);
+    })
+    .await;
+    let out = tokio::time::timeout(Duration::from_secs(90), child.wait_with_output()).await.expect("done within 90 s").unwrap();
+    while let Some(l) = lines.next_line().await.unwrap() {
+        stdout.push_str(&l);
+        stdout.push('\n');
+    }
+    let r = result(&stdout, &String::from_utf8_lossy(&out.stderr));
+    assert_eq!(r["familySawStranger"], false, "{r:#}");
+    assert_eq!(r["strangerSaw"], serde_json::json!([]), "{r:#}");
+    for (i, p) in r["presence"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(p.as_array().unwrap().len(), 3, "device {i} sees the 3 others: {r:#}");
+    }
+    // Every pair established again through the new process, and counted there.
+    server.wait_metric(r#"kinlink_p2p_negotiations_total{outcome="direct"}"#, 6.0).await;
+    eprintln!("mesh {} ms, back after restart {} ms", r["meshMs"], r["reconnectMs"]);
+}
+
+#[tokio::test]
+async fn relay_only_over_udp_and_over_tcp_goes_through_kinlinks_turn() {
+    let server = TestServer::start().await;
+    let url = server.ws_url();
+    for (transport, via) in [("udp", "relay-udp"), ("tcp", "relay-tcp")] {
+        let before = server.metric(r#"kinlink_turn_relayed_bytes_total{direction="client_to_peer"}"#).await;
+        let r = scenario("relay.mjs", &[&url, transport]).await;
+        for p in r["peers"].as_array().unwrap() {
+            assert_eq!(p["state"], "connected", "{r:#}");
+            assert_eq!(p["route"]["local"], "relay", "{r:#}");
+            assert_eq!(p["route"]["via"], via, "{r:#}");
+        }
+        let relayed = server.metric(r#"kinlink_turn_relayed_bytes_total{direction="client_to_peer"}"#).await - before;
+        assert!(relayed > 1000.0, "{transport}: relayed only {relayed} bytes");
+    }
+    // Each pair counted once, as relay.
+    server.wait_metric(r#"kinlink_p2p_negotiations_total{outcome="relay"}"#, 2.0).await;
+    assert_eq!(server.metric(r#"kinlink_p2p_negotiations_total{outcome="direct"}"#).await, 0.0);
+}
+
+#[tokio::test]
+async fn expired_token_is_refreshed_through_the_provider_and_pushed_credentials_are_applied() {
+    // Credentials pushed at three quarters of a 12 s lifetime.
+    let server = TestServer::with(|c| c.turn.credential_ttl_secs = 12).await;
+    let r = scenario("credentials.mjs", &[&server.ws_url(), "4"]).await;
+    let asked: Vec<(String, String)> = serde_json::from_value(r["asked"].clone()).unwrap();
+    for dev in ["a", "b"] {
+        let reasons: Vec<&str> = asked.iter().filter(|(d, _)| d == dev).map(|(_, r)| r.as_str()).collect();
+        assert_eq!(reasons, ["initial", "refused"], "{dev}: {r:#}");
+    }
+    assert_ne!(r["firstUser"], r["pushedUser"], "{r:#}");
+    assert_eq!(r["applied"], r["pushedUser"], "{r:#}");
+    assert!(server.metric("kinlink_signal_ice_servers_pushed_total").await >= 1.0);
+}
