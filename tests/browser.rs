@@ -132,3 +132,33 @@ async fn check_page_ends_with_a_failure_when_ice_fails() {
     assert!(started.elapsed() < Duration::from_secs(60), "ended in {:?}", started.elapsed());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The TypeScript client (clients/js) bundled into examples/web's page, one Chromium page per
+/// device: both connect, directly and relay-only, and exchange a message.
+#[tokio::test]
+async fn the_typescript_client_connects_two_devices_in_chromium() {
+    let built = std::process::Command::new("npm").args(["run", "--silent", "build"]).current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/js")).status();
+    assert!(built.is_ok_and(|s| s.success()), "clients/js builds (scripts/test runs `npm ci` there)");
+    let server = TestServer::start().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/client.mjs");
+    for (mode, via) in [("direct", "host"), ("relay", "relay-udp")] {
+        let (a, b) = (token(&format!("fam-ts-{mode}"), "maria", "laptop"), token(&format!("fam-ts-{mode}"), "joao", "phone"));
+        let out = tokio::time::timeout(Duration::from_secs(120), tokio::process::Command::new("node").arg(script).args([&server.ws_url(), &a, &b, mode]).output())
+            .await
+            .expect("chromium run within 120 s")
+            .expect("node runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no result: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)));
+        let r: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(r["ok"], true, "{mode}: {r:#}");
+        let pages = r["pages"].as_array().unwrap();
+        for (i, p) in pages.iter().enumerate() {
+            assert_eq!(p["status"]["connected"], 1, "{mode}: {p:#}");
+            assert_eq!(p["status"]["peers"][0]["route"]["via"], via, "{mode}: {p:#}");
+            assert_eq!(p["received"][0][1], format!("hello from page {}", 1 - i), "{mode}: {p:#}");
+            assert_eq!(p["indicator"], "Connected to 1 device (1 online)", "{mode}: {p:#}");
+        }
+    }
+    server.wait_metric(r#"kinlink_p2p_negotiations_total{outcome="direct"}"#, 1.0).await;
+    server.wait_metric(r#"kinlink_p2p_negotiations_total{outcome="relay"}"#, 1.0).await;
+}

@@ -165,3 +165,19 @@ async fn expired_token_is_refreshed_through_the_provider_and_pushed_credentials_
     assert_eq!(r["applied"], r["pushedUser"], "{r:#}");
     assert!(server.metric("kinlink_signal_ice_servers_pushed_total").await >= 1.0);
 }
+
+#[tokio::test]
+async fn the_node_example_exchanges_messages_between_two_devices() {
+    build();
+    let server = TestServer::start().await;
+    let (a, b) = (token("demo", "ana", "laptop"), token("demo", "rui", "phone"));
+    let out = tokio::time::timeout(Duration::from_secs(60), node().arg("../../examples/node/two-devices.mjs").args([&a, &b, &server.ws_url()]).output())
+        .await
+        .expect("example within 60 s")
+        .expect("node runs (scripts/test runs `npm ci` in examples/node)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for line in ["phone: message from laptop: hello from laptop", "laptop: message from phone: hello from phone", "laptop: connected to phone via host"] {
+        assert!(stdout.contains(line), "missing `{line}` in:\n{stdout}");
+    }
+}

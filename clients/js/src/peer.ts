@@ -69,6 +69,7 @@ export class PeerLink extends Emitter<LinkEvents> {
   /** Incoming signaling is applied in order: each step awaits the previous one. */
   private queue: Promise<void> = Promise.resolve();
   private closed = false;
+  private opening = false;
 
   constructor(readonly localId: string, readonly deviceId: string, private o: LinkOptions) {
     super();
@@ -148,11 +149,15 @@ export class PeerLink extends Emitter<LinkEvents> {
   }
 
   private async onOpen(): Promise<void> {
-    if (this.closed) return;
+    // The channel's open and the connection's `connected` can both lead here: once.
+    if (this.closed || this.opening || this.state_ === 'connected') return;
+    this.opening = true;
     this.clearTimers();
     this.retryMs = this.o.restartRetryMs;
-    this.route = await this.readRoute();
+    const route = await this.readRoute();
+    this.opening = false;
     if (this.closed) return;
+    this.route = route;
     this.setState('connected');
     this.emit('connected', this.route, Date.now() - this.startedAt);
   }
