@@ -10,7 +10,7 @@ mkdir -p bench/results
 {
   echo "# bench/nat_connect.sh rounds=$rounds $(date -u +%FT%TZ) $(git rev-parse --short HEAD)"
   echo "# $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); node $(node --version); chromium $(chromium --version 2>/dev/null | awk '{print $2}')"
-  NAT_ROUNDS=$rounds cargo test --release --locked --test nat -- --nocapture --test-threads=1 2>&1 | grep -E '^nat-connect|test result'
+  NAT_ROUNDS=$rounds cargo test --release --locked --test nat -- --nocapture --test-threads=1 2>&1 | grep -oE 'nat-connect .*|test result.*'
 } | tee "$log"
 python3 - "$log" <<'PY'
 import re, statistics, sys, collections

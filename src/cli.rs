@@ -177,8 +177,11 @@ impl Cli {
     }
 }
 
-/// Targets that log payloads (and so tokens) below info.
-const NEVER_TRACED: [&str; 2] = ["tungstenite=info", "tokio_tungstenite=info"];
+/// Targets that log payloads (and so tokens) below info, and rustls, which warns once per
+/// handshake about what a client sent (an IP address as SNI — every libwebrtc `turns:` client
+/// given an IP URL does that): a rate any client controls, already counted by
+/// `kinlink_turn_tls_handshake_failures_total` when it matters.
+const NEVER_TRACED: [&str; 3] = ["tungstenite=info", "tokio_tungstenite=info", "rustls=error"];
 
 /// Installs the tracing subscriber for `log.*`. `RUST_LOG`, when set, wins over `log.level`.
 pub fn init_logging(cfg: &Config) {
@@ -187,7 +190,8 @@ pub fn init_logging(cfg: &Config) {
         .and_then(|f| f.parse::<tracing_subscriber::EnvFilter>().ok())
         .unwrap_or_else(|| cfg.log.level.parse().unwrap_or_else(|_| "info".into()));
     // tungstenite traces whole frames, `register` and its token included: its targets are
-    // capped at info whatever the filter says, so no level logs a token.
+    // capped at info whatever the filter says, so no level logs a token. rustls is capped at
+    // error: its per-handshake warnings are paced by clients.
     let filter = NEVER_TRACED.iter().fold(filter, |f, d| f.add_directive(d.parse().expect("built-in directive")));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cfg.log.format {

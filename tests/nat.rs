@@ -25,6 +25,8 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 struct Testbed {
     prefix: String,
     dir: PathBuf,
+    /// The STUN server and kinlink, stopped on drop.
+    daemons: Vec<Child>,
 }
 
 impl Testbed {
@@ -35,10 +37,11 @@ impl Testbed {
         let dir = std::env::temp_dir().join(format!("kinlink-{prefix}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let tb = Testbed { prefix, dir };
+        let mut tb = Testbed { prefix, dir, daemons: Vec::new() };
         tb.script(&["up", a, b]);
         // kinlink's public_ip comes from this STUN server, as from a public one.
-        tb.spawn("inet", "turnserver", &["-n", "--stun-only", "-L", "11.0.0.1", "-p", "3478", "--no-cli", "--no-tls", "--no-dtls", "--log-file", "stdout"]);
+        let stun = tb.spawn("inet", "turnserver", &["-n", "--stun-only", "-L", "11.0.0.1", "-p", "3478", "--no-cli", "--no-tls", "--no-dtls", "--log-file", "stdout"]);
+        tb.daemons.push(stun);
         let status = Command::new("openssl")
             .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=kinlink", "-addext", "subjectAltName=IP:11.0.3.2"])
             .arg("-keyout")
@@ -67,13 +70,14 @@ impl Testbed {
             args.extend(set(kv));
         }
         let log = std::fs::File::create(tb.dir.join("kinlink.log")).unwrap();
-        Command::new("ip")
+        let kinlink = Command::new("ip")
             .args(["netns", "exec", &tb.ns("srv"), env!("CARGO_BIN_EXE_kinlink")])
             .args(&args)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("kinlink starts");
+        tb.daemons.push(kinlink);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !tb.curl("http://127.0.0.1:8080/readyz").starts_with("ready") {
             assert!(Instant::now() < deadline, "kinlink not ready: {}", std::fs::read_to_string(tb.dir.join("kinlink.log")).unwrap_or_default());
@@ -151,6 +155,10 @@ impl Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
+        for d in &mut self.daemons {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
         self.script(&["down"]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -179,12 +187,11 @@ fn rounds() -> usize {
     std::env::var("NAT_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
 }
 
-/// What each side may see (its `via`), and the outcome kinlink must count: `None` when ICE may
-/// pick either a direct or a relayed pair, and the count must follow the pair it picked.
+/// What each side may see (its `via`), and the outcome kinlink must count.
 struct Expect {
     via_a: &'static [&'static str],
     via_b: &'static [&'static str],
-    outcome: Option<&'static str>,
+    outcome: &'static str,
 }
 
 /// Runs A and B `rounds()` times per reporting mode and checks routes and the count.
@@ -206,8 +213,10 @@ fn run(case: &str, nat_a: &str, nat_b: &str, chromium_a: bool, reporters: &[&str
                 let got = if r["unavailable"] == true { "unavailable" } else { r["status"]["route"]["via"].as_str().unwrap_or("none") };
                 assert!(via.contains(&got), "{case} ({who} reporting): {side} went {got}, want one of {via:?}: {r:#}");
             }
+            // The bytes crossed TURN exactly when either end of the pair is a relay candidate.
             let relayed = [&a, &b].iter().any(|r| r["status"]["route"]["local"] == "relay");
-            let outcome = want.outcome.unwrap_or(if relayed { "relay" } else { "direct" });
+            assert_eq!(relayed, want.outcome == "relay", "{case}: {a:#} {b:#}");
+            let outcome = want.outcome;
             let n = counted.entry(outcome).or_default();
             *n += 1.0;
             tb.wait_outcome(outcome, *n);
@@ -229,42 +238,34 @@ const SEES_PEERS_RELAY: &[&str] = &["relay-udp"];
 
 #[test]
 fn same_lan_connects_directly_over_host_candidates() {
-    run("lan", "port-restricted", "lan", false, &["ab"], 12_000, Expect { via_a: &["host"], via_b: &["host"], outcome: Some("direct") });
+    run("lan", "port-restricted", "lan", false, &["ab"], 12_000, Expect { via_a: &["host"], via_b: &["host"], outcome: "direct" });
 }
 
 #[test]
 fn full_cone_and_port_restricted_nats_connect_directly() {
-    run("full-cone", "full-cone", "full-cone", false, &["ab"], 12_000, Expect { via_a: &["srflx", "prflx"], via_b: &["srflx", "prflx"], outcome: Some("direct") });
-    run("cone-restricted", "full-cone", "port-restricted", false, &["ab"], 12_000, Expect { via_a: &["srflx", "prflx"], via_b: &["srflx", "prflx"], outcome: Some("direct") });
-}
-
-/// Port-restricted on both sides usually punches through, but Linux's NAT can lose the race:
-/// the first check arriving before the router's own outgoing packet leaves a conntrack entry
-/// that makes it pick another port for that destination (symmetric behaviour for that pair),
-/// and ICE may then nominate a relay pair first. Whatever it picks, kinlink counts that.
-#[test]
-fn port_restricted_nats_connect_and_count_the_pair_they_took() {
-    run("port-restricted", "port-restricted", "port-restricted", false, &["ab"], 12_000, Expect { via_a: &["srflx", "prflx", "relay-udp"], via_b: &["srflx", "prflx", "relay-udp"], outcome: None });
+    run("full-cone", "full-cone", "full-cone", false, &["ab"], 12_000, Expect { via_a: &["srflx", "prflx"], via_b: &["srflx", "prflx"], outcome: "direct" });
+    run("cone-restricted", "full-cone", "port-restricted", false, &["ab"], 12_000, Expect { via_a: &["srflx", "prflx"], via_b: &["srflx", "prflx"], outcome: "direct" });
+    run("port-restricted", "port-restricted", "port-restricted", false, &["ab"], 12_000, Expect { via_a: &["srflx", "prflx"], via_b: &["srflx", "prflx"], outcome: "direct" });
 }
 
 #[test]
 fn symmetric_nats_relay_over_udp_and_count_relay_whichever_side_reports() {
     // Both symmetric: at least one side relays (ICE may pair one side's srflx with the other's
     // relay), and the negotiation is relay from either side's report alone.
-    run("symmetric", "symmetric", "symmetric", false, &["a", "b"], 12_000, Expect { via_a: &["relay-udp"], via_b: &["relay-udp"], outcome: Some("relay") });
+    run("symmetric", "symmetric", "symmetric", false, &["a", "b"], 12_000, Expect { via_a: &["relay-udp"], via_b: &["relay-udp"], outcome: "relay" });
 }
 
 #[test]
 fn udp_blocked_relays_over_tcp_and_counts_relay_whichever_side_reports() {
-    run("udp-blocked", "udp-blocked", "port-restricted", false, &["a", "b"], 12_000, Expect { via_a: &["relay-tcp"], via_b: SEES_PEERS_RELAY, outcome: Some("relay") });
+    run("udp-blocked", "udp-blocked", "port-restricted", false, &["a", "b"], 12_000, Expect { via_a: &["relay-tcp"], via_b: SEES_PEERS_RELAY, outcome: "relay" });
 }
 
 #[test]
 fn only_tcp_443_relays_over_tls_and_counts_relay_whichever_side_reports() {
-    run("tcp443", "tcp443-only", "port-restricted", true, &["a", "b"], 12_000, Expect { via_a: &["relay-tls"], via_b: SEES_PEERS_RELAY, outcome: Some("relay") });
+    run("tcp443", "tcp443-only", "port-restricted", true, &["a", "b"], 12_000, Expect { via_a: &["relay-tls"], via_b: SEES_PEERS_RELAY, outcome: "relay" });
 }
 
 #[test]
 fn only_signaling_reachable_gives_unavailable_and_http() {
-    run("signaling-only", "signaling-only", "port-restricted", false, &["ab"], 6_000, Expect { via_a: &["unavailable"], via_b: &["unavailable"], outcome: Some("http_fallback") });
+    run("signaling-only", "signaling-only", "port-restricted", false, &["ab"], 6_000, Expect { via_a: &["unavailable"], via_b: &["unavailable"], outcome: "http_fallback" });
 }

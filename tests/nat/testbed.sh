@@ -94,3 +94,9 @@ nat() {
 }
 nat nata 192.168.1.2 11.0.1.2 "$nat_a"
 nat natb 192.168.2.2 11.0.2.2 "$nat_b"
+# Like a home router, drop unsolicited packets addressed to the router itself: accepting
+# them would confirm a conntrack entry for the peer's first check that then makes the NAT pick
+# another port for the client's own packets to that peer (symmetric behaviour by accident).
+for r in nata natb; do
+  ns "$r" iptables -A INPUT -i wan -m conntrack --ctstate NEW -j DROP
+done
