@@ -91,7 +91,9 @@ def check_rendering(name, docs, kinlink):
         want["turn-udp"] = (port_of(turn["udp_listen"]), "UDP")
         want["turn-tcp"] = (port_of(turn["tcp_listen"]), "TCP")
         if turn.get("tls_listen", "off") != "off":
-            want["turn-tls"] = (port_of(turn["tls_listen"]), "TCP")
+            # One port: turns: on http.listen is served by the HTTP listener's port.
+            if turn["tls_listen"] != cfg["http"]["listen"]:
+                want["turn-tls"] = (port_of(turn["tls_listen"]), "TCP")
             mounts = {m["mountPath"] for m in c["volumeMounts"]}
             if not any(turn["tls_cert"].startswith(m + "/") for m in mounts):
                 fail(f"{name}: tls_cert {turn['tls_cert']} is not under a mounted volume")
@@ -281,6 +283,8 @@ def chart(kinlink):
         (["--set", "turn.hostNetwork=true", "--set", "turn.port=443"], "needs root"),
         (["--set", "turn.relayPorts.max=65535"], "at most 1000"),
         (["--set", "turn.tls.enabled=true"], "secretName"),
+        (["--set", "turn.tls.enabled=true", "--set", "turn.tls.secretName=t", "--set", "turn.tls.sharesHttpPort=true"], "turn.publicHost"),
+        (["-f", str(CHART / "ci/oneport-values.yaml"), "--set", "ingress.enabled=true"], "Ingress"),
         (["--set", "turn.port=http"], "port"),
         (["--set", "secrets.tokenSecret=short"], "tokenSecret"),
         (["--set", "config.nope.x=1"], "nope"),

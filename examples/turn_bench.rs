@@ -56,7 +56,7 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { server: "kinlink".into(), allocations: 100, size: 1200, rate: 10_000, seconds: 5, bin: "target/release/kinlink".into(), transport: "udp".into(), peer: "reflect".into(), threads: 0, server_cpus: None };
+    let mut a = Args { server: "kinlink".into(), allocations: 100, size: 1200, rate: 10_000, seconds: 5, bin: "target/release/kinlink".into(), transport: "udp".into(), peer: "reflect".into(), threads: 0, server_cpus: None, share_http: false };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -71,6 +71,7 @@ fn args() -> Args {
             "--peer" => a.peer = v,
             "--threads" => a.threads = v.parse().unwrap(),
             "--server-cpus" => a.server_cpus = Some(v),
+            "--share-http" => a.share_http = v == "yes",
             other => panic!("unknown flag {other}"),
         }
     }
@@ -126,7 +127,8 @@ fn start(a: &Args, port: u16, metrics_port: u16, peer: Option<SocketAddr>) -> Se
             let data = std::env::temp_dir().join(format!("kinlink-turn-bench-{}", std::process::id()));
             let (o, e) = quiet();
             let mut c = command(a, &a.bin);
-            c.args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            let http = if a.share_http { format!("127.0.0.1:{port}") } else { "127.0.0.1:0".into() };
+            c.args(["serve", "--listen", &http, "--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
                 .arg("--data-dir")
                 .arg(&data)
                 .args(["--set", &format!("turn.udp_listen=127.0.0.1:{port}"), "--set", &format!("turn.tcp_listen=127.0.0.1:{port}")])
@@ -565,10 +567,11 @@ async fn main() {
     // peer, client→peer and peer→client).
     let relayed = 2 * got;
     println!(
-        "RESULT server={} transport={} allocations={} size={} offered_pps={} sent={} received={} loss_pct={:.3} client_send_failed={} \
+        "RESULT server={} shared_port={} transport={} allocations={} size={} offered_pps={} sent={} received={} loss_pct={:.3} client_send_failed={} \
          relayed_pps={:.0} mbit_s={:.1} rtt_p50_ms={:.3} rtt_p99_ms={:.3} server_cpu_s={:.2} cpu_s_per_mpkt={:.2} udp_rcvbuf_errors={} \
          peer={} threads={} server_cpu_util={:.2} shard_packets={} allocations_per_sec={:.0} rss_kib_before={} rss_kib_after={} rss_bytes_per_allocation={:.0}",
         a.server,
+        a.share_http,
         a.transport,
         a.allocations,
         a.size,

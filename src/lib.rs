@@ -33,6 +33,7 @@ pub mod cluster;
 pub mod cli;
 pub mod config;
 pub mod connlimit;
+pub mod demux;
 pub mod health;
 pub mod http;
 pub mod ice;

@@ -92,6 +92,9 @@ pub struct Metrics {
     pub connections_rejected: IntCounterVec,
     /// `kinlink_http_unupgraded_connections`: HTTP connections not (yet) WebSockets.
     pub http_unupgraded: IntGauge,
+    /// `kinlink_shared_port_connections_total{protocol}`: connections on a port HTTP shares
+    /// with TURN, by what they turned out to speak (`unknown`: closed unserved).
+    pub shared_port_connections: IntCounterVec,
     /// `kinlink_turn_stream_timeouts_total{stage}`: TCP/TLS clients cut off by a deadline.
     pub turn_stream_timeouts: IntCounterVec,
     /// `kinlink_turn_tls_handshake_failures_total{listener,reason}` (turn, http).
@@ -116,12 +119,15 @@ pub type RenderHook = Box<dyn Fn(&Metrics) + Send + Sync>;
 
 /// Listeners that restart, accept and admit (labels of the listener metrics).
 pub const LISTENERS: [&str; 4] = ["http", "turn_udp", "turn_tcp", "turn_tls"];
+/// `kinlink_shared_port_connections_total` protocols.
+pub const SHARED_PORT_PROTOCOLS: [&str; 5] = ["http", "https", "turn_tcp", "turn_tls", "unknown"];
+
 /// `kinlink_connections_rejected_total` reasons.
 pub const ADMISSION_REASONS: [&str; 3] = ["total", "per_ip", "unupgraded"];
 /// `kinlink_turn_stream_timeouts_total` stages.
 pub const STREAM_TIMEOUT_STAGES: [&str; 3] = ["first_message", "frame", "idle"];
 /// `kinlink_turn_tls_handshake_failures_total` reasons.
-pub const TLS_FAILURE_REASONS: [&str; 4] = ["timeout", "eof", "protocol", "io"];
+pub const TLS_FAILURE_REASONS: [&str; 5] = ["timeout", "eof", "protocol", "alpn", "io"];
 /// `kinlink_check_tokens_total` results.
 pub const CHECK_TOKEN_RESULTS: [&str; 6] = ["issued", "unauthorized", "forbidden", "rate_limited", "rate_limited_token", "rate_limited_ip"];
 
@@ -344,6 +350,11 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             http_unupgraded: gauge("kinlink_http_unupgraded_connections", "HTTP connections not (yet) upgraded to a WebSocket."),
+            shared_port_connections: counter_vec(
+                "kinlink_shared_port_connections_total",
+                "Connections on the port HTTP shares with TURN, by protocol: http, https, turn_tcp, turn_tls, unknown (closed unserved).",
+                "protocol",
+            ),
             turn_stream_timeouts: counter_vec(
                 "kinlink_turn_stream_timeouts_total",
                 "TURN TCP/TLS clients closed by a deadline, by stage: first_message, frame, idle.",
@@ -354,7 +365,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "kinlink_turn_tls_handshake_failures_total",
-                        "TLS handshakes that failed, by listener (turn, http) and reason (timeout, eof, protocol, io).",
+                        "TLS handshakes that failed, by listener (turn, http) and reason (timeout, eof, protocol, alpn: no application protocol in common, io).",
                     ),
                     &["listener", "reason"],
                 )
@@ -400,6 +411,9 @@ impl Metrics {
         for r in TLS_FAILURE_REASONS {
             m.turn_tls_handshake_failures.with_label_values(&["turn", r]);
             m.turn_tls_handshake_failures.with_label_values(&["http", r]);
+        }
+        for p in SHARED_PORT_PROTOCOLS {
+            m.shared_port_connections.with_label_values(&[p]);
         }
         for r in ["ok", "error"] {
             m.turn_tls_reloads.with_label_values(&["turn", r]);

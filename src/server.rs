@@ -20,6 +20,7 @@ use crate::ice::IceConfig;
 use crate::metrics::Metrics;
 use crate::signal::hub::{Hub, HubLimits, LocalHub};
 use crate::signal::session::SessionEnv;
+use crate::tls::KeyFiles;
 use crate::turn::TurnService;
 
 /// A server with its listeners bound, ready to [`Server::run`].
@@ -31,6 +32,8 @@ pub struct Server {
     drain: watch::Sender<bool>,
     turn: Option<TurnService>,
     http_limits: http::listener::HttpLimits,
+    /// Certificate files to reload (`http`, `turn`), watched once each.
+    key_files: Vec<Arc<crate::tls::KeyFiles>>,
 }
 
 impl Server {
@@ -70,14 +73,38 @@ impl Server {
             None => None,
         };
         let health = crate::health::Health::new();
-        let turn = if config.turn.enabled && config.turn.urls.is_empty() {
-            let mut others = vec![http.local_addr()?];
+        let http_files = match (&config.http.tls_cert, &config.http.tls_key) {
+            (Some(cert), Some(key)) => Some(KeyFiles::load(cert.clone(), key.clone(), "http").context("https: certificate")?),
+            _ => None,
+        };
+        let turn_active = config.turn.enabled && config.turn.urls.is_empty();
+        let turn_files = match (turn_active && config.turn.tls_enabled(), &config.turn.tls_cert, &config.turn.tls_key) {
+            (true, Some(cert), Some(key)) => Some(KeyFiles::load(cert.clone(), key.clone(), "turn").context("turns: certificate")?),
+            _ => None,
+        };
+        // One port for everything: a TURN TCP/TLS address equal to http.listen is served by
+        // the HTTP listener, which tells the protocols apart (src/demux.rs).
+        // (Port 0 never shares: each port-0 listener picks its own port.)
+        let shared_addr = (config.http.listen.port() != 0).then_some(config.http.listen);
+        let shares = |list: &Listen| shared_addr.is_some_and(|a| list.0.contains(&a));
+        let shares_tls = turn_files.is_some() && shares(&config.turn.tls_listen);
+        let shares_tcp = turn_active && shares(&config.turn.tcp_listen);
+        let http_addr = http.local_addr()?;
+        let turn = if turn_active {
+            let mut others = vec![http_addr];
             others.extend(metrics_listener.as_ref().map(TcpListener::local_addr).transpose()?);
-            let service = TurnService::start(&config.turn, metrics.clone(), health.clone(), &others).await?;
-            // Advertise the ports actually bound (port 0 in tests).
+            let mut dedicated = config.turn.clone();
+            dedicated.tcp_listen.0.retain(|a| Some(*a) != shared_addr);
+            dedicated.tls_listen.0.retain(|a| Some(*a) != shared_addr);
+            let service = TurnService::start(&dedicated, turn_files.clone(), metrics.clone(), health.clone(), &others).await?;
+            // Advertise the ports actually bound (port 0 in tests), the shared one first.
+            let with_shared = |shared: bool, bound: &[SocketAddr]| shared.then_some(http_addr).into_iter().chain(bound.iter().copied()).collect();
             config.turn.udp_listen = Listen(service.udp.clone());
-            config.turn.tcp_listen = Listen(service.tcp.clone());
-            config.turn.tls_listen = Listen(service.tls.clone());
+            config.turn.tcp_listen = Listen(with_shared(shares_tcp, &service.tcp));
+            config.turn.tls_listen = Listen(with_shared(shares_tls, &service.tls));
+            if shares_tcp || shares_tls {
+                tracing::info!(addr = %http_addr, tcp = shares_tcp, tls = shares_tls, "TURN shares the HTTP port");
+            }
             if config.turn.advertise_ip {
                 // Several replicas on their nodes' network: each hands out URLs to itself.
                 config.turn.public_host = service.advertised_ip.to_string();
@@ -116,8 +143,27 @@ impl Server {
             }));
         }
         let state = AppState::new(env, draining, minter, health, config.http.cors_origins.clone());
-        let http_limits = http::listener::HttpLimits::new(&config.http).context("https: certificate")?;
-        Ok(Server { config, http, metrics: metrics_listener, state, drain, turn, http_limits })
+        let share = turn.as_ref().filter(|_| shares_tcp || shares_tls).map(|t| http::listener::Share { turn: t.stream_entry(), tcp: shares_tcp, tls: shares_tls });
+        // This port's TLS: the HTTPS certificate, and on a shared port the `turns:` one too,
+        // picked by SNI; ALPN names what is served so a client asking for anything else is
+        // refused in the handshake.
+        let mut sources: Vec<crate::tls::Source> = http_files.iter().cloned().map(crate::tls::Source::Files).collect();
+        let mut alpn = Vec::new();
+        if share.is_some() {
+            // rustls picks by the server's order. TURN first: only TURN clients offer
+            // `stun.turn`, and some (coturn's) offer `http/1.1` beside it.
+            if shares_tls {
+                sources.extend(turn_files.iter().cloned().map(crate::tls::Source::Files));
+                alpn.push(crate::demux::ALPN_TURN.to_vec());
+            }
+            if http_files.is_some() {
+                alpn.push(crate::demux::ALPN_HTTP.to_vec());
+            }
+        }
+        let tls = (!sources.is_empty()).then(|| crate::tls::Acceptor::with_sources(sources, alpn, "http"));
+        let http_limits = http::listener::HttpLimits::new(&config.http, tls, http_files.is_some(), share);
+        let key_files = http_files.into_iter().chain(turn_files).collect();
+        Ok(Server { config, http, metrics: metrics_listener, state, drain, turn, http_limits, key_files })
     }
 
     /// The bound public address (useful with port 0).
@@ -135,27 +181,30 @@ impl Server {
         self.turn.as_ref().and_then(|t| t.udp.first().copied())
     }
 
-    /// The bound TURN TCP listener, if TURN runs.
+    /// The bound TURN TCP listener (the HTTP one when shared), if TURN runs.
     pub fn turn_tcp_addr(&self) -> Option<SocketAddr> {
-        self.turn.as_ref().and_then(|t| t.tcp.first().copied())
+        self.turn.as_ref().and(self.config.turn.tcp_listen.0.first().copied())
     }
 
-    /// The bound TURN TLS listener, if TURN runs with a certificate.
+    /// The bound TURN TLS listener (the HTTP one when shared), if TURN runs with a certificate.
     pub fn turn_tls_addr(&self) -> Option<SocketAddr> {
-        self.turn.as_ref().and_then(|t| t.tls.first().copied())
+        self.turn.as_ref().and(self.config.turn.tls_listen.0.first().copied())
     }
 
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let Server { config, http, metrics, state, drain, turn, http_limits } = self;
+        let Server { config, http, metrics, state, drain, turn, http_limits, key_files } = self;
         let separate_metrics = metrics.is_some();
         let http_addr = http.local_addr()?;
         let metrics_addr = metrics.as_ref().map(TcpListener::local_addr).transpose()?;
-        // HTTPS certificates are reloaded like the TURN ones (turn.tls_reload_poll_secs, SIGHUP).
-        let tls_watch = http_limits.tls.clone().map(|a| {
-            tokio::spawn(a.watch(Duration::from_secs(config.turn.tls_reload_poll_secs), state.shared().env.metrics.clone()))
+        // Certificates are reloaded when their files change (turn.tls_reload_poll_secs) or on
+        // SIGHUP, each pair once however many listeners serve it.
+        let poll = Duration::from_secs(config.turn.tls_reload_poll_secs);
+        let tls_watch = (!key_files.is_empty()).then(|| {
+            let metrics = state.shared().env.metrics.clone();
+            tokio::spawn(futures_util::future::join_all(key_files.into_iter().map(move |f| f.watch(poll, metrics.clone()))))
         });
-        let scheme = if http_limits.tls.is_some() { "https" } else { "http" };
+        let scheme = if http_limits.https { "https" } else { "http" };
         let public = http::listener::serve(http, http::app(state.clone(), !separate_metrics), http_limits, state.shared().env.metrics.clone(), drain.subscribe());
         let public = tokio::spawn(public);
         let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();

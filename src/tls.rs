@@ -1,12 +1,18 @@
-//! TLS for `turns:` and for HTTPS/WSS: rustls with the certificate and key from files,
-//! reloaded when the files change (checked every few seconds) or on SIGHUP, so renewed
-//! certificates need no restart.
+//! TLS for `turns:`, for HTTPS/WSS, and for the one port that serves both: rustls with
+//! certificates from PEM files, reloaded when the files change (checked every few seconds) or
+//! on SIGHUP, so renewed certificates need no restart. Each certificate/key pair is a
+//! [`KeyFiles`] whose key is swapped in place; an [`Acceptor`] picks among its pairs by SNI
+//! at every handshake, so a reload or a shared port needs no new configuration.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::crypto::CryptoProvider;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -31,28 +37,34 @@ pub enum TlsError {
 fn failure_reason(e: &std::io::Error) -> &'static str {
     match e.kind() {
         std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => "eof",
+        std::io::ErrorKind::InvalidData if is_no_alpn(e) => "alpn",
         std::io::ErrorKind::InvalidData => "protocol",
         _ => "io",
     }
 }
 
-/// A TLS acceptor whose configuration can be swapped while serving.
-#[derive(Clone)]
-pub struct Acceptor {
-    current: Arc<RwLock<Arc<ServerConfig>>>,
-    cert: PathBuf,
-    key: PathBuf,
-    /// The config section the files come from (`turn` or `http`), for errors and the
-    /// `listener` label of the reload metric.
-    section: &'static str,
+/// The client offered only application protocols this listener does not serve: refused by
+/// [`SniResolver`] (rustls itself would carry on without ALPN), which rustls reports as no
+/// certificate resolved.
+fn is_no_alpn(e: &std::io::Error) -> bool {
+    use tokio_rustls::rustls::Error;
+    e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()).is_some_and(|e| match e {
+        Error::NoApplicationProtocol => true,
+        Error::General(m) => m.contains("no server certificate chain resolved"),
+        _ => false,
+    })
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(tokio_rustls::rustls::crypto::ring::default_provider())
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Io { path: path.display().to_string(), source })
 }
 
-/// Loads a rustls server configuration from PEM files; errors name `section`'s keys.
-pub fn load(cert: &Path, key: &Path, section: &str) -> Result<ServerConfig, TlsError> {
+/// Loads a certificate chain and its key from PEM files; errors name `section`'s keys.
+pub fn load_key(cert: &Path, key: &Path, section: &str) -> Result<CertifiedKey, TlsError> {
     let certs: Vec<_> = rustls_pemfile::certs(&mut read(cert)?.as_slice())
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Invalid(format!("{section}.tls_cert: {e}")))?;
@@ -62,50 +74,40 @@ pub fn load(cert: &Path, key: &Path, section: &str) -> Result<ServerConfig, TlsE
     let key = rustls_pemfile::private_key(&mut read(key)?.as_slice())
         .map_err(|e| TlsError::Invalid(format!("{section}.tls_key: {e}")))?
         .ok_or_else(|| TlsError::Invalid(format!("{section}.tls_key: no private key in {}", key.display())))?;
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Invalid(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Invalid(format!("{section}.tls_cert/{section}.tls_key: {e}")))
+    CertifiedKey::from_der(certs, key, &provider()).map_err(|e| TlsError::Invalid(format!("{section}.tls_cert/{section}.tls_key: {e}")))
 }
 
-impl Acceptor {
-    /// Loads the files of config section `section` (`turn`, `http`); fails start-up when
-    /// they are unusable.
-    pub fn new(cert: PathBuf, key: PathBuf, section: &'static str) -> Result<Self, TlsError> {
-        let config = load(&cert, &key, section)?;
-        Ok(Acceptor { current: Arc::new(RwLock::new(Arc::new(config))), cert, key, section })
+/// One certificate/key pair from files; [`KeyFiles::reload`] swaps it in place.
+#[derive(Debug)]
+pub struct KeyFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    /// The config section the files come from (`turn`, `http`), for errors and the
+    /// `listener` label of the reload metric.
+    section: &'static str,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl KeyFiles {
+    /// Loads the files of config section `section`; fails start-up when they are unusable.
+    pub fn load(cert: PathBuf, key: PathBuf, section: &'static str) -> Result<Arc<Self>, TlsError> {
+        let current = RwLock::new(Arc::new(load_key(&cert, &key, section)?));
+        Ok(Arc::new(KeyFiles { cert, key, section, current }))
     }
 
-    /// Completes a TLS handshake with the current certificate.
-    pub async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
-        let config = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
-        TlsAcceptor::from(config).accept(stream).await
+    /// The config section (`turn`, `http`).
+    pub fn section(&self) -> &'static str {
+        self.section
     }
 
-    /// Completes a handshake by `deadline`. A failure (or the deadline) is counted by reason in
-    /// `kinlink_turn_tls_handshake_failures_total{listener}` (this acceptor's section) and
-    /// yields `None`: a socket that never finishes the handshake is held no longer than that.
-    pub async fn accept_by(&self, stream: TcpStream, deadline: tokio::time::Instant, metrics: &crate::metrics::Metrics) -> Option<TlsStream<TcpStream>> {
-        let reason = match tokio::time::timeout_at(deadline, self.accept(stream)).await {
-            Ok(Ok(s)) => return Some(s),
-            Ok(Err(e)) => {
-                let reason = failure_reason(&e);
-                tracing::debug!(listener = self.section, reason, error = %e, "TLS handshake failed");
-                reason
-            }
-            Err(_) => "timeout",
-        };
-        metrics.turn_tls_handshake_failures.with_label_values(&[self.section, reason]).inc();
-        None
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Reloads the files; on failure the old certificate stays in use.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let config = load(&self.cert, &self.key, self.section)?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        let key = load_key(&self.cert, &self.key, self.section)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
         Ok(())
     }
 
@@ -115,7 +117,7 @@ impl Acceptor {
     }
 
     /// Reloads on SIGHUP and when the files' modification times change (checked every `poll`).
-    pub async fn watch(self, poll: Duration, metrics: Arc<crate::metrics::Metrics>) {
+    pub async fn watch(self: Arc<Self>, poll: Duration, metrics: Arc<crate::metrics::Metrics>) {
         let mut last = self.modified();
         #[cfg(unix)]
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -151,5 +153,129 @@ impl Acceptor {
                 }
             }
         }
+    }
+}
+
+/// Whether a certificate chain's leaf is valid for `name` (its SANs, wildcards included).
+fn valid_for(key: &CertifiedKey, name: &str) -> bool {
+    let Ok(name) = ServerName::try_from(name) else { return false };
+    key.cert.first().is_some_and(|leaf| webpki::EndEntityCert::try_from(leaf).is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok()))
+}
+
+/// A certificate source the resolver can pick from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// PEM files (`http.tls_cert`, `turn.tls_cert`).
+    Files(Arc<KeyFiles>),
+    /// Certificates kinlink obtains itself (ACME), which also answers TLS-ALPN-01 challenges.
+    Resolver(Arc<dyn ResolvesServerCert>),
+}
+
+/// Picks the certificate for a handshake: an ACME challenge (`acme-tls/1`) goes to the ACME
+/// source; otherwise the first source whose certificate is valid for the SNI name, else the
+/// first source (clients without SNI, or with an IP address).
+/// A client that offers ALPN, none of it served here (when the listener names what it
+/// serves), gets no certificate: a misrouted connection is refused in the handshake.
+#[derive(Debug)]
+pub struct SniResolver {
+    sources: Vec<Source>,
+    alpn: Vec<Vec<u8>>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if !self.alpn.is_empty() && hello.alpn().is_some_and(|mut offered| !offered.any(|p| self.alpn.iter().any(|a| a == p))) {
+            return None;
+        }
+        let acme_challenge = hello.alpn().is_some_and(|mut a| a.any(|p| p == crate::tls::ACME_TLS_ALPN));
+        let resolver = self.sources.iter().find_map(|s| match s {
+            Source::Resolver(r) => Some(r.clone()),
+            Source::Files(_) => None,
+        });
+        if acme_challenge {
+            return resolver.and_then(|r| r.resolve(hello));
+        }
+        let name = hello.server_name().map(str::to_owned);
+        let files: Vec<Arc<CertifiedKey>> = self.sources.iter().filter_map(|s| if let Source::Files(f) = s { Some(f.current()) } else { None }).collect();
+        if let Some(name) = &name {
+            if let Some(k) = files.iter().find(|k| valid_for(k, name)) {
+                return Some(k.clone());
+            }
+        }
+        // The ACME certificate (for its domains), then the first file pair.
+        if let Some(r) = resolver {
+            if let Some(k) = r.resolve(hello) {
+                if files.is_empty() || name.as_deref().is_some_and(|n| valid_for(&k, n)) {
+                    return Some(k);
+                }
+            }
+        }
+        files.into_iter().next()
+    }
+}
+
+/// The ALPN protocol id of TLS-ALPN-01 challenges (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// A TLS acceptor over one or more certificate sources.
+#[derive(Clone)]
+pub struct Acceptor {
+    config: Arc<ServerConfig>,
+    files: Vec<Arc<KeyFiles>>,
+    /// The `listener` label of the handshake-failure metric (`turn`, `http`, `shared`).
+    label: &'static str,
+}
+
+impl Acceptor {
+    /// One pair of files of config section `section` (`turn`, `http`), no ALPN.
+    pub fn new(cert: PathBuf, key: PathBuf, section: &'static str) -> Result<Self, TlsError> {
+        let files = KeyFiles::load(cert, key, section)?;
+        Ok(Self::with_sources(vec![Source::Files(files)], Vec::new(), section))
+    }
+
+    /// Several sources picked by SNI, offering `alpn` (a client offering ALPN with none of
+    /// these is refused in the handshake).
+    pub fn with_sources(sources: Vec<Source>, alpn: Vec<Vec<u8>>, label: &'static str) -> Self {
+        let files = sources.iter().filter_map(|s| if let Source::Files(f) = s { Some(f.clone()) } else { None }).collect();
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(SniResolver { sources, alpn: alpn.clone() }));
+        config.alpn_protocols = alpn;
+        Acceptor { config: Arc::new(config), files, label }
+    }
+
+    /// The file pairs, to watch for reloads.
+    pub fn files(&self) -> &[Arc<KeyFiles>] {
+        &self.files
+    }
+
+    /// Completes a TLS handshake.
+    pub async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
+        TlsAcceptor::from(self.config.clone()).accept(stream).await
+    }
+
+    /// Completes a handshake by `deadline`. A failure (or the deadline) is counted by reason in
+    /// `kinlink_turn_tls_handshake_failures_total{listener}` and yields `None`: a socket that
+    /// never finishes the handshake is held no longer than that.
+    pub async fn accept_by(&self, stream: TcpStream, deadline: tokio::time::Instant, metrics: &crate::metrics::Metrics) -> Option<TlsStream<TcpStream>> {
+        let reason = match tokio::time::timeout_at(deadline, self.accept(stream)).await {
+            Ok(Ok(s)) => return Some(s),
+            Ok(Err(e)) => {
+                let reason = failure_reason(&e);
+                tracing::debug!(listener = self.label, reason, error = %e, "TLS handshake failed");
+                reason
+            }
+            Err(_) => "timeout",
+        };
+        metrics.turn_tls_handshake_failures.with_label_values(&[self.label, reason]).inc();
+        None
+    }
+
+    /// Watches every file pair (see [`KeyFiles::watch`]).
+    pub async fn watch(self, poll: Duration, metrics: Arc<crate::metrics::Metrics>) {
+        // Polled in this task (not spawned), so aborting it stops every watch.
+        futures_util::future::join_all(self.files.iter().map(|f| f.clone().watch(poll, metrics.clone()))).await;
     }
 }

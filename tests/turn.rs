@@ -5,12 +5,11 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
+use common::coturn::*;
 use common::*;
 use kinlink::config::Listen;
-use tokio::net::UdpSocket;
 use webrtc_util::conn::Conn;
 
 #[tokio::test]
@@ -97,63 +96,6 @@ async fn family_quota_answers_486() {
 }
 
 /// coturn's echo peer, killed on drop.
-struct Peer(std::process::Child);
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts coturn's echo peer on a free loopback port and waits until it echoes.
-async fn coturn_peer() -> (Peer, u16) {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    #[allow(clippy::zombie_processes)] // `Peer` waits on drop
-    let child = Command::new("turnutils_peer")
-        .args(["-L", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("turnutils_peer (Debian package coturn) is installed");
-    let child = Peer(child);
-    let probe = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let mut buf = [0u8; 16];
-    for _ in 0..100 {
-        probe.send_to(b"ping", ("127.0.0.1", port)).await.unwrap();
-        if tokio::time::timeout(Duration::from_millis(50), probe.recv_from(&mut buf)).await.is_ok() {
-            return (child, port);
-        }
-    }
-    panic!("turnutils_peer did not start");
-}
-
-/// Runs turnutils_uclient with REST secret auth; returns (messages received, packets lost).
-fn uclient(extra: &[&str], turn_port: u16, peer_port: u16, clients: u32, messages: u32) -> (u64, u64, String) {
-    let out = Command::new("turnutils_uclient")
-        .args(extra)
-        .args(["-W", TURN_SECRET, "-u", "fam:dev", "-e", "127.0.0.1", "-r", &peer_port.to_string()])
-        .args(["-p", &turn_port.to_string(), "-n", &messages.to_string(), "-m", &clients.to_string(), "-l", "500", "-z", "5", "-X"])
-        .arg("127.0.0.1")
-        .output()
-        .expect("turnutils_uclient (Debian package coturn) is installed");
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let grab = |key: &str| -> Option<u64> {
-        text.lines().rev().find_map(|l| l.split(key).nth(1)).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-    };
-    let received = grab("tot_recv_msgs=").unwrap_or(0);
-    let lost = grab("Total lost packets ").unwrap_or(u64::MAX);
-    (received, lost, text)
-}
-
-async fn uclient_case(server: &TestServer, extra: &'static [&'static str], turn_port: u16) {
-    let (peer, peer_port) = coturn_peer().await;
-    let (received, lost, text) = tokio::task::spawn_blocking(move || uclient(extra, turn_port, peer_port, 4, 25)).await.unwrap();
-    drop(peer);
-    assert_eq!((received, lost), (100, 0), "uclient {extra:?}:\n{text}");
-    let _ = server;
-}
-
 #[tokio::test]
 async fn coturn_uclient_over_udp_with_channels_and_send_indications() {
     let server = TestServer::start().await;

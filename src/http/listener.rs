@@ -17,6 +17,8 @@ use tokio::sync::watch;
 use tower::ServiceExt;
 
 use crate::connlimit::{Accepting, ConnGuard, ConnLimiter};
+use crate::demux::{self, Protocol, Rewind, Sniff};
+use crate::turn::server::{FiveTuple, Transport};
 use crate::metrics::Metrics;
 use crate::ratelimit::LogLimiter;
 
@@ -30,23 +32,37 @@ pub struct HttpLimits {
     /// `http.max_connections_per_ip` (total unbounded here: `signal.max_connections` caps
     /// WebSockets, `unupgraded` the rest).
     pub per_ip: Arc<ConnLimiter>,
-    /// HTTPS/WSS when `http.tls_cert` and `http.tls_key` are set.
+    /// The TLS acceptor of this port: HTTPS/WSS when `http.tls_cert` and `http.tls_key` are
+    /// set, and `turns:` too when TURN shares the port.
     pub tls: Option<crate::tls::Acceptor>,
+    /// Whether HTTP itself is served over TLS (else only TURN is, on a shared port).
+    pub https: bool,
+    /// TURN sharing this port, if it does.
+    pub share: Option<Share>,
+}
+
+/// TURN on the HTTP port (`turn.tcp_listen`/`turn.tls_listen` naming `http.listen`).
+#[derive(Clone)]
+pub struct Share {
+    /// Where TURN connections go.
+    pub turn: crate::turn::stream::StreamEntry,
+    /// TURN over plain TCP is served here.
+    pub tcp: bool,
+    /// TURN over TLS is served here.
+    pub tls: bool,
 }
 
 impl HttpLimits {
-    /// From `http.*`; fails when the TLS files are unusable.
-    pub fn new(cfg: &crate::config::HttpConfig) -> Result<Self, crate::tls::TlsError> {
-        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-            (Some(cert), Some(key)) => Some(crate::tls::Acceptor::new(cert.clone(), key.clone(), "http")?),
-            _ => None,
-        };
-        Ok(HttpLimits {
+    /// From `http.*`, with this port's TLS acceptor (see [`crate::server`]).
+    pub fn new(cfg: &crate::config::HttpConfig, tls: Option<crate::tls::Acceptor>, https: bool, share: Option<Share>) -> Self {
+        HttpLimits {
             header_read_timeout: Duration::from_secs(cfg.header_read_timeout_secs),
             unupgraded: ConnLimiter::new(cfg.max_unupgraded_connections, cfg.max_unupgraded_per_ip),
             per_ip: ConnLimiter::new(usize::MAX, cfg.max_connections_per_ip),
             tls,
-        })
+            https,
+            share,
+        }
     }
 }
 
@@ -60,6 +76,7 @@ pub struct ConnHold(#[allow(dead_code)] Arc<ConnGuard>);
 pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
     let mut accepting = Accepting::new("http");
     let log = LogLimiter::new(Instant::now(), Duration::from_secs(1));
+    let log_misrouted = Arc::new(LogLimiter::new(Instant::now(), Duration::from_secs(1)));
     loop {
         let (stream, from) = tokio::select! {
             a = accepting.accept(&listener, &metrics) => a,
@@ -79,26 +96,101 @@ pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, me
             }
         };
         let hold = ConnHold(Arc::new(all));
+        let log_misrouted = log_misrouted.clone();
         let router = router.clone();
         let metrics = metrics.clone();
         let mut stop = stop.clone();
         let timeout = limits.header_read_timeout;
-        let tls = limits.tls.clone();
+        let (tls, https, share) = (limits.tls.clone(), limits.https, limits.share.clone());
         tokio::spawn(async move {
             metrics.http_unupgraded.inc();
-            match tls {
-                None => serve_connection(stream, from, hold, router, timeout, &mut stop).await,
-                // The handshake shares the header-read deadline: a socket that never completes
-                // it is held no longer than a silent plain one.
-                Some(acceptor) => {
-                    if let Some(tls) = acceptor.accept_by(stream, tokio::time::Instant::now() + timeout, &metrics).await {
-                        serve_connection(tls, from, hold, router, timeout, &mut stop).await;
+            let unupgraded = scopeguard(&metrics, pending);
+            // The handshake (and on a shared port, telling the protocols apart) shares the
+            // header-read deadline: a socket that never gets there is held no longer than a
+            // silent plain one.
+            let deadline = tokio::time::Instant::now() + timeout;
+            let Some(share) = share else {
+                match tls {
+                    None => serve_connection(stream, from, hold, router, timeout, &mut stop).await,
+                    Some(acceptor) => {
+                        if let Some(tls) = acceptor.accept_by(stream, deadline, &metrics).await {
+                            serve_connection(tls, from, hold, router, timeout, &mut stop).await;
+                        }
                     }
                 }
+                drop(unupgraded);
+                return;
+            };
+            let local = stream.local_addr().unwrap_or(from);
+            let sniffed = tokio::time::timeout_at(deadline, demux::peek_and_sniff(&stream)).await;
+            let count = |p: &str| metrics.shared_port_connections.with_label_values(&[p]).inc();
+            match sniffed {
+                Ok(Ok(Sniff::Plain(Protocol::Http))) if !https => {
+                    count("http");
+                    serve_connection(stream, from, hold, router, timeout, &mut stop).await;
+                }
+                Ok(Ok(Sniff::Plain(Protocol::Turn))) if share.tcp => {
+                    count("turn_tcp");
+                    // TURN has its own admission and deadlines: this is no HTTP connection.
+                    drop((unupgraded, hold));
+                    let tuple = FiveTuple { client: from, server: local, transport: Transport::Tcp };
+                    share.turn.serve(stream, tuple, deadline - timeout).await;
+                    return;
+                }
+                Ok(Ok(Sniff::Tls)) if tls.is_some() => {
+                    let acceptor = tls.expect("checked");
+                    let Some(mut tls) = acceptor.accept_by(stream, deadline, &metrics).await else { return };
+                    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                    // Negotiated ALPN decides; without it, the first decrypted bytes do.
+                    let (protocol, prefix) = match demux::by_alpn(alpn.as_deref()) {
+                        Some(p) => (Some(p), Vec::new()),
+                        None => match tokio::time::timeout_at(deadline, demux::read_and_sniff(&mut tls)).await {
+                            Ok(Ok((Sniff::Plain(p), prefix))) => (Some(p), prefix),
+                            _ => (None, Vec::new()),
+                        },
+                    };
+                    let stream = Rewind::new(prefix, tls);
+                    match protocol {
+                        Some(Protocol::Http) if https => {
+                            count("https");
+                            serve_connection(stream, from, hold, router, timeout, &mut stop).await;
+                        }
+                        Some(Protocol::Turn) if share.tls => {
+                            count("turn_tls");
+                            drop((unupgraded, hold));
+                            let tuple = FiveTuple { client: from, server: local, transport: Transport::Tls };
+                            share.turn.serve(stream, tuple, deadline - timeout).await;
+                            return;
+                        }
+                        _ => misrouted(&metrics, &log_misrouted, from),
+                    }
+                }
+                _ => misrouted(&metrics, &log_misrouted, from),
             }
-            metrics.http_unupgraded.dec();
-            drop(pending);
+            drop(unupgraded);
         });
+    }
+}
+
+/// Decrements the unupgraded gauge and releases the admission slot when dropped.
+struct Unupgraded<'a>(&'a Metrics, #[allow(dead_code)] ConnGuard);
+
+impl Drop for Unupgraded<'_> {
+    fn drop(&mut self) {
+        self.0.http_unupgraded.dec();
+    }
+}
+
+fn scopeguard(metrics: &Metrics, pending: ConnGuard) -> Unupgraded<'_> {
+    Unupgraded(metrics, pending)
+}
+
+/// A connection on a shared port that speaks nothing served there (garbage, a plain request
+/// on an HTTPS port, TLS without a certificate, a silent socket): closed and counted.
+fn misrouted(metrics: &Metrics, log: &LogLimiter, from: SocketAddr) {
+    metrics.shared_port_connections.with_label_values(&["unknown"]).inc();
+    if let Some(suppressed) = log.allow(Instant::now()) {
+        tracing::info!(%from, suppressed, "connection on the shared port closed: not a protocol served here");
     }
 }
 

@@ -121,6 +121,7 @@ pub struct TurnService {
     core: Core,
     shards: Arc<[Arc<ShardHandle>]>,
     tasks: Vec<JoinHandle<()>>,
+    entry: stream::StreamEntry,
 }
 
 /// The host's primary IP for a family, found by asking the kernel for a route: `connect()` on
@@ -245,12 +246,15 @@ impl TurnService {
     /// Binds the listeners and starts serving. `other_own` are kinlink's other listeners
     /// (HTTP, metrics), which the relay must not reach either; `health` shows the listener
     /// tasks on `/readyz`.
-    pub async fn start(cfg: &TurnConfig, metrics: Arc<Metrics>, health: Arc<Health>, other_own: &[SocketAddr]) -> anyhow::Result<TurnService> {
+    ///
+    /// `tls_files` is the `turns:` certificate (loaded and watched by the caller, which may
+    /// also serve it on the HTTP port); `cfg`'s TCP/TLS addresses are the dedicated ones (an
+    /// address shared with `http.listen` is served through [`TurnService::stream_entry`]).
+    pub async fn start(cfg: &TurnConfig, tls_files: Option<Arc<crate::tls::KeyFiles>>, metrics: Arc<Metrics>, health: Arc<Health>, other_own: &[SocketAddr]) -> anyhow::Result<TurnService> {
         let secret = cfg.secret.clone().context("turn.secret is resolved")?;
-        let tls_files = match (cfg.tls_enabled(), &cfg.tls_cert, &cfg.tls_key) {
-            (true, Some(cert), Some(key)) => Some(crate::tls::Acceptor::new(cert.clone(), key.clone(), "turn").context("turns: certificate")?),
-            _ => None,
-        };
+        let tls_files = tls_files
+            .filter(|_| !cfg.tls_listen.0.is_empty())
+            .map(|f| crate::tls::Acceptor::with_sources(vec![crate::tls::Source::Files(f)], Vec::new(), "turn"));
         // One socket per shard on every UDP address: the first binds (port 0 picks a port),
         // the others join it with SO_REUSEPORT.
         let shards_n = cfg.shards();
@@ -364,7 +368,6 @@ impl TurnService {
             }));
         }
         if let Some(acceptor) = tls_files {
-            tasks.push(tokio::spawn(acceptor.clone().watch(Duration::from_secs(cfg.tls_reload_poll_secs), ctx.metrics.clone())));
             for l in tls {
                 let (ctx, limit, acceptor) = (ctx.clone(), limit.clone(), acceptor.clone());
                 let name = format!("turn tls {}", l.local_addr()?);
@@ -395,7 +398,13 @@ impl TurnService {
             tasks.push(tokio::spawn(watch_public_ip(server.clone(), relay_ipv4, ip, every, core.clone(), metrics.clone())));
         }
         tracing::info!(udp = ?udp_addrs, tcp = ?tcp_addrs, tls = ?tls_addrs, relay_ip = %public_ip.unwrap_or(relay_ipv4), "TURN serving");
-        Ok(TurnService { udp: udp_addrs, tcp: tcp_addrs, tls: tls_addrs, advertised_ip: public_ip.unwrap_or(relay_ipv4), core, shards, tasks })
+        let entry = stream::StreamEntry { ctx, limit };
+        Ok(TurnService { udp: udp_addrs, tcp: tcp_addrs, tls: tls_addrs, advertised_ip: public_ip.unwrap_or(relay_ipv4), core, shards, tasks, entry })
+    }
+
+    /// Where another listener (the HTTP port, when TURN shares it) hands TCP/TLS connections.
+    pub fn stream_entry(&self) -> stream::StreamEntry {
+        self.entry.clone()
     }
 
     /// Stops granting allocations; existing ones keep relaying until the process exits.

@@ -91,6 +91,30 @@ pub async fn serve_tcp(listener: Arc<TcpListener>, ctx: Ctx, limit: Arc<ConnLimi
     }
 }
 
+/// TURN's side of a shared port: the HTTP listener hands it connections it recognised as
+/// TURN (by ALPN or first bytes), and they are admitted and served like any TCP/TLS leg.
+#[derive(Clone)]
+pub struct StreamEntry {
+    pub(super) ctx: Ctx,
+    pub(super) limit: Arc<ConnLimiter>,
+}
+
+impl StreamEntry {
+    /// Admits (`turn.max_stream_connections`, per IP) and serves one connection; `accepted`
+    /// starts its first-message deadline.
+    pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(&self, stream: S, tuple: FiveTuple, accepted: tokio::time::Instant) {
+        let guard = match self.limit.admit(tuple.client.ip()) {
+            Ok(g) => g,
+            Err(refused) => {
+                self.ctx.metrics.connections_rejected.with_label_values(&["turn_stream", refused.label()]).inc();
+                return;
+            }
+        };
+        serve_stream(stream, tuple, self.ctx.clone(), accepted).await;
+        drop(guard);
+    }
+}
+
 /// How long client data waits for room in the relay socket's send buffer.
 const SEND_WAIT: Duration = Duration::from_millis(500);
 

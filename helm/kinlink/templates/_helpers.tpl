@@ -53,6 +53,16 @@ existingSecret rotated by hand or by an operator) changed.
 {{- end }}
 
 {{/* The lowest port the pod binds; below 1024 needs NET_BIND_SERVICE. */}}
+{{/* HTTPS signaling and TURN over TLS on one port (turn.tls.sharesHttpPort). */}}
+{{- define "kinlink.onePort" -}}
+{{- if and .Values.turn.enabled .Values.turn.tls.enabled .Values.turn.tls.sharesHttpPort }}true{{ end -}}
+{{- end }}
+
+{{/* The port HTTP (signaling) is served on. */}}
+{{- define "kinlink.httpPort" -}}
+{{- if include "kinlink.onePort" . }}{{ .Values.turn.tls.port }}{{ else }}{{ .Values.http.port }}{{ end -}}
+{{- end }}
+
 {{- define "kinlink.lowestPort" -}}
 {{- $ports := list (int .Values.http.port) (int .Values.metrics.port) -}}
 {{- if .Values.turn.enabled }}{{ $ports = append $ports (int .Values.turn.port) }}{{ end -}}
@@ -80,9 +90,13 @@ existingSecret rotated by hand or by an operator) changed.
 {{- $_ := set $turn "tls_listen" "off" -}}
 {{- end -}}
 {{- end -}}
+{{- $http := dict "listen" (printf "0.0.0.0:%d" (int $v.http.port)) -}}
+{{- if include "kinlink.onePort" . -}}
+{{- $http = dict "listen" (printf "0.0.0.0:%d" (int $v.turn.tls.port)) "tls_cert" "/etc/kinlink/tls/tls.crt" "tls_key" "/etc/kinlink/tls/tls.key" -}}
+{{- end -}}
 {{- $base := dict
   "data_dir" "/var/lib/kinlink"
-  "http" (dict "listen" (printf "0.0.0.0:%d" (int $v.http.port)))
+  "http" $http
   "metrics" (dict "listen" (printf "0.0.0.0:%d" (int $v.metrics.port)) "relay_capacity_bytes_per_sec" $v.metrics.relayCapacityBytesPerSec)
   "shutdown" (dict "grace_secs" $v.shutdownGraceSecs)
   "turn" $turn -}}

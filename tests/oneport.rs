@@ -1,0 +1,171 @@
+//! One port for everything: HTTPS/WSS signaling, TURN over TLS and TURN over TCP on
+//! `http.listen` (`turn.tls_listen` and `turn.tcp_listen` naming the same address), told apart
+//! by ALPN and first bytes. Real clients: curl, `kinlink check` (wss:// and turns:), coturn's
+//! `turnutils_uclient` over TLS and TCP, openssl s_client offering ALPN; misrouted connections
+//! are closed and counted without disturbing the others.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::Duration;
+
+use common::coturn::*;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// HTTPS, TURN/TLS and TURN/TCP all on the HTTP listener's address.
+async fn one_port_server(dir: &std::path::Path) -> (TestServer, std::path::PathBuf) {
+    let (cert, key) = self_signed_cert(dir);
+    // A fixed port (port 0 never shares: each port-0 listener picks its own).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = TestServer::with(|c| {
+        c.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        c.http.tls_cert = Some(cert.clone());
+        c.http.tls_key = Some(key.clone());
+        serve_tls(c, &cert, &key);
+        c.turn.tls_listen = kinlink::config::Listen::one(c.http.listen);
+        c.turn.tcp_listen = kinlink::config::Listen::one(c.http.listen);
+        c.http.header_read_timeout_secs = 2;
+    })
+    .await;
+    assert_eq!(server.turn_tls, Some(server.http), "turns: is advertised on the HTTP port");
+    assert_eq!(server.turn_tcp, Some(server.http), "turn:?transport=tcp too");
+    (server, cert)
+}
+
+fn curl(args: &[&str]) -> (bool, String) {
+    let out = Command::new("curl").args(["-sS", "--max-time", "5"]).args(args).output().expect("curl (scripts/test installs it)");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[tokio::test]
+async fn https_wss_turn_tls_and_turn_tcp_share_one_port() {
+    let dir = temp_dir("oneport");
+    let (server, cert) = one_port_server(&dir).await;
+    let port = server.http.port();
+    let ca = cert.to_str().unwrap().to_string();
+
+    // HTTPS (curl offers h2 and http/1.1: ALPN picks http/1.1).
+    let c = ca.clone();
+    let (ok, out) = tokio::task::spawn_blocking(move || curl(&["--cacert", &c, &format!("https://127.0.0.1:{port}/healthz")])).await.unwrap();
+    assert!(ok && out.trim() == "ok", "{out}");
+
+    // A device's whole path through the one port: wss:// registration, then TURN over TLS and
+    // TCP (the ICE servers it is handed name this port).
+    let url = format!("https://127.0.0.1:{port}");
+    let t = token("fam", "u", "d");
+    let c = ca.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_kinlink")).args(["--data-dir", "/nonexistent-kinlink-oneport", "check", &url, "--token", &t, "--ca-file", &c]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("TURN TLS") && text.contains("all checks passed"), "{text}");
+
+    // coturn's client over TLS (no ALPN: the first decrypted bytes say STUN) and over TCP,
+    // relaying with REST credentials.
+    uclient_case(&server, &["-t", "-S"], port).await;
+    uclient_case(&server, &["-t"], port).await;
+    for p in ["https", "turn_tls", "turn_tcp"] {
+        assert!(server.metric(&format!(r#"kinlink_shared_port_connections_total{{protocol="{p}"}}"#)).await >= 1.0, "{p}");
+    }
+    assert!(server.metric(r#"kinlink_turn_allocations_created_total{transport="tls"}"#).await >= 4.0);
+    assert!(server.metric(r#"kinlink_turn_allocations_created_total{transport="tcp"}"#).await >= 4.0);
+    assert_eq!(server.metric(r#"kinlink_shared_port_connections_total{protocol="unknown"}"#).await, 0.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `openssl s_client -alpn <ids>`: the negotiated protocol, or None when the handshake failed.
+fn alpn_handshake(port: u16, ca: &str, alpn: &str) -> Option<String> {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-servername", "localhost", "-CAfile", ca, "-alpn", alpn])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    if text.contains("Cipher is (NONE)") {
+        return None; // the handshake failed
+    }
+    text.lines().find_map(|l| l.strip_prefix("ALPN protocol: ").map(str::to_string)).or_else(|| text.contains("No ALPN negotiated").then(String::new))
+}
+
+type Wss = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// A device registered over wss:// (rustls trusting the test certificate).
+async fn wss_register(port: u16, cert: &std::path::Path, family: &str, user: &str, device: &str) -> Wss {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(cert).unwrap();
+    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("wss://localhost:{port}/signal"), tls).await.unwrap();
+    let register = serde_json::json!({"type": "register", "familyId": family, "userId": user, "deviceId": device, "token": token(family, user, device)});
+    ws.send(Message::text(register.to_string())).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "registered");
+    ws
+}
+
+async fn next_json(ws: &mut Wss) -> serde_json::Value {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("a message in time").expect("open").unwrap() {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            _ => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn alpn_picks_the_protocol_and_misrouted_connections_are_closed_and_counted() {
+    let dir = temp_dir("oneport-misrouted");
+    let (server, cert) = one_port_server(&dir).await;
+    let port = server.http.port();
+    let ca = cert.to_str().unwrap().to_string();
+    // A device connected over wss:// during all of this is not disturbed.
+    let mut device = wss_register(port, &cert, "fam", "u", "watcher").await;
+
+    let c = ca.clone();
+    let negotiated = tokio::task::spawn_blocking(move || (alpn_handshake(port, &c, "stun.turn"), alpn_handshake(port, &c, "h2,http/1.1"), alpn_handshake(port, &c, "imap")))
+        .await
+        .unwrap();
+    assert_eq!(negotiated.0.as_deref(), Some("stun.turn"), "RFC 7443 ALPN");
+    assert_eq!(negotiated.1.as_deref(), Some("http/1.1"), "kinlink speaks HTTP/1.1");
+    assert_eq!(negotiated.2, None, "an unknown ALPN is refused in the handshake");
+    server.wait_metric(r#"kinlink_turn_tls_handshake_failures_total{listener="http",reason="alpn"}"#, 1.0).await;
+
+    // Garbage first bytes, and plain HTTP on the HTTPS port: closed unserved.
+    for junk in [&b"SSH-2.0-OpenSSH_9.2\r\n"[..], &b"\x00\x01\x00\x00\xde\xad\xbe\xef\x00\x00\x00\x00"[..], &b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"[..]] {
+        let junk = junk.to_vec();
+        let closed = tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(&junk).unwrap();
+            let mut buf = [0u8; 64];
+            matches!(s.read(&mut buf), Ok(0) | Err(_))
+        })
+        .await
+        .unwrap();
+        assert!(closed, "closed without an answer");
+    }
+    // A silent socket is closed at the header-read deadline.
+    let silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    server.wait_metric(r#"kinlink_shared_port_connections_total{protocol="unknown"}"#, 3.0).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    server.wait_metric(r#"kinlink_shared_port_connections_total{protocol="unknown"}"#, 4.0).await;
+    drop(silent);
+
+    // The watcher is still registered and answered.
+    device.send(Message::text(r#"{"type":"offer","toDeviceId":"nobody","sdp":{},"ref":1}"#)).await.unwrap();
+    let reply = next_json(&mut device).await;
+    assert_eq!((reply["code"].as_str(), reply["ref"].as_i64()), (Some("peer-offline"), Some(1)), "{reply}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
