@@ -402,6 +402,20 @@ def systemd(kinlink):
                 fail(f"uncommenting the port-443 lines leaves {key}={effective(opened, key)}")
         path.write_text(opened.replace("/usr/local/bin/kinlink", kinlink))
         out = must([sa, "verify", str(path)], "systemd-analyze verify (port-443 variant)")
+        # The one-port drop-in: the unit plus deploy/systemd/oneport.conf verifies and, applied
+        # after the unit's resets, grants exactly CAP_NET_BIND_SERVICE.
+        dropin_text = (ROOT / "deploy/systemd/oneport.conf").read_text()
+        with_dropin = unit_text + "\n" + dropin_text
+        for key in ["CapabilityBoundingSet", "AmbientCapabilities"]:
+            if effective(with_dropin, key) != ["CAP_NET_BIND_SERVICE"]:
+                fail(f"the oneport.conf drop-in leaves {key}={effective(with_dropin, key)}")
+        path.write_text(unit_text.replace("/usr/local/bin/kinlink", kinlink))
+        dropin_dir = Path(tmp) / "kinlink.service.d"
+        dropin_dir.mkdir()
+        (dropin_dir / "oneport.conf").write_text(dropin_text)
+        out = must([sa, "verify", str(path)], "systemd-analyze verify (oneport.conf drop-in)")
+        if out.strip():
+            fail(f"systemd-analyze verify warned with the drop-in:\n{out}")
 
         # The documented install steps, run into a scratch root.
         root = Path(tmp) / "root"

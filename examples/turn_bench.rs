@@ -53,6 +53,8 @@ struct Args {
     threads: usize,
     /// CPUs the server may run on (`taskset -c`), e.g. "0".
     server_cpus: Option<String>,
+    /// kinlink's HTTP listener on the TURN port: TURN/TCP through the shared-port demux.
+    share_http: bool,
 }
 
 fn args() -> Args {

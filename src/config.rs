@@ -212,10 +212,44 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// The `/check` self-check page.
     pub check: CheckConfig,
+    /// `[acme]`: certificates obtained and renewed automatically.
+    pub acme: AcmeConfig,
     /// `KINLINK_*` environment variables that were not configuration but Kubernetes
     /// service links (logged at debug once logging is up). Not a key.
     #[serde(skip)]
     pub ignored_env: Vec<String>,
+}
+
+/// `acme.*`: the HTTPS (and shared-port `turns:`) certificate from an ACME CA, validated by
+/// TLS-ALPN-01 on `http.listen` itself (no port 80), cached in `data_dir` and renewed before
+/// expiry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcmeConfig {
+    /// Names to obtain one certificate for. Empty: ACME is off.
+    pub domains: Vec<String>,
+    /// Contacts for the account, e.g. `mailto:ops@example.org`.
+    pub contact: Vec<String>,
+    /// The CA's directory URL (default Let's Encrypt).
+    pub directory: String,
+    /// Extra roots (PEM) to trust for the directory's HTTPS, e.g. a private ACME server's.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Let's Encrypt's production directory.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        AcmeConfig { domains: Vec::new(), contact: Vec::new(), directory: LETS_ENCRYPT.into(), ca_file: None }
+    }
+}
+
+impl AcmeConfig {
+    /// Whether certificates come from ACME.
+    pub fn enabled(&self) -> bool {
+        !self.domains.is_empty()
+    }
 }
 
 /// `check.*`: the self-check page at `/check` and the throw-away tokens it uses.
@@ -256,6 +290,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             cluster: ClusterConfig::default(),
             check: CheckConfig::default(),
+            acme: AcmeConfig::default(),
             ignored_env: Vec::new(),
         }
     }
@@ -426,6 +461,10 @@ pub struct TurnConfig {
     pub unauthenticated_per_ip_per_sec: u32,
     /// Quotas.
     pub quota: TurnQuota,
+    /// Set at start-up when no `tls_cert` is configured but the ACME certificate serves
+    /// `turns:` on the port shared with `http.listen`. Not a key.
+    #[serde(skip)]
+    pub tls_by_acme: bool,
 }
 
 /// `turn.quota.*`
@@ -499,6 +538,7 @@ impl Default for TurnConfig {
             stream_queue_bytes: 512 * 1024,
             data_threads: 0,
             quota: TurnQuota::default(),
+            tls_by_acme: false,
         }
     }
 }
@@ -513,9 +553,10 @@ impl TurnConfig {
         }
     }
 
-    /// True when both TLS files are configured and the TLS listener is on.
+    /// True when `turns:` is served: both TLS files are configured (or the ACME certificate
+    /// serves it on the shared port) and the TLS listener is on.
     pub fn tls_enabled(&self) -> bool {
-        self.tls_cert.is_some() && self.tls_key.is_some() && !self.tls_listen.0.is_empty()
+        ((self.tls_cert.is_some() && self.tls_key.is_some()) || self.tls_by_acme) && !self.tls_listen.0.is_empty()
     }
 
     /// `relay_ports` as an inclusive range; validated at load time.
@@ -678,7 +719,7 @@ impl ClusterConfig {
 }
 
 /// Keys whose environment-variable form is a comma-separated list.
-const LIST_KEYS: &[&str] = &["turn.urls", "turn.allowed_peers", "turn.denied_peers", "http.cors_origins"];
+const LIST_KEYS: &[&str] = &["turn.urls", "turn.allowed_peers", "turn.denied_peers", "http.cors_origins", "acme.domains", "acme.contact"];
 
 /// Loads the configuration: defaults, then `file`, then the process environment, then
 /// `overrides` (`key`, `value`) pairs from the command line.
@@ -948,6 +989,26 @@ impl Config {
         }
         if self.turn.tls_cert.is_some() != self.turn.tls_key.is_some() {
             return Err(ConfigError::invalid("turn.tls_cert", "turn.tls_cert and turn.tls_key go together"));
+        }
+        let a = &self.acme;
+        if a.enabled() {
+            if self.http.tls_cert.is_some() {
+                return Err(ConfigError::invalid("acme.domains", "acme.domains and http.tls_cert both give the HTTPS certificate: set one"));
+            }
+            for d in &a.domains {
+                let name_ok = !d.is_empty() && d.len() <= 253 && d.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+                if !name_ok || d.parse::<std::net::IpAddr>().is_ok() {
+                    return Err(ConfigError::invalid("acme.domains", format!("`{d}` is not a DNS name (ACME certificates are for names, not IP addresses)")));
+                }
+            }
+            if !(a.directory.starts_with("https://") || a.directory.starts_with("http://")) {
+                return Err(ConfigError::invalid("acme.directory", format!("`{}` is not an http(s) URL", a.directory)));
+            }
+            for c in &a.contact {
+                if !c.starts_with("mailto:") {
+                    return Err(ConfigError::invalid("acme.contact", format!("`{c}` is not a mailto: URL")));
+                }
+            }
         }
         for (key, secret) in [("auth.token_secret", &self.auth.token_secret), ("turn.secret", &self.turn.secret)] {
             if let Some(secret) = secret {

@@ -27,6 +27,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod acme;
 pub mod auth;
 pub mod check;
 pub mod cluster;

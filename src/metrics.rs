@@ -92,6 +92,12 @@ pub struct Metrics {
     pub connections_rejected: IntCounterVec,
     /// `kinlink_http_unupgraded_connections`: HTTP connections not (yet) WebSockets.
     pub http_unupgraded: IntGauge,
+    /// `kinlink_acme_certificate_expiry_timestamp_seconds`: when the ACME certificate in use
+    /// expires (unix seconds); 0 before one is loaded or issued.
+    pub acme_certificate_expiry: IntGauge,
+    /// `kinlink_acme_events_total{event}`: deployed_cached, deployed_new, cache_store,
+    /// order_error, cache_error.
+    pub acme_events: IntCounterVec,
     /// `kinlink_shared_port_connections_total{protocol}`: connections on a port HTTP shares
     /// with TURN, by what they turned out to speak (`unknown`: closed unserved).
     pub shared_port_connections: IntCounterVec,
@@ -350,6 +356,15 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             http_unupgraded: gauge("kinlink_http_unupgraded_connections", "HTTP connections not (yet) upgraded to a WebSocket."),
+            acme_certificate_expiry: gauge(
+                "kinlink_acme_certificate_expiry_timestamp_seconds",
+                "When the certificate obtained by ACME expires, in unix seconds; 0 until one is loaded or issued.",
+            ),
+            acme_events: counter_vec(
+                "kinlink_acme_events_total",
+                "ACME client events: deployed_cached, deployed_new (issued or renewed), cache_store, order_error, cache_error.",
+                "event",
+            ),
             shared_port_connections: counter_vec(
                 "kinlink_shared_port_connections_total",
                 "Connections on the port HTTP shares with TURN, by protocol: http, https, turn_tcp, turn_tls, unknown (closed unserved).",
@@ -411,6 +426,9 @@ impl Metrics {
         for r in TLS_FAILURE_REASONS {
             m.turn_tls_handshake_failures.with_label_values(&["turn", r]);
             m.turn_tls_handshake_failures.with_label_values(&["http", r]);
+        }
+        for e in ["deployed_cached", "deployed_new", "cache_store", "order_error", "cache_error"] {
+            m.acme_events.with_label_values(&[e]);
         }
         for p in SHARED_PORT_PROTOCOLS {
             m.shared_port_connections.with_label_values(&[p]);

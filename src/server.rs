@@ -34,6 +34,8 @@ pub struct Server {
     http_limits: http::listener::HttpLimits,
     /// Certificate files to reload (`http`, `turn`), watched once each.
     key_files: Vec<Arc<crate::tls::KeyFiles>>,
+    /// The ACME client (`acme.domains`), running while the server does.
+    acme: Option<crate::acme::Acme>,
 }
 
 impl Server {
@@ -87,12 +89,17 @@ impl Server {
         // (Port 0 never shares: each port-0 listener picks its own port.)
         let shared_addr = (config.http.listen.port() != 0).then_some(config.http.listen);
         let shares = |list: &Listen| shared_addr.is_some_and(|a| list.0.contains(&a));
-        let shares_tls = turn_files.is_some() && shares(&config.turn.tls_listen);
+        // Certificates from ACME (acme.domains): the HTTPS one, and `turns:` on the shared
+        // port when no turn.tls_cert is given.
+        let acme = crate::acme::start(&config.acme, &config.data_dir, metrics.clone())?;
+        let turn_tls_by_acme = acme.is_some() && turn_active && config.turn.tls_cert.is_none() && shares(&config.turn.tls_listen);
+        let shares_tls = (turn_files.is_some() || turn_tls_by_acme) && shares(&config.turn.tls_listen);
         let shares_tcp = turn_active && shares(&config.turn.tcp_listen);
         let http_addr = http.local_addr()?;
         let turn = if turn_active {
             let mut others = vec![http_addr];
             others.extend(metrics_listener.as_ref().map(TcpListener::local_addr).transpose()?);
+            config.turn.tls_by_acme = turn_tls_by_acme;
             let mut dedicated = config.turn.clone();
             dedicated.tcp_listen.0.retain(|a| Some(*a) != shared_addr);
             dedicated.tls_listen.0.retain(|a| Some(*a) != shared_addr);
@@ -147,23 +154,29 @@ impl Server {
         // This port's TLS: the HTTPS certificate, and on a shared port the `turns:` one too,
         // picked by SNI; ALPN names what is served so a client asking for anything else is
         // refused in the handshake.
+        let https = http_files.is_some() || acme.is_some();
         let mut sources: Vec<crate::tls::Source> = http_files.iter().cloned().map(crate::tls::Source::Files).collect();
         let mut alpn = Vec::new();
-        if share.is_some() {
+        if share.is_some() || acme.is_some() {
             // rustls picks by the server's order. TURN first: only TURN clients offer
             // `stun.turn`, and some (coturn's) offer `http/1.1` beside it.
             if shares_tls {
                 sources.extend(turn_files.iter().cloned().map(crate::tls::Source::Files));
                 alpn.push(crate::demux::ALPN_TURN.to_vec());
             }
-            if http_files.is_some() {
+            if https {
                 alpn.push(crate::demux::ALPN_HTTP.to_vec());
             }
         }
+        if let Some(acme) = &acme {
+            // After the files: an ACME certificate is picked by SNI, or when there is no other.
+            sources.push(crate::tls::Source::Resolver(acme.resolver.clone()));
+            alpn.push(crate::tls::ACME_TLS_ALPN.to_vec());
+        }
         let tls = (!sources.is_empty()).then(|| crate::tls::Acceptor::with_sources(sources, alpn, "http"));
-        let http_limits = http::listener::HttpLimits::new(&config.http, tls, http_files.is_some(), share);
+        let http_limits = http::listener::HttpLimits::new(&config.http, tls, https, share);
         let key_files = http_files.into_iter().chain(turn_files).collect();
-        Ok(Server { config, http, metrics: metrics_listener, state, drain, turn, http_limits, key_files })
+        Ok(Server { config, http, metrics: metrics_listener, state, drain, turn, http_limits, key_files, acme })
     }
 
     /// The bound public address (useful with port 0).
@@ -193,7 +206,8 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let Server { config, http, metrics, state, drain, turn, http_limits, key_files } = self;
+        let Server { config, http, metrics, state, drain, turn, http_limits, key_files, acme } = self;
+        let _acme = acme;
         let separate_metrics = metrics.is_some();
         let http_addr = http.local_addr()?;
         let metrics_addr = metrics.as_ref().map(TcpListener::local_addr).transpose()?;

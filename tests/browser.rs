@@ -162,3 +162,33 @@ async fn the_typescript_client_connects_two_devices_in_chromium() {
     server.wait_metric(r#"kinlink_p2p_negotiations_total{outcome="direct"}"#, 1.0).await;
     server.wait_metric(r#"kinlink_p2p_negotiations_total{outcome="relay"}"#, 1.0).await;
 }
+
+/// One port: the `/check` page over https:// from the port HTTPS shares with TURN over TLS
+/// and TCP, every step passing — TURN over TLS and TCP through that same port.
+#[tokio::test]
+async fn check_page_over_https_on_the_shared_port_passes_every_step() {
+    let dir = temp_dir("browser-oneport");
+    let (cert, key) = self_signed_cert(&dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = TestServer::with(|c| {
+        c.check.demo = true;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        c.http.listen = addr;
+        c.http.tls_cert = Some(cert.clone());
+        c.http.tls_key = Some(key.clone());
+        serve_tls(c, &cert, &key);
+        c.turn.tls_listen = kinlink::config::Listen::one(addr);
+        c.turn.tcp_listen = kinlink::config::Listen::one(addr);
+    })
+    .await;
+    let r = chromium(&["single", &format!("https://127.0.0.1:{port}")]).await;
+    assert_eq!(r["ok"], true, "{r:#}");
+    for name in ["Signaling", "TURN relay over UDP", "TURN relay over TCP", "TURN relay over TLS", "P2P connection", "Data channel"] {
+        check_passed(&r, name);
+    }
+    for p in ["https", "turn_tls", "turn_tcp"] {
+        assert!(server.metric(&format!(r#"kinlink_shared_port_connections_total{{protocol="{p}"}}"#)).await >= 1.0, "{p}");
+    }
+    assert_eq!(server.metric(r#"kinlink_shared_port_connections_total{protocol="unknown"}"#).await, 0.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -159,6 +159,31 @@ impl Tls {
     }
 }
 
+impl Tls {
+    /// How long the certificate `host:port` presents stays valid, and its issuer.
+    async fn certificate(&self, host: &str, port: u16, timeout: Duration) -> anyhow::Result<(Duration, String)> {
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect((host, port))).await.map_err(|_| anyhow!("connecting timed out"))??;
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_string())?;
+        let stream = tokio::time::timeout(timeout, tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, tcp)).await.map_err(|_| anyhow!("TLS timed out"))??;
+        let leaf = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).ok_or_else(|| anyhow!("no certificate presented"))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| anyhow!("unreadable certificate: {e}"))?;
+        let now = crate::auth::unix_now() as i64;
+        let left = u64::try_from(cert.validity().not_after.timestamp() - now).unwrap_or(0);
+        Ok((Duration::from_secs(left), cert.issuer().to_string()))
+    }
+}
+
+/// `3 d 4 h`, `5 h 2 min`, `40 s`.
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        7200..=172_799 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        _ => format!("{} d {} h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
 /// Minimal HTTP/1.1 POST (Connection: close); returns status, Date header and body.
 async fn post(tls: &Tls, base: &Target, path: &str, bearer: Option<&str>, timeout: Duration) -> anyhow::Result<(u16, Option<String>, String)> {
     let mut s = tls.connect(&base.host, base.port, base.tls, timeout).await?;
@@ -516,6 +541,20 @@ pub async fn run(opts: &CheckOptions) -> anyhow::Result<Report> {
         bail!("expected two check tokens");
     }
     report.push("tokens", started, Ok("two devices of a throw-away family".into()));
+
+    // The HTTPS certificate's remaining lifetime (files or ACME: a stalled renewal shows here).
+    if base.tls {
+        let started = Instant::now();
+        match tls.certificate(&base.host, base.port, t).await {
+            Ok((left, issuer)) if left < Duration::from_secs(3600) => report.push(
+                "certificate",
+                started,
+                Err((format!("expires in {} s (issuer {issuer})", left.as_secs()), "renewal is not happening: with acme.domains see kinlink_acme_events_total and the log; with files, your certbot or cert-manager".into())),
+            ),
+            Ok((left, issuer)) => report.push("certificate", started, Ok(format!("valid {} more (issuer {issuer})", human(left)))),
+            Err(e) => report.push("certificate", started, Err((format!("{e:#}"), String::new()))),
+        };
+    }
 
     // Signaling: both register and see each other; an offer and an answer cross.
     let started = Instant::now();

@@ -114,7 +114,9 @@ pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, me
                     None => serve_connection(stream, from, hold, router, timeout, &mut stop).await,
                     Some(acceptor) => {
                         if let Some(tls) = acceptor.accept_by(stream, deadline, &metrics).await {
-                            serve_connection(tls, from, hold, router, timeout, &mut stop).await;
+                            if !is_acme_challenge(&tls) {
+                                serve_connection(tls, from, hold, router, timeout, &mut stop).await;
+                            }
                         }
                     }
                 }
@@ -140,6 +142,9 @@ pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, me
                 Ok(Ok(Sniff::Tls)) if tls.is_some() => {
                     let acceptor = tls.expect("checked");
                     let Some(mut tls) = acceptor.accept_by(stream, deadline, &metrics).await else { return };
+                    if is_acme_challenge(&tls) {
+                        return;
+                    }
                     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
                     // Negotiated ALPN decides; without it, the first decrypted bytes do.
                     let (protocol, prefix) = match demux::by_alpn(alpn.as_deref()) {
@@ -170,6 +175,12 @@ pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, me
             drop(unupgraded);
         });
     }
+}
+
+/// A TLS-ALPN-01 validation (RFC 8737): the handshake with the challenge certificate was the
+/// whole point; the CA closes the connection.
+fn is_acme_challenge(tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> bool {
+    tls.get_ref().1.alpn_protocol() == Some(crate::tls::ACME_TLS_ALPN)
 }
 
 /// Decrements the unupgraded gauge and releases the admission slot when dropped.

@@ -292,3 +292,35 @@ pub fn file_fingerprint(cert: &std::path::Path) -> String {
     let out = std::process::Command::new("openssl").args(["x509", "-noout", "-fingerprint", "-sha256", "-in"]).arg(cert).output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+pub type Wss = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// A device registered over wss:// to 127.0.0.1:`port`, trusting `ca` for `server_name`.
+pub async fn wss_register(port: u16, ca: &std::path::Path, server_name: &str, family: &str, user: &str, device: &str) -> Wss {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).unwrap();
+    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("wss://{server_name}:{port}/signal"), tls).await.unwrap();
+    let register = serde_json::json!({"type": "register", "familyId": family, "userId": user, "deviceId": device, "token": token(family, user, device)});
+    futures_util::SinkExt::send(&mut ws, Message::text(register.to_string())).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "registered");
+    ws
+}
+
+pub async fn next_json(ws: &mut Wss) -> serde_json::Value {
+    loop {
+        match tokio::time::timeout(WAIT, futures_util::StreamExt::next(ws)).await.expect("a message in time").expect("open").unwrap() {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            _ => continue,
+        }
+    }
+}
