@@ -164,7 +164,11 @@ impl Tls {
     async fn certificate(&self, host: &str, port: u16, timeout: Duration) -> anyhow::Result<(Duration, String)> {
         let tcp = tokio::time::timeout(timeout, TcpStream::connect((host, port))).await.map_err(|_| anyhow!("connecting timed out"))??;
         let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_string())?;
-        let stream = tokio::time::timeout(timeout, tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, tcp)).await.map_err(|_| anyhow!("TLS timed out"))??;
+        // Say HTTP (ALPN): on a port shared with TURN, a handshake that names nothing and sends
+        // nothing would be counted as a misrouted connection.
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let stream = tokio::time::timeout(timeout, tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp)).await.map_err(|_| anyhow!("TLS timed out"))??;
         let leaf = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).ok_or_else(|| anyhow!("no certificate presented"))?;
         let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| anyhow!("unreadable certificate: {e}"))?;
         let now = crate::auth::unix_now() as i64;
@@ -439,16 +443,23 @@ impl Allocation {
     }
 }
 
+/// Whether `n` appears in `text` as a whole number (a STUN error code, not part of a port).
+fn has_number(text: &str, n: &str) -> bool {
+    text.split(|c: char| !c.is_ascii_digit()).any(|w| w == n)
+}
+
 /// Allocates twice on `url` (one allocation per device) and relays a datagram from the first
 /// to the second through the server.
 async fn relay_check(tls: &Tls, url: &TurnUrl, creds: [(&str, &str); 2], timeout: Duration) -> Result<String, (String, String)> {
     let port_hint = |e: &anyhow::Error| {
         let text = format!("{e:#}");
-        let hint = if text.contains("401") {
-            "credentials refused: turn.secret differs between the signaling and TURN side, or the clocks disagree (credentials carry an expiry)".to_string()
-        } else if text.contains("certificate") || text.contains("CertificateNotValid") || text.contains("NotValidForName") || text.contains("UnknownIssuer") {
+        // Certificate errors first: the text also carries the address, whose port may
+        // contain "401".
+        let hint = if text.contains("certificate") || text.contains("CertificateNotValid") || text.contains("NotValidForName") || text.contains("UnknownIssuer") {
             format!("TLS name mismatch or untrusted certificate: the certificate must be valid for `{}` (self-signed: --ca-file)", url.host)
-        } else if text.contains("508") || text.contains("486") {
+        } else if has_number(&text, "401") {
+            "credentials refused: turn.secret differs between the signaling and TURN side, or the clocks disagree (credentials carry an expiry)".to_string()
+        } else if has_number(&text, "508") || has_number(&text, "486") {
             "the server is at a quota or out of relay ports (turn.quota.*, turn.relay_ports)".to_string()
         } else {
             format!("port {}/{} is closed or filtered on the way to {}: firewall, security group, Service ports, or turn.public_host", url.port, url.transport, url.host)
