@@ -137,3 +137,59 @@ async fn alpn_picks_the_protocol_and_misrouted_connections_are_closed_and_counte
     assert_eq!((reply["code"].as_str(), reply["ref"].as_i64()), (Some("peer-offline"), Some(1)), "{reply}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A certificate for `name` (and nothing else), self-signed.
+fn named_cert(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", &format!("/CN={name}")])
+        .args(["-addext", &format!("subjectAltName=DNS:{name}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    (cert, key)
+}
+
+/// The subject of the certificate presented for `sni` (none: no SNI sent).
+fn presented_subject(port: u16, sni: Option<&str>) -> String {
+    let sni = sni.map(|s| format!("-servername {s}")).unwrap_or_else(|| "-noservername".into());
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("openssl s_client -connect 127.0.0.1:{port} {sni} </dev/null 2>/dev/null | openssl x509 -noout -subject"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test]
+async fn sni_picks_the_signaling_or_the_turn_certificate_on_one_ip() {
+    let dir = temp_dir("oneport-sni");
+    let (http_cert, http_key) = named_cert(&dir, "signal.example.test");
+    let (turn_cert, turn_key) = named_cert(&dir, "turn.example.test");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _server = TestServer::with(|c| {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        c.http.listen = addr;
+        c.http.tls_cert = Some(http_cert.clone());
+        c.http.tls_key = Some(http_key.clone());
+        serve_tls(c, &turn_cert, &turn_key);
+        c.turn.tls_listen = kinlink::config::Listen::one(addr);
+    })
+    .await;
+    let subjects = tokio::task::spawn_blocking(move || {
+        [Some("turn.example.test"), Some("signal.example.test"), Some("other.example.test"), None].map(|sni| presented_subject(port, sni))
+    })
+    .await
+    .unwrap();
+    assert!(subjects[0].contains("turn.example.test"), "{subjects:?}");
+    assert!(subjects[1].contains("signal.example.test"), "{subjects:?}");
+    assert!(subjects[2].contains("signal.example.test"), "an unknown name gets the HTTPS certificate: {subjects:?}");
+    assert!(subjects[3].contains("signal.example.test"), "no SNI gets the HTTPS certificate: {subjects:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

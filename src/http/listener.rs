@@ -124,6 +124,9 @@ pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, me
                 return;
             };
             let local = stream.local_addr().unwrap_or(from);
+            // TURN legs carry small frames that must not wait for Nagle (the dedicated TURN
+            // listener does the same); HTTP writes whole responses and does not mind.
+            let _ = stream.set_nodelay(true);
             let sniffed = tokio::time::timeout_at(deadline, demux::peek_and_sniff(&stream)).await;
             let count = |p: &str| metrics.shared_port_connections.with_label_values(&[p]).inc();
             match sniffed {
