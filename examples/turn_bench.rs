@@ -32,7 +32,7 @@ use kinlink::config::Secret;
 use kinlink::turn::stun::{attr, frame_len, method, Builder, Class, Message};
 use futures_util::StreamExt;
 use md5::Digest;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
@@ -80,9 +80,10 @@ fn args() -> Args {
     assert!(a.allocations >= 2 && a.allocations.is_multiple_of(2), "--allocations must be even");
     assert!(a.size >= 16 && a.size <= 1400, "--size 16..=1400");
     assert!(a.seconds <= 120, "--seconds is bounded to 120");
-    assert!(a.transport == "udp" || a.transport == "tcp", "--transport udp|tcp");
+    assert!(["udp", "tcp", "tls"].contains(&a.transport.as_str()), "--transport udp|tcp|tls");
     assert!(a.peer == "reflect" || a.peer == "echo", "--peer reflect|echo");
     assert!(a.server != "forwarder" || (a.peer == "echo" && a.transport == "udp"), "--server forwarder needs --peer echo over udp");
+    assert!(a.server == "kinlink" || a.transport != "tls", "--transport tls is for kinlink (bench/oneport.sh)");
     a
 }
 
@@ -144,6 +145,27 @@ fn start(a: &Args, port: u16, metrics_port: u16, peer: Option<SocketAddr>) -> Se
                 .args(["--set", "turn.max_stream_connections_per_ip=100000"]);
             if a.threads > 0 {
                 c.args(["--set", &format!("turn.data_threads={}", a.threads)]);
+            }
+            if a.transport == "tls" {
+                // TURN over TLS on the port (TCP off there); with --share-http, HTTPS too.
+                std::fs::create_dir_all(&data).unwrap();
+                let (cert, key) = (data.join("bench-cert.pem"), data.join("bench-key.pem"));
+                let ok = Command::new("openssl")
+                    .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+                    .arg("-keyout")
+                    .arg(&key)
+                    .arg("-out")
+                    .arg(&cert)
+                    .stderr(Stdio::null())
+                    .status()
+                    .expect("openssl")
+                    .success();
+                assert!(ok, "openssl");
+                c.args(["--set", "turn.tcp_listen=off", "--set", &format!("turn.tls_listen=127.0.0.1:{port}")])
+                    .args(["--set", &format!("turn.tls_cert={}", cert.display()), "--set", &format!("turn.tls_key={}", key.display())]);
+                if a.share_http {
+                    c.args(["--set", &format!("http.tls_cert={}", cert.display()), "--set", &format!("http.tls_key={}", key.display())]);
+                }
             }
             c.env("KINLINK_TURN__SECRET", SECRET)
                 .env("KINLINK_TURN__REALM", "kinlink")
@@ -241,9 +263,13 @@ fn rcvbuf_errors() -> u64 {
 
 /// The client's socket to the server: a UDP socket, or a TCP stream carrying STUN messages
 /// and 4-byte-padded ChannelData frames back to back.
+/// A stream leg: TCP, or TLS over TCP (`--transport tls`).
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
 enum Leg {
     Udp(Arc<UdpSocket>),
-    Tcp(TcpStream),
+    Tcp(Box<dyn Stream>),
 }
 
 /// A minimal TURN client: enough to allocate and bind a channel.
@@ -269,6 +295,8 @@ async fn transact(leg: &mut Leg, req: &[u8]) -> Vec<u8> {
     let sock = match leg {
         Leg::Tcp(stream) => {
             stream.write_all(req).await.expect("TCP write");
+            // TLS buffers records until flushed (a no-op on TCP).
+            stream.flush().await.expect("TCP flush");
             tokio::time::timeout(Duration::from_secs(10), read_frame(stream, &mut buf)).await.expect("TCP answer").expect("TCP read");
             return buf;
         }
@@ -294,11 +322,53 @@ fn tid() -> [u8; 12] {
     rand::random()
 }
 
+/// A TLS client that accepts any certificate: the bench measures relaying, not PKI.
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    use tokio_rustls::rustls;
+    #[derive(Debug)]
+    struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+    impl rustls::client::danger::ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(&self, m: &[u8], c: &rustls::pki_types::CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+        }
+        fn verify_tls13_signature(&self, m: &[u8], c: &rustls::pki_types::CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
 async fn allocate(server: SocketAddr, device: usize, transport: &str) -> Alloc {
-    let mut leg = if transport == "tcp" {
+    let mut leg = if transport == "tcp" || transport == "tls" {
         let stream = TcpStream::connect(server).await.expect("TCP connect");
         stream.set_nodelay(true).unwrap();
-        Leg::Tcp(stream)
+        if transport == "tls" {
+            // No ALPN, like libwebrtc: on a shared port the first bytes decide.
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            Leg::Tcp(Box::new(tls_connector().connect(name, stream).await.expect("TLS handshake")))
+        } else {
+            Leg::Tcp(Box::new(stream))
+        }
     } else {
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         sock.connect(server).await.unwrap();
@@ -357,7 +427,7 @@ where
             Sender::Udp(sock)
         }
         Leg::Tcp(stream) => {
-            let (mut r, mut w) = stream.into_split();
+            let (mut r, mut w) = tokio::io::split(stream);
             tasks.push(tokio::spawn(async move {
                 let mut buf = Vec::with_capacity(2048);
                 while read_frame(&mut r, &mut buf).await.is_ok() {
@@ -371,7 +441,7 @@ where
                 while rx.recv_many(&mut batch, 256).await > 0 {
                     out.clear();
                     batch.drain(..).for_each(|f| out.extend_from_slice(&f));
-                    if w.write_all(&out).await.is_err() {
+                    if w.write_all(&out).await.is_err() || w.flush().await.is_err() {
                         break;
                     }
                 }
@@ -507,11 +577,11 @@ async fn main() {
                 }
             })),
             Leg::Tcp(b_stream) => {
-                let (mut rb, mut wb) = b_stream.into_split();
+                let (mut rb, mut wb) = tokio::io::split(b_stream);
                 tasks.push(tokio::spawn(async move {
                     let mut buf = Vec::with_capacity(2048);
                     while read_frame(&mut rb, &mut buf).await.is_ok() {
-                        if buf[0] & 0xC0 == 0x40 && wb.write_all(&buf).await.is_err() {
+                        if buf[0] & 0xC0 == 0x40 && (wb.write_all(&buf).await.is_err() || wb.flush().await.is_err()) {
                             break;
                         }
                     }
@@ -524,7 +594,7 @@ async fn main() {
     let mut frame = vec![0u8; 4 + padded];
     frame[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
     frame[2..4].copy_from_slice(&(a.size as u16).to_be_bytes());
-    let frame_len = if a.transport == "tcp" { 4 + padded } else { 4 + a.size };
+    let frame_len = if a.transport == "udp" { 4 + a.size } else { 4 + padded };
 
     let drops0 = rcvbuf_errors();
     let cpu0 = cpu_secs(pid);
