@@ -95,7 +95,10 @@ def check_rendering(name, docs, kinlink):
             if turn["tls_listen"] != cfg["http"]["listen"]:
                 want["turn-tls"] = (port_of(turn["tls_listen"]), "TCP")
             mounts = {m["mountPath"] for m in c["volumeMounts"]}
-            if not any(turn["tls_cert"].startswith(m + "/") for m in mounts):
+            if "tls_cert" not in turn:
+                if "acme" not in cfg:
+                    fail(f"{name}: turns: without tls_cert or acme")
+            elif not any(turn["tls_cert"].startswith(m + "/") for m in mounts):
                 fail(f"{name}: tls_cert {turn['tls_cert']} is not under a mounted volume")
     if ports != want:
         fail(f"{name}: container ports {ports} != config listeners {want}")
@@ -285,6 +288,8 @@ def chart(kinlink):
         (["--set", "turn.tls.enabled=true"], "secretName"),
         (["--set", "turn.tls.enabled=true", "--set", "turn.tls.secretName=t", "--set", "turn.tls.sharesHttpPort=true"], "turn.publicHost"),
         (["-f", str(CHART / "ci/oneport-values.yaml"), "--set", "ingress.enabled=true"], "Ingress"),
+        (["--set", "acme.domains[0]=kin.example.org"], "sharesHttpPort"),
+        (["-f", str(CHART / "ci/acme-values.yaml"), "--set", "persistence.existingClaim="], "persistence.existingClaim"),
         (["--set", "turn.port=http"], "port"),
         (["--set", "secrets.tokenSecret=short"], "tokenSecret"),
         (["--set", "config.nope.x=1"], "nope"),

@@ -84,15 +84,18 @@ existingSecret rotated by hand or by an operator) changed.
 {{- if and (include "kinlink.clustered" .) $v.turn.hostNetwork (not $v.turn.publicHost) }}{{ $_ := set $turn "advertise_ip" true }}{{ end -}}
 {{- if $v.turn.tls.enabled -}}
 {{- $_ := set $turn "tls_listen" (printf "0.0.0.0:%d" (int $v.turn.tls.port)) -}}
+{{- if $v.turn.tls.secretName -}}
 {{- $_ := set $turn "tls_cert" "/etc/kinlink/tls/tls.crt" -}}
 {{- $_ := set $turn "tls_key" "/etc/kinlink/tls/tls.key" -}}
+{{- end -}}
 {{- else -}}
 {{- $_ := set $turn "tls_listen" "off" -}}
 {{- end -}}
 {{- end -}}
 {{- $http := dict "listen" (printf "0.0.0.0:%d" (int $v.http.port)) -}}
 {{- if include "kinlink.onePort" . -}}
-{{- $http = dict "listen" (printf "0.0.0.0:%d" (int $v.turn.tls.port)) "tls_cert" "/etc/kinlink/tls/tls.crt" "tls_key" "/etc/kinlink/tls/tls.key" -}}
+{{- $http = dict "listen" (printf "0.0.0.0:%d" (int $v.turn.tls.port)) -}}
+{{- if $v.turn.tls.secretName }}{{ $_ := set $http "tls_cert" "/etc/kinlink/tls/tls.crt" }}{{ $_ := set $http "tls_key" "/etc/kinlink/tls/tls.key" }}{{ end -}}
 {{- end -}}
 {{- $base := dict
   "data_dir" "/var/lib/kinlink"
@@ -101,6 +104,11 @@ existingSecret rotated by hand or by an operator) changed.
   "shutdown" (dict "grace_secs" $v.shutdownGraceSecs)
   "turn" $turn -}}
 {{- if include "kinlink.clustered" . }}{{ $_ := set $base "cluster" (dict "presence_ttl_secs" (int $v.cluster.presenceTtlSecs)) }}{{ end -}}
+{{- if $v.acme.domains -}}
+{{- $acme := dict "domains" $v.acme.domains "contact" $v.acme.contact -}}
+{{- if $v.acme.directory }}{{ $_ := set $acme "directory" $v.acme.directory }}{{ end -}}
+{{- $_ := set $base "acme" $acme -}}
+{{- end -}}
 {{- $cfg := mergeOverwrite (deepCopy ($v.config | default dict)) $base -}}
 {{- include "kinlink.tomlTable" (dict "table" $cfg "prefix" "") -}}
 {{- end }}
