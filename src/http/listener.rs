@@ -103,80 +103,99 @@ pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, me
         let timeout = limits.header_read_timeout;
         let (tls, https, share) = (limits.tls.clone(), limits.https, limits.share.clone());
         tokio::spawn(async move {
-            metrics.http_unupgraded.inc();
-            let unupgraded = scopeguard(&metrics, pending);
+            let unupgraded = Unupgraded::new(&metrics, pending);
             // The handshake (and on a shared port, telling the protocols apart) shares the
             // header-read deadline: a socket that never gets there is held no longer than a
             // silent plain one.
             let deadline = tokio::time::Instant::now() + timeout;
-            let Some(share) = share else {
-                match tls {
-                    None => serve_connection(stream, from, hold, router, timeout, &mut stop).await,
-                    Some(acceptor) => {
-                        if let Some(tls) = acceptor.accept_by(stream, deadline, &metrics).await {
-                            if !is_acme_challenge(&tls) {
-                                serve_connection(tls, from, hold, router, timeout, &mut stop).await;
-                            }
+            let conn = Conn { from, hold, router, timeout, deadline, metrics: &metrics };
+            match (share, tls) {
+                (Some(share), tls) => serve_shared(stream, conn, unupgraded, share, tls, https, &log_misrouted, &mut stop).await,
+                (None, None) => serve_connection(stream, from, conn.hold, conn.router, timeout, &mut stop).await,
+                (None, Some(acceptor)) => {
+                    if let Some(tls) = acceptor.accept_by(stream, deadline, &metrics).await {
+                        if !is_acme_challenge(&tls) {
+                            serve_connection(tls, from, conn.hold, conn.router, timeout, &mut stop).await;
                         }
                     }
                 }
-                drop(unupgraded);
-                return;
-            };
-            let local = stream.local_addr().unwrap_or(from);
-            // TURN legs carry small frames that must not wait for Nagle (the dedicated TURN
-            // listener does the same); HTTP writes whole responses and does not mind.
-            let _ = stream.set_nodelay(true);
-            let sniffed = tokio::time::timeout_at(deadline, demux::peek_and_sniff(&stream)).await;
-            let count = |p: &str| metrics.shared_port_connections.with_label_values(&[p]).inc();
-            match sniffed {
-                Ok(Ok(Sniff::Plain(Protocol::Http))) if !https => {
-                    count("http");
-                    serve_connection(stream, from, hold, router, timeout, &mut stop).await;
-                }
-                Ok(Ok(Sniff::Plain(Protocol::Turn))) if share.tcp => {
-                    count("turn_tcp");
-                    // TURN has its own admission and deadlines: this is no HTTP connection.
-                    drop((unupgraded, hold));
-                    let tuple = FiveTuple { client: from, server: local, transport: Transport::Tcp };
-                    share.turn.serve(stream, tuple, deadline - timeout).await;
-                    return;
-                }
-                Ok(Ok(Sniff::Tls)) if tls.is_some() => {
-                    let acceptor = tls.expect("checked");
-                    let Some(mut tls) = acceptor.accept_by(stream, deadline, &metrics).await else { return };
-                    if is_acme_challenge(&tls) {
-                        return;
-                    }
-                    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-                    // Negotiated ALPN decides; without it, the first decrypted bytes do.
-                    let (protocol, prefix) = match demux::by_alpn(alpn.as_deref()) {
-                        Some(p) => (Some(p), Vec::new()),
-                        None => match tokio::time::timeout_at(deadline, demux::read_and_sniff(&mut tls)).await {
-                            Ok(Ok((Sniff::Plain(p), prefix))) => (Some(p), prefix),
-                            _ => (None, Vec::new()),
-                        },
-                    };
-                    let stream = Rewind::new(prefix, tls);
-                    match protocol {
-                        Some(Protocol::Http) if https => {
-                            count("https");
-                            serve_connection(stream, from, hold, router, timeout, &mut stop).await;
-                        }
-                        Some(Protocol::Turn) if share.tls => {
-                            count("turn_tls");
-                            drop((unupgraded, hold));
-                            let tuple = FiveTuple { client: from, server: local, transport: Transport::Tls };
-                            share.turn.serve(stream, tuple, deadline - timeout).await;
-                            return;
-                        }
-                        _ => misrouted(&metrics, &log_misrouted, from),
-                    }
-                }
-                _ => misrouted(&metrics, &log_misrouted, from),
             }
-            drop(unupgraded);
         });
+    }
+}
+
+/// One accepted connection, before it is known what it speaks.
+struct Conn<'a> {
+    from: SocketAddr,
+    hold: ConnHold,
+    router: Router,
+    timeout: Duration,
+    deadline: tokio::time::Instant,
+    metrics: &'a Metrics,
+}
+
+/// A connection on the port HTTP shares with TURN: classified by its first bytes (and, over
+/// TLS, by ALPN or the first decrypted bytes), then served as HTTP(S) or handed to TURN with
+/// its own admission and deadlines; anything else is closed and counted.
+#[allow(clippy::too_many_arguments)]
+async fn serve_shared(
+    stream: tokio::net::TcpStream,
+    conn: Conn<'_>,
+    unupgraded: Unupgraded<'_>,
+    share: Share,
+    tls: Option<crate::tls::Acceptor>,
+    https: bool,
+    log: &LogLimiter,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let Conn { from, hold, router, timeout, deadline, metrics } = conn;
+    let local = stream.local_addr().unwrap_or(from);
+    // TURN legs carry small frames that must not wait for Nagle (the dedicated TURN listener
+    // does the same); HTTP writes whole responses and does not mind.
+    let _ = stream.set_nodelay(true);
+    let count = |p: &str| metrics.shared_port_connections.with_label_values(&[p]).inc();
+    let accepted = deadline - timeout;
+    match tokio::time::timeout_at(deadline, demux::peek_and_sniff(&stream)).await {
+        Ok(Ok(Sniff::Plain(Protocol::Http))) if !https => {
+            count("http");
+            serve_connection(stream, from, hold, router, timeout, stop).await;
+        }
+        Ok(Ok(Sniff::Plain(Protocol::Turn))) if share.tcp => {
+            count("turn_tcp");
+            // This is no HTTP connection: TURN's caps and deadlines apply from here.
+            drop((unupgraded, hold));
+            share.turn.serve(stream, FiveTuple { client: from, server: local, transport: Transport::Tcp }, accepted).await;
+        }
+        Ok(Ok(Sniff::Tls)) if tls.is_some() => {
+            let acceptor = tls.expect("checked");
+            let Some(mut tls) = acceptor.accept_by(stream, deadline, metrics).await else { return };
+            if is_acme_challenge(&tls) {
+                return;
+            }
+            let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+            // Negotiated ALPN decides; without it, the first decrypted bytes do.
+            let (protocol, prefix) = match demux::by_alpn(alpn.as_deref()) {
+                Some(p) => (Some(p), Vec::new()),
+                None => match tokio::time::timeout_at(deadline, demux::read_and_sniff(&mut tls)).await {
+                    Ok(Ok((Sniff::Plain(p), prefix))) => (Some(p), prefix),
+                    _ => (None, Vec::new()),
+                },
+            };
+            let stream = Rewind::new(prefix, tls);
+            match protocol {
+                Some(Protocol::Http) if https => {
+                    count("https");
+                    serve_connection(stream, from, hold, router, timeout, stop).await;
+                }
+                Some(Protocol::Turn) if share.tls => {
+                    count("turn_tls");
+                    drop((unupgraded, hold));
+                    share.turn.serve(stream, FiveTuple { client: from, server: local, transport: Transport::Tls }, accepted).await;
+                }
+                _ => misrouted(metrics, log, from),
+            }
+        }
+        _ => misrouted(metrics, log, from),
     }
 }
 
@@ -186,17 +205,21 @@ fn is_acme_challenge(tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream
     tls.get_ref().1.alpn_protocol() == Some(crate::tls::ACME_TLS_ALPN)
 }
 
-/// Decrements the unupgraded gauge and releases the admission slot when dropped.
+/// A connection not (yet) upgraded to a WebSocket: counted in the gauge and holding its
+/// admission slot until dropped.
 struct Unupgraded<'a>(&'a Metrics, #[allow(dead_code)] ConnGuard);
+
+impl<'a> Unupgraded<'a> {
+    fn new(metrics: &'a Metrics, pending: ConnGuard) -> Self {
+        metrics.http_unupgraded.inc();
+        Unupgraded(metrics, pending)
+    }
+}
 
 impl Drop for Unupgraded<'_> {
     fn drop(&mut self) {
         self.0.http_unupgraded.dec();
     }
-}
-
-fn scopeguard(metrics: &Metrics, pending: ConnGuard) -> Unupgraded<'_> {
-    Unupgraded(metrics, pending)
 }
 
 /// A connection on a shared port that speaks nothing served there (garbage, a plain request
