@@ -155,13 +155,20 @@ pub async fn read_and_sniff<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<
 }
 
 /// Peeks at a TCP socket (nothing consumed) until [`sniff`] decides. The first peek waits for
-/// data; a client trickling its first bytes is polled every 10 ms (under the caller's deadline).
+/// data; a client trickling its first bytes is peeked again after 5 ms, doubling up to half a
+/// second (peeked data keeps the socket readable, so waiting for readiness would spin), under
+/// the caller's deadline: a client holding one byte back costs a dozen wake-ups, not a
+/// thousand.
 pub async fn peek_and_sniff(stream: &tokio::net::TcpStream) -> io::Result<Sniff> {
     let mut buf = [0u8; SNIFF_BYTES];
+    let mut wait = std::time::Duration::from_millis(5);
     loop {
         let n = stream.peek(&mut buf).await?;
         match sniff(&buf[..n]) {
-            Sniff::NeedMore if n > 0 => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            Sniff::NeedMore if n > 0 => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_millis(500));
+            }
             Sniff::NeedMore => return Ok(Sniff::Unknown),
             verdict => return Ok(verdict),
         }
