@@ -8,8 +8,11 @@
 //!   devices joining at once on two nodes cannot both take the last slot. The `{F}` hash tag
 //!   keeps a family's keys in one Redis Cluster slot.
 //! - `kl:{F}:ev`, a channel per family that the nodes holding its devices subscribe to:
-//!   `on`/`off` presence events, and `msg` for a message to a device on another node (the
-//!   node holding it delivers). Families are small, so the fan-out is a few nodes.
+//!   `on`/`off` presence events and forwarded `p2p-status` reports. Families are small, so
+//!   the fan-out is a few nodes.
+//! - `kl:node:{N}:in`, node N's inbox: a message for a device on N, published there by the
+//!   node that received it (which knows where the target is from its roster) as a one-line
+//!   header and the frame as it came, so only N reads it and nobody re-encodes it.
 //! - `kl:node:{N}:alive` (expires after `cluster.presence_ttl_secs`), `kl:nodes` (a sorted set
 //!   of heartbeats) and `kl:node:{N}:fam` (the families a node has devices in): a node whose
 //!   heartbeat is older than the TTL is swept by whichever node gets there first, and its
@@ -86,8 +89,6 @@ enum Event {
     On { d: String, u: String, n: String, s: SessionId },
     /// `d`'s session `s` on node `n` left (or the node is gone).
     Off { d: String, n: String, s: SessionId },
-    /// Text `x` for device `to`, sent from node `n`.
-    Msg { to: String, n: String, x: String },
     /// `from`'s `p2p-status` about `to`, for the node that relayed their offer.
     Rep { to: String, from: String, n: String, r: Report },
 }
@@ -102,6 +103,29 @@ fn channel(family: &str) -> String {
 
 fn family_of(channel: &str) -> Option<&str> {
     channel.strip_prefix("kl:{")?.strip_suffix("}:ev")
+}
+
+/// A node's inbox: messages for devices on that node, as `family to\ntext`.
+fn inbox(node: &str) -> String {
+    format!("kl:node:{{{node}}}:in")
+}
+
+/// An inbox frame: the relayed text as it is, after a one-line header (ids have no spaces or
+/// newlines), so it is neither escaped nor parsed on the way.
+fn inbox_frame(family: &str, to: &str, text: &str) -> String {
+    let mut f = String::with_capacity(family.len() + to.len() + 2 + text.len());
+    f.push_str(family);
+    f.push(' ');
+    f.push_str(to);
+    f.push('\n');
+    f.push_str(text);
+    f
+}
+
+fn parse_inbox_frame(f: &str) -> Option<(&str, &str, &str)> {
+    let (header, text) = f.split_once('\n')?;
+    let (family, to) = header.split_once(' ')?;
+    Some((family, to, text))
 }
 
 fn alive_key(node: &str) -> String {
@@ -216,11 +240,21 @@ impl RedisHub {
         inner.sweep(&inner.node.clone()).await;
         inner.heartbeat().await;
         let mut tasks = vec![inner.subscriber.manage_subscriptions()];
+        // Messages for this node's devices come to its own inbox, not over the family
+        // channels: only the node holding the target reads them.
+        let own_inbox = inbox(&inner.node);
+        inner.subscribe(own_inbox.clone()).await.map_err(|e| anyhow::anyhow!("cluster: cannot subscribe to this node's inbox: {e}"))?;
         let i = inner.clone();
         let mut messages = inner.subscriber.message_rx();
         tasks.push(tokio::spawn(async move {
             loop {
                 match messages.recv().await {
+                    Ok(m) if *m.channel == *own_inbox => {
+                        let Some(frame) = m.value.as_str() else { continue };
+                        if let Some((family, to, text)) = parse_inbox_frame(&frame) {
+                            let _ = i.local.deliver_now(family, to, text.to_string().into(), Instant::now());
+                        }
+                    }
                     Ok(m) => {
                         let (Some(family), Some(text)) = (family_of(&m.channel), m.value.as_str()) else { continue };
                         i.on_event(family, &text);
@@ -375,7 +409,7 @@ impl Inner {
     fn on_event(&self, family: &str, text: &str) {
         let Ok(event) = serde_json::from_str::<Event>(text) else { return };
         match event {
-            Event::On { n, .. } | Event::Off { n, .. } | Event::Msg { n, .. } | Event::Rep { n, .. } if *n == *self.node => {}
+            Event::On { n, .. } | Event::Off { n, .. } | Event::Rep { n, .. } if *n == *self.node => {}
             // Only the node that relayed the offer holds the negotiation; the others find none.
             Event::Rep { to, from, r, .. } => {
                 if let Some(sink) = self.reports.get() {
@@ -407,9 +441,6 @@ impl Inner {
                     let offline: Utf8Bytes = ServerMsg::DeviceOffline { family_id: family, device_id: &d }.to_text().into();
                     self.local.notify_family(family, &d, &offline);
                 }
-            }
-            Event::Msg { to, x, .. } => {
-                let _ = self.local.deliver_now(family, &to, x.into(), Instant::now());
             }
         }
     }
@@ -663,21 +694,29 @@ impl Hub for RedisHub {
             other => return other,
         }
         let remote = self.inner.remote.lock().unwrap_or_else(|e| e.into_inner());
-        if !remote.get(family).is_some_and(|d| d.contains_key(to_device)) {
+        let Some(node) = remote.get(family).and_then(|d| d.get(to_device)).map(|r| r.node.clone()) else {
             return Err(DeliverError::Offline);
-        }
+        };
         drop(remote);
         if !self.inner.connected() {
             return Err(DeliverError::ClusterUnavailable);
         }
-        let msg = Event::Msg { to: to_device.to_string(), n: self.inner.node.to_string(), x: text.to_string() };
-        self.inner.outgoing.try_send((channel(family), serde_json::to_string(&msg).unwrap_or_default())).map_err(|_| DeliverError::QueueFull)
+        self.inner.outgoing.try_send((inbox(&node), inbox_frame(family, to_device, &text))).map_err(|_| DeliverError::QueueFull)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inbox_frames_carry_the_text_as_it_is() {
+        let text = "{\"type\":\"offer\",\"sdp\":{\"sdp\":\"v=0\\r\\n a b\\n\"}}\nsecond line";
+        let f = inbox_frame("fam-1", "dev-b", text);
+        assert_eq!(parse_inbox_frame(&f), Some(("fam-1", "dev-b", text)));
+        assert_eq!(parse_inbox_frame("no header"), None);
+        assert_eq!(inbox("node-a"), "kl:node:{node-a}:in");
+    }
 
     #[test]
     fn records_and_channels_round_trip() {
