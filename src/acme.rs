@@ -44,31 +44,6 @@ impl Drop for Acme {
     }
 }
 
-/// The roots the ACME client trusts for the directory: the Web PKI's, plus `ca_file`.
-fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls_acme::futures_rustls::rustls::ClientConfig>, AcmeError> {
-    use rustls_acme::futures_rustls::rustls;
-    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    if let Some(path) = ca_file {
-        let pem = std::fs::read(path).map_err(|e| AcmeError::CaFile(format!("{}: {e}", path.display())))?;
-        let mut added = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| AcmeError::CaFile(format!("{}: {e}", path.display())))?;
-            roots.add(cert).map_err(|e| AcmeError::CaFile(format!("{}: {e}", path.display())))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(AcmeError::CaFile(format!("no certificate in {}", path.display())));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
-}
-
 /// The certificate's expiry (unix seconds) from a cached PEM chain (leaf first).
 fn not_after(pem: &[u8]) -> Option<i64> {
     let der = rustls_pemfile::certs(&mut &pem[..]).next()?.ok()?;
@@ -156,7 +131,9 @@ pub fn start(cfg: &crate::config::AcmeConfig, data_dir: &Path, metrics: Arc<Metr
         }
     }
     let cache = Cache { dir: DirCache::new(path.clone()), path, metrics: metrics.clone() };
-    let mut state = AcmeConfig::new_with_client_config(cfg.domains.clone(), client_config(cfg.ca_file.as_deref())?)
+    // The Web PKI's roots, plus acme.ca_file for a private directory.
+    let roots = crate::tls::client_config(cfg.ca_file.as_deref()).map_err(|e| AcmeError::CaFile(e.to_string()))?;
+    let mut state = AcmeConfig::new_with_client_config(cfg.domains.clone(), roots)
         .contact(cfg.contact.iter())
         .directory(&cfg.directory)
         .cache(cache)

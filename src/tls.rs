@@ -64,7 +64,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 /// Loads a certificate chain and its key from PEM files; errors name `section`'s keys.
-pub fn load_key(cert: &Path, key: &Path, section: &str) -> Result<CertifiedKey, TlsError> {
+fn load_key(cert: &Path, key: &Path, section: &str) -> Result<CertifiedKey, TlsError> {
     let certs: Vec<_> = rustls_pemfile::certs(&mut read(cert)?.as_slice())
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Invalid(format!("{section}.tls_cert: {e}")))?;
@@ -75,6 +75,30 @@ pub fn load_key(cert: &Path, key: &Path, section: &str) -> Result<CertifiedKey, 
         .map_err(|e| TlsError::Invalid(format!("{section}.tls_key: {e}")))?
         .ok_or_else(|| TlsError::Invalid(format!("{section}.tls_key: no private key in {}", key.display())))?;
     CertifiedKey::from_der(certs, key, &provider()).map_err(|e| TlsError::Invalid(format!("{section}.tls_cert/{section}.tls_key: {e}")))
+}
+
+/// A TLS client configuration trusting the Web PKI roots plus the PEM certificates in
+/// `extra_roots` (a private CA: `kinlink check --ca-file`, `acme.ca_file`).
+pub fn client_config(extra_roots: Option<&Path>) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, TlsError> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Some(path) = extra_roots {
+        let bad = |e: String| TlsError::Invalid(format!("{}: {e}", path.display()));
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut read(path)?.as_slice()) {
+            roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(bad("no certificate".into()));
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// One certificate/key pair from files; [`KeyFiles::reload`] swaps it in place.
@@ -93,11 +117,6 @@ impl KeyFiles {
     pub fn load(cert: PathBuf, key: PathBuf, section: &'static str) -> Result<Arc<Self>, TlsError> {
         let current = RwLock::new(Arc::new(load_key(&cert, &key, section)?));
         Ok(Arc::new(KeyFiles { cert, key, section, current }))
-    }
-
-    /// The config section (`turn`, `http`).
-    pub fn section(&self) -> &'static str {
-        self.section
     }
 
     fn current(&self) -> Arc<CertifiedKey> {
@@ -227,12 +246,6 @@ pub struct Acceptor {
 }
 
 impl Acceptor {
-    /// One pair of files of config section `section` (`turn`, `http`), no ALPN.
-    pub fn new(cert: PathBuf, key: PathBuf, section: &'static str) -> Result<Self, TlsError> {
-        let files = KeyFiles::load(cert, key, section)?;
-        Ok(Self::with_sources(vec![Source::Files(files)], Vec::new(), section))
-    }
-
     /// Several sources picked by SNI, offering `alpn` (a client offering ALPN with none of
     /// these is refused in the handshake).
     pub fn with_sources(sources: Vec<Source>, alpn: Vec<Vec<u8>>, label: &'static str) -> Self {

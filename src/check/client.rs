@@ -120,55 +120,48 @@ fn split_host_port(authority: &str, default: u16) -> anyhow::Result<(String, u16
 
 struct Tls {
     config: Arc<tokio_rustls::rustls::ClientConfig>,
+    /// The same, offering ALPN `http/1.1`: on a port shared with TURN, a handshake that names
+    /// nothing and then sends nothing would be counted as a misrouted connection.
+    http: Arc<tokio_rustls::rustls::ClientConfig>,
 }
 
 impl Tls {
     fn new(ca_file: Option<&PathBuf>) -> anyhow::Result<Tls> {
-        use tokio_rustls::rustls;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(path) = ca_file {
-            let pem = std::fs::read(path).with_context(|| format!("--ca-file {}", path.display()))?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                roots.add(cert?).context("--ca-file: not a usable CA certificate")?;
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Ok(Tls { config: Arc::new(config) })
+        let config = crate::tls::client_config(ca_file.map(PathBuf::as_path)).context("--ca-file")?;
+        let mut http = (*config).clone();
+        http.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Tls { config, http: Arc::new(http) })
     }
 
-    async fn connect(&self, host: &str, port: u16, tls: bool, timeout: Duration) -> anyhow::Result<Box<dyn Stream>> {
+    async fn tcp(host: &str, port: u16, timeout: Duration) -> anyhow::Result<TcpStream> {
         let tcp = tokio::time::timeout(timeout, TcpStream::connect((host, port)))
             .await
             .map_err(|_| anyhow!("connecting to {host}:{port} timed out"))?
             .with_context(|| format!("cannot connect to {host}:{port}"))?;
         let _ = tcp.set_nodelay(true);
-        if !tls {
-            return Ok(Box::new(tcp));
-        }
+        Ok(tcp)
+    }
+
+    async fn handshake(config: &Arc<tokio_rustls::rustls::ClientConfig>, host: &str, port: u16, timeout: Duration) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = Self::tcp(host, port, timeout).await?;
         let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_string())?;
-        let stream = tokio::time::timeout(timeout, tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, tcp))
+        tokio::time::timeout(timeout, tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp))
             .await
             .map_err(|_| anyhow!("TLS handshake with {host}:{port} timed out"))?
-            .with_context(|| format!("TLS with {host}:{port}"))?;
-        Ok(Box::new(stream))
+            .with_context(|| format!("TLS with {host}:{port}"))
     }
-}
 
-impl Tls {
+    async fn connect(&self, host: &str, port: u16, tls: bool, timeout: Duration) -> anyhow::Result<Box<dyn Stream>> {
+        if tls {
+            Ok(Box::new(Self::handshake(&self.config, host, port, timeout).await?))
+        } else {
+            Ok(Box::new(Self::tcp(host, port, timeout).await?))
+        }
+    }
+
     /// How long the certificate `host:port` presents stays valid, and its issuer.
     async fn certificate(&self, host: &str, port: u16, timeout: Duration) -> anyhow::Result<(Duration, String)> {
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect((host, port))).await.map_err(|_| anyhow!("connecting timed out"))??;
-        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_string())?;
-        // Say HTTP (ALPN): on a port shared with TURN, a handshake that names nothing and sends
-        // nothing would be counted as a misrouted connection.
-        let mut config = (*self.config).clone();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let stream = tokio::time::timeout(timeout, tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp)).await.map_err(|_| anyhow!("TLS timed out"))??;
+        let stream = Self::handshake(&self.http, host, port, timeout).await?;
         let leaf = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).ok_or_else(|| anyhow!("no certificate presented"))?;
         let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| anyhow!("unreadable certificate: {e}"))?;
         let now = crate::auth::unix_now() as i64;
