@@ -15,10 +15,6 @@ use common::*;
 
 const DOMAIN: &str = "kinlink.test";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 struct Pebble {
     children: Vec<Child>,
     /// Pebble's directory URL.
@@ -86,21 +82,6 @@ fn pebble(dir: &Path, tls_port: u16, validity_secs: u64) -> Pebble {
     pebble
 }
 
-fn curl(args: &[&str]) -> (bool, String) {
-    let out = Command::new("curl").args(["-sS", "--max-time", "5"]).args(args).output().expect("curl");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
-
-/// The certificate kinlink presents for DOMAIN (SHA-256 fingerprint).
-fn presented(port: u16) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("openssl s_client -connect 127.0.0.1:{port} -servername {DOMAIN} </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// kinlink with its HTTPS and `turns:` certificate from pebble, everything on one port.
 async fn acme_server(port: u16, pebble: &Pebble, data: &Path) -> TestServer {
     let (directory, ca, data) = (pebble.directory.clone(), pebble.https_ca.clone(), data.to_path_buf());
@@ -165,9 +146,9 @@ async fn pebble_issues_and_renews_a_certificate_over_tls_alpn_01_on_the_shared_p
         assert!(server.metric(&format!(r#"kinlink_shared_port_connections_total{{protocol="{p}"}}"#)).await >= 1.0, "{p}");
     }
     // Renewal: a new certificate before the first one expires, served without a restart.
-    let first = tokio::task::spawn_blocking(move || presented(port)).await.unwrap();
+    let first = tokio::task::spawn_blocking(move || presented(port, Some(DOMAIN), "-fingerprint -sha256")).await.unwrap();
     wait_for(&server, r#"kinlink_acme_events_total{event="deployed_new"}"#, 2.0, Duration::from_secs(40)).await;
-    let renewed = tokio::task::spawn_blocking(move || presented(port)).await.unwrap();
+    let renewed = tokio::task::spawn_blocking(move || presented(port, Some(DOMAIN), "-fingerprint -sha256")).await.unwrap();
     assert_ne!(first, renewed, "the renewed certificate is served");
     assert!(server.metric("kinlink_acme_certificate_expiry_timestamp_seconds").await > expiry);
     futures_util::SinkExt::send(&mut device, tokio_tungstenite::tungstenite::Message::text(r#"{"type":"offer","toDeviceId":"x","sdp":{},"ref":2}"#)).await.unwrap();

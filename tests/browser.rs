@@ -137,8 +137,7 @@ async fn check_page_ends_with_a_failure_when_ice_fails() {
 /// device: both connect, directly and relay-only, and exchange a message.
 #[tokio::test]
 async fn the_typescript_client_connects_two_devices_in_chromium() {
-    let built = std::process::Command::new("npm").args(["run", "--silent", "build"]).current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/js")).status();
-    assert!(built.is_ok_and(|s| s.success()), "clients/js builds (scripts/test runs `npm ci` there)");
+    common::js::build();
     let server = TestServer::start().await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/client.mjs");
     for (mode, via) in [("direct", "host"), ("relay", "relay-udp")] {
@@ -169,16 +168,10 @@ async fn the_typescript_client_connects_two_devices_in_chromium() {
 async fn check_page_over_https_on_the_shared_port_passes_every_step() {
     let dir = temp_dir("browser-oneport");
     let (cert, key) = self_signed_cert(&dir);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let server = TestServer::with(|c| {
         c.check.demo = true;
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        c.http.listen = addr;
-        c.http.tls_cert = Some(cert.clone());
-        c.http.tls_key = Some(key.clone());
-        serve_tls(c, &cert, &key);
-        c.turn.tls_listen = kinlink::config::Listen::one(addr);
-        c.turn.tcp_listen = kinlink::config::Listen::one(addr);
+        serve_one_port(c, port, &cert, &key);
     })
     .await;
     let r = chromium(&["single", &format!("https://127.0.0.1:{port}")]).await;

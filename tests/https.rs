@@ -15,11 +15,6 @@ fn https_server_config(c: &mut kinlink::config::Config, cert: &std::path::Path, 
     c.turn.tls_reload_poll_secs = 1;
 }
 
-fn curl(args: &[&str]) -> (bool, String) {
-    let out = Command::new("curl").args(["-sS", "--max-time", "5"]).args(args).output().expect("curl (scripts/test installs it)");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
-
 #[tokio::test]
 async fn https_and_wss_on_the_http_listener() {
     let dir = temp_dir("https");

@@ -7,45 +7,18 @@
 mod common;
 
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/js");
+use common::js::{build, result, DIR};
 
-/// Builds the client once for every test of this binary.
-fn build() {
-    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    let r = BUILT.get_or_init(|| {
-        let out = std::process::Command::new("npm").args(["run", "--silent", "build"]).current_dir(DIR).output().map_err(|e| format!("npm: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-        }
-    });
-    if let Err(e) = r {
-        panic!("building clients/js failed (scripts/test runs `npm ci` there first): {e}");
-    }
-}
-
-/// `node` with WebSocket available (a global from Node 22; behind a flag in Node 20).
+/// `node` in clients/js, with WebSocket available and the test token secret.
 fn node() -> tokio::process::Command {
-    let major = std::process::Command::new("node")
-        .arg("-p")
-        .arg("process.versions.node.split('.')[0]")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<u32>().ok())
-        .expect("node runs");
     let mut cmd = tokio::process::Command::new("node");
-    if major < 22 {
-        cmd.arg("--experimental-websocket");
-    }
-    cmd.env("KL_TEST_TOKEN_SECRET", TOKEN_SECRET).current_dir(DIR).kill_on_drop(true);
+    cmd.args(common::js::websocket_flag()).env("KL_TEST_TOKEN_SECRET", TOKEN_SECRET).current_dir(DIR).kill_on_drop(true);
     cmd
 }
 
@@ -57,13 +30,6 @@ async fn scenario(script: &str, args: &[&str]) -> Value {
         .expect("scenario within 120 s")
         .expect("node runs");
     result(&String::from_utf8_lossy(&out.stdout), &String::from_utf8_lossy(&out.stderr))
-}
-
-fn result(stdout: &str, stderr: &str) -> Value {
-    let line = stdout.lines().rev().find(|l| l.starts_with("{\"ok\"")).unwrap_or_else(|| panic!("no result: {stdout}\n{stderr}"));
-    let v: Value = serde_json::from_str(line).unwrap();
-    assert_eq!(v["ok"], true, "scenario failed: {v:#}\n{stderr}");
-    v
 }
 
 #[test]

@@ -127,12 +127,9 @@ impl Testbed {
     /// One device in client namespace `ns` (clia/clib) on libwebrtc.
     fn device(&self, ns: &str, family: &str, me: &str, peer: &str, report: bool, unavailable_ms: u32) -> Child {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns(ns), "node"]);
-        if node_major() < 22 {
-            cmd.arg("--experimental-websocket");
-        }
+        cmd.args(["netns", "exec", &self.ns(ns), "node"]).args(common::js::websocket_flag());
         cmd.args(["test/nat-peer.mjs", "ws://11.0.3.2:8080/signal", family, me, peer, if report { "yes" } else { "no" }, &unavailable_ms.to_string()])
-            .current_dir(format!("{ROOT}/clients/js"))
+            .current_dir(common::js::DIR)
             .env("KL_TEST_TOKEN_SECRET", TOKEN_SECRET)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -164,23 +161,8 @@ impl Drop for Testbed {
     }
 }
 
-fn node_major() -> u32 {
-    let out = Command::new("node").args(["-p", "process.versions.node.split('.')[0]"]).output().expect("node runs");
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
-
-/// Builds the client once.
-fn build() {
-    static BUILT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    assert!(*BUILT.get_or_init(|| Command::new("npm").args(["run", "--silent", "build"]).current_dir(format!("{ROOT}/clients/js")).status().is_ok_and(|s| s.success())), "clients/js builds");
-}
-
 fn result(out: Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.starts_with("{\"ok\"")).unwrap_or_else(|| panic!("no result: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)));
-    let v: Value = serde_json::from_str(line).unwrap();
-    assert_eq!(v["ok"], true, "device failed: {v:#}\n{}", String::from_utf8_lossy(&out.stderr));
-    v
+    common::js::result(&String::from_utf8_lossy(&out.stdout), &String::from_utf8_lossy(&out.stderr))
 }
 
 fn rounds() -> usize {
@@ -197,7 +179,7 @@ struct Expect {
 /// Runs A and B `rounds()` times per reporting mode and checks routes and the count.
 /// `reporters`: which sides report p2p-status in each run ("ab", "a", "b").
 fn run(case: &str, nat_a: &str, nat_b: &str, chromium_a: bool, reporters: &[&str], unavailable_ms: u32, want: Expect) {
-    build();
+    common::js::build();
     // Same LAN: both devices in A's namespace (B's NAT is built but unused).
     let tb = Testbed::up(nat_a, if nat_b == "lan" { "port-restricted" } else { nat_b });
     let (ns_a, ns_b) = if nat_b == "lan" { ("clia", "clia") } else { ("clia", "clib") };

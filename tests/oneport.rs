@@ -18,26 +18,14 @@ use tokio_tungstenite::tungstenite::Message;
 /// HTTPS, TURN/TLS and TURN/TCP all on the HTTP listener's address.
 async fn one_port_server(dir: &std::path::Path) -> (TestServer, std::path::PathBuf) {
     let (cert, key) = self_signed_cert(dir);
-    // A fixed port (port 0 never shares: each port-0 listener picks its own).
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let server = TestServer::with(|c| {
-        c.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        c.http.tls_cert = Some(cert.clone());
-        c.http.tls_key = Some(key.clone());
-        serve_tls(c, &cert, &key);
-        c.turn.tls_listen = kinlink::config::Listen::one(c.http.listen);
-        c.turn.tcp_listen = kinlink::config::Listen::one(c.http.listen);
+        serve_one_port(c, free_port(), &cert, &key);
         c.http.header_read_timeout_secs = 2;
     })
     .await;
     assert_eq!(server.turn_tls, Some(server.http), "turns: is advertised on the HTTP port");
     assert_eq!(server.turn_tcp, Some(server.http), "turn:?transport=tcp too");
     (server, cert)
-}
-
-fn curl(args: &[&str]) -> (bool, String) {
-    let out = Command::new("curl").args(["-sS", "--max-time", "5"]).args(args).output().expect("curl (scripts/test installs it)");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 #[tokio::test]
@@ -138,41 +126,12 @@ async fn alpn_picks_the_protocol_and_misrouted_connections_are_closed_and_counte
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A certificate for `name` (and nothing else), self-signed.
-fn named_cert(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
-    let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", &format!("/CN={name}")])
-        .args(["-addext", &format!("subjectAltName=DNS:{name}")])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    (cert, key)
-}
-
-/// The subject of the certificate presented for `sni` (none: no SNI sent).
-fn presented_subject(port: u16, sni: Option<&str>) -> String {
-    let sni = sni.map(|s| format!("-servername {s}")).unwrap_or_else(|| "-noservername".into());
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("openssl s_client -connect 127.0.0.1:{port} {sni} </dev/null 2>/dev/null | openssl x509 -noout -subject"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[tokio::test]
 async fn sni_picks_the_signaling_or_the_turn_certificate_on_one_ip() {
     let dir = temp_dir("oneport-sni");
-    let (http_cert, http_key) = named_cert(&dir, "signal.example.test");
-    let (turn_cert, turn_key) = named_cert(&dir, "turn.example.test");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (http_cert, http_key) = self_signed_cert_named(&dir, "signal", "signal.example.test", "DNS:signal.example.test");
+    let (turn_cert, turn_key) = self_signed_cert_named(&dir, "turn", "turn.example.test", "DNS:turn.example.test");
+    let port = free_port();
     let _server = TestServer::with(|c| {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         c.http.listen = addr;
@@ -183,7 +142,7 @@ async fn sni_picks_the_signaling_or_the_turn_certificate_on_one_ip() {
     })
     .await;
     let subjects = tokio::task::spawn_blocking(move || {
-        [Some("turn.example.test"), Some("signal.example.test"), Some("other.example.test"), None].map(|sni| presented_subject(port, sni))
+        [Some("turn.example.test"), Some("signal.example.test"), Some("other.example.test"), None].map(|sni| presented(port, sni, "-subject"))
     })
     .await
     .unwrap();

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod coturn;
+pub mod js;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -232,11 +233,17 @@ pub async fn echo_peer() -> (SocketAddr, std::sync::Arc<std::sync::atomic::Atomi
 
 /// A self-signed certificate for `localhost` and 127.0.0.1.
 pub fn self_signed_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    // A leaf valid for 127.0.0.1 that `kinlink check --ca-file` can trust directly.
+    self_signed_cert_named(dir, "cert", "localhost", "IP:127.0.0.1,DNS:localhost")
+}
+
+/// A self-signed leaf (`<file>.pem`, `<file>.key` in `dir`) for common name `cn` and
+/// subject alternative names `san` (openssl syntax).
+pub fn self_signed_cert_named(dir: &std::path::Path, file: &str, cn: &str, san: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join(format!("{file}.pem")), dir.join(format!("{file}.key")));
     let status = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        // A leaf valid for 127.0.0.1 that `kinlink check --ca-file` can trust directly.
-        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", &format!("/CN={cn}")])
+        .args(["-addext", &format!("subjectAltName={san}"), "-addext", "basicConstraints=critical,CA:FALSE"])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -246,6 +253,29 @@ pub fn self_signed_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path
         .expect("openssl runs");
     assert!(status.success());
     (cert, key)
+}
+
+/// A port free on 127.0.0.1 now (for listeners that must share one fixed port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// curl (scripts/test installs it) with a 5 s limit: success and stdout+stderr.
+pub fn curl(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("curl").args(["-sS", "--max-time", "5"]).args(args).output().expect("curl (scripts/test installs it)");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// HTTPS with `cert`, TURN over TLS with the same certificate and TURN over TCP, all on
+/// 127.0.0.1:`port` (one port: a fixed port, since port 0 never shares).
+pub fn serve_one_port(c: &mut Config, port: u16, cert: &std::path::Path, key: &std::path::Path) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    c.http.listen = addr;
+    c.http.tls_cert = Some(cert.to_path_buf());
+    c.http.tls_key = Some(key.to_path_buf());
+    serve_tls(c, cert, key);
+    c.turn.tls_listen = kinlink::config::Listen::one(addr);
+    c.turn.tcp_listen = kinlink::config::Listen::one(addr);
 }
 
 
@@ -266,9 +296,16 @@ pub fn serve_tls(c: &mut Config, cert: &std::path::Path, key: &std::path::Path) 
 
 /// The SHA-256 fingerprint of the certificate a TLS server on 127.0.0.1 presents (openssl s_client).
 pub fn presented_fingerprint(port: u16) -> String {
+    presented(port, Some("localhost"), "-fingerprint -sha256")
+}
+
+/// `openssl x509 -noout <what>` of the certificate 127.0.0.1:`port` presents for `sni` (None:
+/// no SNI sent).
+pub fn presented(port: u16, sni: Option<&str>, what: &str) -> String {
+    let sni = sni.map(|s| format!("-servername {s}")).unwrap_or_else(|| "-noservername".into());
     let out = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!("openssl s_client -connect 127.0.0.1:{port} -servername localhost </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256"))
+        .arg(format!("openssl s_client -connect 127.0.0.1:{port} {sni} </dev/null 2>/dev/null | openssl x509 -noout {what}"))
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -298,13 +335,7 @@ pub type Wss = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStrea
 /// A device registered over wss:// to 127.0.0.1:`port`, trusting `ca` for `server_name`.
 pub async fn wss_register(port: u16, ca: &std::path::Path, server_name: &str, family: &str, user: &str, device: &str) -> Wss {
     use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(ca).unwrap();
-    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots).with_no_client_auth();
+    let mut config = (*kinlink::tls::client_config(Some(ca)).unwrap()).clone();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
