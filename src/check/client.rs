@@ -652,4 +652,13 @@ mod tests {
         assert_eq!(dechunk("2\r\né\r\n0\r\n\r\n"), "é");
         assert_eq!(dechunk("ffffffffffffffffff\r\nab"), "");
     }
+
+    #[test]
+    fn stun_error_codes_are_whole_numbers_not_parts_of_ports() {
+        // The hint once said "credentials refused" for a certificate error on port 40165.
+        assert!(!has_number("TLS with 127.0.0.1:40165: invalid peer certificate: UnknownIssuer", "401"));
+        assert!(has_number("allocate: 401 Unauthorized", "401"));
+        assert!(has_number("error 508 (Insufficient Capacity)", "508"));
+        assert!(!has_number("127.0.0.1:15086", "508"));
+    }
 }
