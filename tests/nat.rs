@@ -196,7 +196,7 @@ fn run(case: &str, nat_a: &str, nat_b: &str, chromium_a: bool, reporters: &[&str
                 assert!(via.contains(&got), "{case} ({who} reporting): {side} went {got}, want one of {via:?}: {r:#}");
             }
             // The bytes crossed TURN exactly when either end of the pair is a relay candidate.
-            let relayed = [&a, &b].iter().any(|r| r["status"]["route"]["local"] == "relay");
+            let relayed = [&a, &b].iter().any(|r| r["status"]["route"]["local"] == "relay" || r["status"]["route"]["remote"] == "relay");
             assert_eq!(relayed, want.outcome == "relay", "{case}: {a:#} {b:#}");
             let outcome = want.outcome;
             let n = counted.entry(outcome).or_default();
