@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Signaling across nodes (issue 13): three kinlink nodes sharing one redis-server on loopback,
 # device i on node i mod 3 (families of 4, so most pairs are cross-node), against the same
-# load on one node, alternating, ROUNDS rounds (default 3). Loopback only; bounded.
+# load on one node, alternating, ROUNDS rounds (default 3); then one node holding DEVICES/3
+# devices, as many as each cluster node holds, for memory per device at the same count (a
+# node's fixed costs spread over fewer devices otherwise). Loopback only; bounded.
 #   bench/signal_cluster.sh [DEVICES] [RATE] [SECONDS] | tee bench/results/signal-cluster-$(date +%F).log
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,4 +16,6 @@ for round in $(seq "$ROUNDS"); do
     echo "== round $round: $nodes node(s)"
     ./target/release/examples/signal_bench --nodes "$nodes" --devices "$DEVICES" --rate "$RATE" --seconds "$SECONDS_"
   done
+  echo "== round $round: 1 node(s), $((DEVICES / 3)) devices (as many as one of the 3 nodes holds)"
+  ./target/release/examples/signal_bench --nodes 1 --devices "$((DEVICES / 3 / 4 * 4))" --rate "$RATE" --seconds "$SECONDS_"
 done

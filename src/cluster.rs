@@ -193,6 +193,9 @@ const SUBSCRIBER_BUFFER: usize = 16_384;
 /// Messages for other nodes queued before `deliver` answers `rate-limited`.
 const OUTGOING_QUEUE: usize = 65_536;
 
+/// Messages for other nodes published in one pipelined batch, at most.
+const PUBLISH_BATCH: usize = 256;
+
 impl RedisHub {
     /// Connects to Redis, clears what a previous life of this node left, and starts the
     /// heartbeat, the sweeper and the subscriber.
@@ -239,7 +242,22 @@ impl RedisHub {
         // A node restarted under the same name sweeps its former self first.
         inner.sweep(&inner.node.clone()).await;
         inner.heartbeat().await;
-        let mut tasks = vec![inner.subscriber.manage_subscriptions()];
+        let mut tasks = Vec::new();
+        // Subscriptions back after every reconnect. fred's `manage_subscriptions` tries once:
+        // right after a Redis Cluster restarts, its slots may not be served yet (CLUSTERDOWN),
+        // and that one failure left the node deaf to its inbox and families for good.
+        let i = inner.clone();
+        let mut back = inner.subscriber.reconnect_rx();
+        tasks.push(tokio::spawn(async move {
+            while back.recv().await.is_ok() {
+                let mut delay = Duration::from_millis(100);
+                while let Err(e) = i.resubscribe().await {
+                    i.redis_error("subscribe", &e);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }));
         // Messages for this node's devices come to its own inbox, not over the family
         // channels: only the node holding the target reads them.
         let own_inbox = inbox(&inner.node);
@@ -302,9 +320,18 @@ impl RedisHub {
         inner.metrics.cluster_connected.set(1);
         let i = inner.clone();
         tasks.push(tokio::spawn(async move {
-            while let Some((ch, text)) = out_rx.recv().await {
-                if let Err(e) = i.publish(ch, text).await {
-                    i.redis_error("publish", &e);
+            // Everything queued goes out at once, pipelined: awaiting each reply before the
+            // next publish held the queue to one Redis round trip per message, and a node
+            // descheduled for a moment came back to a queue it drained one trip at a time
+            // (the cross-node p99). Futures are polled in order, so commands reach fred's
+            // router, and each connection, in queue order.
+            let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+            while out_rx.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+                let sends = batch.drain(..).map(|(ch, text)| i.publish(ch, text));
+                for r in futures_util::future::join_all(sends).await {
+                    if let Err(e) = r {
+                        i.redis_error("publish", &e);
+                    }
                 }
             }
         }));
@@ -314,6 +341,7 @@ impl RedisHub {
             loop {
                 tick.tick().await;
                 i.heartbeat().await;
+                i.check_subscriptions().await;
                 i.sweep_dead().await;
             }
         }));
@@ -359,6 +387,21 @@ impl Inner {
         .await;
         if let Err(e) = r {
             self.redis_error("heartbeat", &e);
+        }
+    }
+
+    /// Pings this node's own inbox: if no subscriber heard it, the subscriptions are gone
+    /// without a reconnect to say so (seen when a Redis Cluster was re-created under a node:
+    /// the subscriber's connections were replaced on the new slot map) and are made again.
+    async fn check_subscriptions(&self) {
+        let inbox = inbox(&self.node);
+        let heard: Result<i64, Error> = if self.sharded { self.client.spublish(inbox, "").await } else { self.client.publish(inbox, "").await };
+        if let Ok(0) = heard {
+            self.metrics.cluster_redis_errors.with_label_values(&["subscribe"]).inc();
+            tracing::warn!(node = %self.node, "cluster: this node's subscriptions were lost; subscribing again");
+            if let Err(e) = self.resubscribe().await {
+                self.redis_error("subscribe", &e);
+            }
         }
     }
 
@@ -467,6 +510,24 @@ impl Inner {
         } else {
             self.subscriber.unsubscribe(channel).await
         }
+    }
+
+    /// Subscribes again to every channel this node follows. Not fred's `resubscribe_all`:
+    /// on a Redis Cluster it first sends SUBSCRIBE with no channel, which Redis refuses, and
+    /// never gets to the sharded ones.
+    async fn resubscribe(&self) -> Result<(), Error> {
+        if !self.sharded {
+            let channels: Vec<String> = self.subscriber.tracked_channels().iter().map(|c| c.to_string()).collect();
+            return self.subscriber.subscribe(channels).await;
+        }
+        let channels: Vec<String> = self.subscriber.tracked_shard_channels().iter().map(|c| c.to_string()).collect();
+        for chunk in channels.chunks(PUBLISH_BATCH) {
+            // One SSUBSCRIBE per channel (each goes to its slot's master), a chunk at a time.
+            for r in futures_util::future::join_all(chunk.iter().map(|c| self.subscriber.ssubscribe(c.clone()))).await {
+                r?;
+            }
+        }
+        Ok(())
     }
 
     fn connected(&self) -> bool {

@@ -44,11 +44,6 @@ impl Redis {
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
-
-    /// Keys matching `pattern` (KEYS; a test-sized database).
-    fn keys(&self, pattern: &str) -> String {
-        redis_cmd(self.port, &format!("KEYS {pattern}")).unwrap_or_default()
-    }
 }
 
 impl Drop for Redis {
@@ -69,7 +64,92 @@ fn redis_cmd(port: u16, cmd: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..n]).to_string())
 }
 
-async fn node(redis: &Redis, id: &str, per_family: usize) -> TestServer {
+/// Where a test's nodes meet: one `redis-server`, or a Redis Cluster of three masters. The
+/// core suite runs against both (the `on_redis` and `on_redis_cluster` modules below).
+enum Backend {
+    Single(Redis),
+    Cluster(RedisCluster),
+}
+
+impl Backend {
+    fn single() -> Backend {
+        Backend::Single(Redis::start())
+    }
+
+    fn cluster() -> Backend {
+        Backend::Cluster(RedisCluster::start())
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Backend::Single(r) => r.url(),
+            Backend::Cluster(c) => c.url(),
+        }
+    }
+
+    /// One command on every server (a key lives on one master of a cluster): the replies.
+    fn cmd(&self, cmd: &str) -> String {
+        match self {
+            Backend::Single(r) => redis_cmd(r.port, cmd).unwrap_or_default(),
+            Backend::Cluster(c) => c.nodes.iter().map(|n| redis_cmd(n.port, cmd).unwrap_or_default()).collect(),
+        }
+    }
+
+    /// Stops every server and starts it again, empty, on the same ports.
+    fn restart_empty(&mut self) {
+        match self {
+            Backend::Single(r) => {
+                let port = r.port;
+                let _ = r.child.kill();
+                let _ = r.child.wait();
+                *r = Redis::start_on(port);
+            }
+            Backend::Cluster(c) => c.restart_empty(),
+        }
+    }
+
+    /// Stops every server.
+    fn stop(&mut self) {
+        let servers = match self {
+            Backend::Single(r) => std::slice::from_mut(r),
+            Backend::Cluster(c) => &mut c.nodes[..],
+        };
+        for r in servers {
+            let _ = r.child.kill();
+            let _ = r.child.wait();
+        }
+    }
+}
+
+/// Runs each core test against one redis-server and against a Redis Cluster.
+macro_rules! core_suite {
+    ($($test:ident),* $(,)?) => {
+        mod on_redis {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(super::Backend::single()).await
+            })*
+        }
+        mod on_redis_cluster {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(super::Backend::cluster()).await
+            })*
+        }
+    };
+}
+
+core_suite!(
+    devices_on_different_nodes_see_each_other_and_relay_every_message_type,
+    the_family_limit_holds_across_nodes_when_devices_join_at_once,
+    a_device_reconnecting_on_another_node_replaces_its_old_connection_without_going_offline,
+    a_node_that_dies_has_its_devices_reported_offline_within_the_ttl_and_leaves_nothing,
+    without_redis_each_node_serves_its_own_devices_and_all_converge_when_it_returns,
+    negotiation_outcomes_are_counted_once_when_the_report_arrives_at_another_node,
+    a_rolling_restart_keeps_a_family_online_without_a_flap,
+);
+
+async fn node(redis: &Backend, id: &str, per_family: usize) -> TestServer {
     node_at(redis.url(), id, per_family).await
 }
 
@@ -95,9 +175,7 @@ async fn recv_type(c: &mut Client, kind: &str) -> serde_json::Value {
     }
 }
 
-#[tokio::test]
-async fn devices_on_different_nodes_see_each_other_and_relay_every_message_type() {
-    let redis = Redis::start();
+async fn devices_on_different_nodes_see_each_other_and_relay_every_message_type(redis: Backend) {
     let (n1, n2, n3) = (node(&redis, "n1", 8).await, node(&redis, "n2", 8).await, node(&redis, "n3", 8).await);
     let (mut a, reg_a) = Client::register(&n1, "fam", "u1", "a").await;
     assert_eq!(reg_a["devices"], json!([]));
@@ -132,13 +210,11 @@ async fn devices_on_different_nodes_see_each_other_and_relay_every_message_type(
     assert_eq!(off["deviceId"], "b");
     a.send(json!({"type":"offer","toDeviceId":"b","sdp":{"type":"offer","sdp":"v=0"}})).await;
     a.expect_error("peer-offline").await;
-    assert!(!redis.keys("kl:{fam}:dev").is_empty());
+    assert!(redis.cmd("HLEN kl:{fam}:dev").contains(":1\r\n"), "a is still registered");
     drop((n3, x));
 }
 
-#[tokio::test]
-async fn the_family_limit_holds_across_nodes_when_devices_join_at_once() {
-    let redis = Redis::start();
+async fn the_family_limit_holds_across_nodes_when_devices_join_at_once(redis: Backend) {
     let nodes = [node(&redis, "r1", 2).await, node(&redis, "r2", 2).await, node(&redis, "r3", 2).await];
     for round in 0..5 {
         let family = format!("race{round}");
@@ -160,9 +236,7 @@ async fn the_family_limit_holds_across_nodes_when_devices_join_at_once() {
     }
 }
 
-#[tokio::test]
-async fn a_device_reconnecting_on_another_node_replaces_its_old_connection_without_going_offline() {
-    let redis = Redis::start();
+async fn a_device_reconnecting_on_another_node_replaces_its_old_connection_without_going_offline(redis: Backend) {
     let (n1, n2, n3) = (node(&redis, "p1", 8).await, node(&redis, "p2", 8).await, node(&redis, "p3", 8).await);
     let (mut watcher, _) = Client::register(&n3, "fam", "u", "watcher").await;
     let (mut old, _) = Client::register(&n1, "fam", "u", "phone").await;
@@ -177,9 +251,7 @@ async fn a_device_reconnecting_on_another_node_replaces_its_old_connection_witho
     assert_eq!(recv_type(&mut new, "offer").await["fromDeviceId"], "watcher");
 }
 
-#[tokio::test]
-async fn a_node_that_dies_has_its_devices_reported_offline_within_the_ttl_and_leaves_nothing() {
-    let redis = Redis::start();
+async fn a_node_that_dies_has_its_devices_reported_offline_within_the_ttl_and_leaves_nothing(redis: Backend) {
     let n1 = node(&redis, "k1", 8).await;
     let (mut a, _) = Client::register(&n1, "fam", "u", "a").await;
     // The second node is a separate process, killed with SIGKILL: no goodbye to Redis.
@@ -207,9 +279,9 @@ async fn a_node_that_dies_has_its_devices_reported_offline_within_the_ttl_and_le
     // Nothing of k2 is left: not its device, not its family set, not its heartbeat.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let left = redis.keys("kl:node:{k2}*");
-        let fam = redis_cmd(redis.port, "HKEYS kl:{fam}:dev").unwrap_or_default();
-        if !left.contains("k2") && !fam.contains("\r\nb\r\n") && !redis_cmd(redis.port, "ZRANGE kl:nodes 0 -1").unwrap_or_default().contains("k2") {
+        let left = redis.cmd("KEYS kl:node:{k2}*");
+        let fam = redis.cmd("HKEYS kl:{fam}:dev");
+        if !left.contains("k2") && !fam.contains("\r\nb\r\n") && !redis.cmd("ZRANGE kl:nodes 0 -1").contains("k2") {
             break;
         }
         assert!(Instant::now() < deadline, "k2 left {left:?} / devices {fam:?}");
@@ -236,18 +308,14 @@ fn serving_addr(child: &mut Child) -> String {
     }
 }
 
-#[tokio::test]
-async fn without_redis_each_node_serves_its_own_devices_and_all_converge_when_it_returns() {
-    let mut redis = Redis::start();
-    let port = redis.port;
+async fn without_redis_each_node_serves_its_own_devices_and_all_converge_when_it_returns(mut redis: Backend) {
     let (n1, n2) = (node(&redis, "q1", 8).await, node(&redis, "q2", 8).await);
     let (mut a, _) = Client::register(&n1, "fam", "u", "a").await;
     let (mut b, _) = Client::register(&n2, "fam", "u", "b").await;
     assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "b");
 
     // Redis goes away (and will come back empty).
-    let _ = redis.child.kill();
-    let _ = redis.child.wait();
+    redis.stop();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         a.send(json!({"type":"offer","toDeviceId":"b","sdp":{"type":"offer","sdp":"v=0"}})).await;
@@ -270,7 +338,7 @@ async fn without_redis_each_node_serves_its_own_devices_and_all_converge_when_it
     assert_eq!(recv_type(&mut a, "offer").await["fromDeviceId"], "c");
 
     // Redis is back, empty: the nodes re-announce; b learns of c, and messages flow again.
-    redis = Redis::start_on(port);
+    redis.restart_empty();
     assert_eq!(recv_type(&mut b, "device-online").await["deviceId"], "c", "b converges without a restart");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -278,18 +346,21 @@ async fn without_redis_each_node_serves_its_own_devices_and_all_converge_when_it
         match tokio::time::timeout(Duration::from_millis(500), recv_type(&mut b, "offer")).await {
             // (a's offers from before Redis left may arrive first.)
             Ok(v) if v["fromDeviceId"] == "c" => break,
-            _ => assert!(Instant::now() < deadline, "cross-node delivery resumes"),
+            _ => assert!(
+                Instant::now() < deadline,
+                "cross-node delivery resumes; subscribed: {:?} {:?}; n2: {:?}",
+                redis.cmd("PUBSUB CHANNELS"),
+                redis.cmd("PUBSUB SHARDCHANNELS"),
+                n2.metrics_text().await.lines().filter(|l| l.starts_with("kinlink_cluster")).collect::<Vec<_>>()
+            ),
         }
     }
     assert_eq!(n1.metric("kinlink_cluster_connected").await, 1.0);
-    drop(redis);
 }
 
 /// The offer is relayed by the offerer's node; the answerer's `p2p-status` arrives at the
 /// other node and is forwarded there: each negotiation is counted once, by one node.
-#[tokio::test]
-async fn negotiation_outcomes_are_counted_once_when_the_report_arrives_at_another_node() {
-    let redis = Redis::start();
+async fn negotiation_outcomes_are_counted_once_when_the_report_arrives_at_another_node(redis: Backend) {
     let (n1, n2) = (node(&redis, "g1", 8).await, node(&redis, "g2", 8).await);
     let (mut a, _) = Client::register(&n1, "fam", "u", "a").await;
     let (mut b, _) = Client::register(&n2, "fam", "u", "b").await;
@@ -342,9 +413,7 @@ async fn drain_msgs(c: &mut Client, quiet: Duration) -> Vec<serde_json::Value> {
 /// A rolling restart of all three nodes, one at a time, while a family of four stays
 /// connected: a drained device reconnects on another node, its family never sees it offline,
 /// and every message afterwards is delivered.
-#[tokio::test]
-async fn a_rolling_restart_keeps_a_family_online_without_a_flap() {
-    let redis = Redis::start();
+async fn a_rolling_restart_keeps_a_family_online_without_a_flap(redis: Backend) {
     let mut nodes = vec![node(&redis, "m0", 8).await, node(&redis, "m1", 8).await, node(&redis, "m2", 8).await];
     let names = ["d0", "d1", "d2", "d3"];
     let mut at = [0usize, 1, 2, 0];
@@ -408,21 +477,34 @@ async fn a_rolling_restart_keeps_a_family_online_without_a_flap() {
 /// A local Redis Cluster: three masters, no replicas, slots spread by `redis-cli --cluster`.
 struct RedisCluster {
     nodes: Vec<Redis>,
-    _dir: std::path::PathBuf,
+    /// Each master's cluster bus port (by default its port + 10,000, which may not exist).
+    bus: Vec<u16>,
+    dir: std::path::PathBuf,
 }
 
 impl RedisCluster {
     fn start() -> RedisCluster {
-        let dir = temp_dir("redis-cluster");
+        // Six distinct free ports: each probe listener is held until all are picked.
+        let held: Vec<std::net::TcpListener> = (0..6).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let ports: Vec<u16> = held.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        drop(held);
+        let (ports, bus) = (ports[..3].to_vec(), ports[3..].to_vec());
+        let dir = temp_dir(&format!("redis-cluster-{}", ports[0]));
+        RedisCluster { nodes: RedisCluster::create(&ports, &bus, &dir), bus, dir }
+    }
+
+    /// Starts a master on each port and joins them into a cluster (empty, fresh slots).
+    fn create(ports: &[u16], bus: &[u16], dir: &std::path::Path) -> Vec<Redis> {
         let mut nodes = Vec::new();
-        for _ in 0..3 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        for (&port, &bus) in ports.iter().zip(bus) {
+            // A fresh node: no cluster state from a previous life on this port.
+            let _ = std::fs::remove_file(dir.join(format!("nodes-{port}.conf")));
             #[allow(clippy::zombie_processes)] // waited for by Redis's Drop
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .args(["--cluster-enabled", "yes", "--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file", &format!("nodes-{port}.conf"), "--cluster-port", &bus.to_string()])
                 .arg("--dir")
-                .arg(&dir)
+                .arg(dir)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -434,15 +516,22 @@ impl RedisCluster {
             }
             nodes.push(Redis { child, port });
         }
-        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let out = Command::new("redis-cli").args(["--cluster", "create"]).args(&addrs).args(["--cluster-replicas", "0", "--cluster-yes"]).output().expect("redis-cli");
         assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !nodes.iter().all(|n| redis_cmd(n.port, "CLUSTER INFO").is_some_and(|i| i.contains("cluster_state:ok"))) {
+        while !ports.iter().all(|&p| redis_cmd(p, "CLUSTER INFO").is_some_and(|i| i.contains("cluster_state:ok"))) {
             assert!(Instant::now() < deadline, "the cluster converges");
             std::thread::sleep(Duration::from_millis(100));
         }
-        RedisCluster { nodes, _dir: dir }
+        nodes
+    }
+
+    /// Every master restarted empty on its port, the cluster created anew (data lost).
+    fn restart_empty(&mut self) {
+        let ports: Vec<u16> = self.nodes.iter().map(|n| n.port).collect();
+        self.nodes.clear();
+        self.nodes = RedisCluster::create(&ports, &self.bus, &self.dir);
     }
 
     fn url(&self) -> String {
