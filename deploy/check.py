@@ -69,7 +69,8 @@ def check_rendering(name, docs, kinlink):
     by_kind = {}
     for d in docs:
         by_kind.setdefault(d["kind"], []).append(d)
-    dep = by_kind["Deployment"][0]
+    # A StatefulSet when TURN sits behind one load balancer per pod.
+    dep = (by_kind.get("Deployment") or by_kind["StatefulSet"])[0]
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
     cm = next(d for d in by_kind["ConfigMap"] if "kinlink.toml" in d.get("data", {}))
@@ -117,10 +118,11 @@ def check_rendering(name, docs, kinlink):
             else:
                 if not relay or proto != "UDP" or not relay[0] <= target <= relay[1] or sp["port"] != target:
                     fail(f"{name}: Service port {sp} is neither a named port nor in the relay range {relay}")
-    if "-turn" in " ".join(s["metadata"]["name"] for s in by_kind["Service"]) and relay:
-        published = {sp["port"] for s in by_kind["Service"] for sp in s["spec"]["ports"] if isinstance(sp["targetPort"], int)}
+    for svc in (s for s in by_kind["Service"] if "-turn" in s["metadata"]["name"] and relay):
+        published = {sp["port"] for sp in svc["spec"]["ports"] if isinstance(sp["targetPort"], int)}
         if published != set(range(relay[0], relay[1] + 1)):
-            fail(f"{name}: the TURN Service does not publish exactly the relay range {relay}")
+            fail(f"{name}: TURN Service {svc['metadata']['name']} does not publish exactly the relay range {relay}")
+    check_per_pod(name, by_kind, dep, c, kinlink)
 
     # Probes, drain time, restarts on config change.
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", "/healthz")):
@@ -135,7 +137,7 @@ def check_rendering(name, docs, kinlink):
 
     # No service-link variables in any pod the chart makes.
     for d in docs:
-        spec = d["spec"]["template"]["spec"] if d["kind"] == "Deployment" else d["spec"] if d["kind"] == "Pod" else None
+        spec = d["spec"]["template"]["spec"] if d["kind"] in ("Deployment", "StatefulSet") else d["spec"] if d["kind"] == "Pod" else None
         if spec is not None and spec.get("enableServiceLinks") is not False:
             fail(f"{name}: {d['kind']} {d['metadata']['name']} does not set enableServiceLinks: false")
 
@@ -157,8 +159,9 @@ def check_rendering(name, docs, kinlink):
     for var in ("KINLINK_AUTH__TOKEN_SECRET", "KINLINK_TURN__SECRET"):
         if not refs.get(var):
             fail(f"{name}: {var} is not from a Secret")
-    if "secret" in text.replace("secretName", ""):
-        fail(f"{name}: a secret is in the ConfigMap")
+    for key, body in cm["data"].items():
+        if "secret" in body.replace("secretName", ""):
+            fail(f"{name}: a secret is in the ConfigMap ({key})")
 
     # Monitoring objects carry exactly the repository's rules and dashboard.
     for rule in by_kind.get("PrometheusRule", []):
@@ -172,6 +175,43 @@ def check_rendering(name, docs, kinlink):
             if json.loads(d["data"]["kinlink.json"]) != json.loads((ROOT / "grafana/kinlink.json").read_text()):
                 fail(f"{name}: dashboard ConfigMap differs from grafana/kinlink.json")
     return by_kind
+
+
+def check_per_pod(name, by_kind, workload, c, kinlink):
+    """TURN behind one LoadBalancer per pod: pod N reads its own file, whose address is the one
+    its own Service holds, and that Service selects pod N alone."""
+    if workload["kind"] != "StatefulSet":
+        return
+    full = workload["metadata"]["name"]
+    replicas = workload["spec"]["replicas"]
+    cm = next(d for d in by_kind["ConfigMap"] if "kinlink.toml" in d.get("data", {}))
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in c["env"]}
+    if env.get("POD_NAME") != "metadata.name" or c["args"][:2] != ["--config", "/etc/kinlink/pods/$(POD_NAME).toml"]:
+        fail(f"{name}: pods do not read their own file: args {c['args']}, env {env}")
+    if "/etc/kinlink/pods" not in {m["mountPath"] for m in c["volumeMounts"]}:
+        fail(f"{name}: the per-pod files are not mounted at /etc/kinlink/pods")
+    services = {s["metadata"]["name"]: s for s in by_kind["Service"]}
+    if f"{full}-turn" in services:
+        fail(f"{name}: a shared TURN Service besides the per-pod ones")
+    for i in range(replicas):
+        pod = f"{full}-{i}"
+        body = cm["data"].get(f"{pod}.toml")
+        svc = services.get(f"{full}-turn-{i}")
+        if body is None or svc is None:
+            fail(f"{name}: pod {pod} lacks its file or its Service")
+        turn = tomllib.loads(body)["turn"]
+        if turn.get("public_ip") != svc["spec"]["loadBalancerIP"] or turn.get("advertise_ip") is not True:
+            fail(f"{name}: {pod} advertises {turn.get('public_ip')} (advertise_ip {turn.get('advertise_ip')}), its Service holds {svc['spec']['loadBalancerIP']}")
+        if svc["spec"]["type"] != "LoadBalancer" or svc["spec"]["selector"].get("statefulset.kubernetes.io/pod-name") != pod:
+            fail(f"{name}: Service {svc['metadata']['name']} does not select {pod} alone: {svc['spec']['selector']}")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "pod.toml"
+            path.write_text(checkable(body, tmp))
+            env = dict(os.environ, KINLINK_AUTH__TOKEN_SECRET="x" * 32, KINLINK_TURN__SECRET="y" * 32, KINLINK_DATA_DIR=tmp)
+            must([kinlink, "--config", str(path), "config", "check"], f"{name}: kinlink config check of {pod}'s file", env=env)
+    extra = [k for k in services if k.startswith(f"{full}-turn-") and int(k.rsplit("-", 1)[1]) >= replicas]
+    if extra:
+        fail(f"{name}: Services for pods that do not exist: {extra}")
 
 
 def service_link_env(docs, ip="10.96.0.12"):
@@ -228,7 +268,7 @@ def chart(kinlink):
                     fail(f"{name}: {d['kind']} {d}")
         kinds |= set(check_rendering(name, docs, kinlink))
         print(f"ok {name}: {len(docs)} manifests")
-    for k in ("Deployment", "Service", "ConfigMap", "Secret", "Ingress", "ServiceMonitor", "PrometheusRule", "PodDisruptionBudget",
+    for k in ("Deployment", "StatefulSet", "Service", "ConfigMap", "Secret", "Ingress", "ServiceMonitor", "PrometheusRule", "PodDisruptionBudget",
               "HorizontalPodAutoscaler", "NetworkPolicy", "Pod"):
         if k not in kinds:
             fail(f"no values file renders a {k}")
@@ -298,6 +338,12 @@ def chart(kinlink):
         (["--set", "replicaCount=3"], "cluster.redis"),
         (["--set", "autoscaling.enabled=true"], "cluster.redis"),
         (["--set", "replicaCount=3", "--set", "cluster.redis.url=redis://r:6379"], "turn.hostNetwork"),
+        # One load balancer per pod: one reserved address each, a fixed count, no TLS by IP.
+        (["-f", str(CHART / "ci/perpod-values.yaml"), "--set", "replicaCount=2"], "one reserved IP per pod"),
+        (["-f", str(CHART / "ci/perpod-values.yaml"), "--set", "autoscaling.enabled=true"], "disable autoscaling"),
+        (["-f", str(CHART / "ci/perpod-values.yaml"), "--set", "turn.hostNetwork=true"], "pick one"),
+        (["-f", str(CHART / "ci/perpod-values.yaml"), "--set", "turn.tls.enabled=true", "--set", "turn.tls.secretName=t"], "name per pod"),
+        (["-f", str(CHART / "ci/perpod-values.yaml"), "--set", "turn.relayPorts.max=60000"], "at most 1000"),
         (["--set", "cluster.redis.url=http://r"], "url"),
     ]
     for args, why in bad:

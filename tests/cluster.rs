@@ -147,6 +147,7 @@ core_suite!(
     without_redis_each_node_serves_its_own_devices_and_all_converge_when_it_returns,
     negotiation_outcomes_are_counted_once_when_the_report_arrives_at_another_node,
     a_rolling_restart_keeps_a_family_online_without_a_flap,
+    the_helm_test_passes_through_one_service_spreading_connections_over_three_nodes,
 );
 
 async fn node(redis: &Backend, id: &str, per_family: usize) -> TestServer {
@@ -472,6 +473,50 @@ async fn a_rolling_restart_keeps_a_family_online_without_a_flap(redis: Backend) 
             assert_eq!(v["fromDeviceId"], names[i]);
         }
     }
+}
+
+/// A TCP load balancer over `backends`, a connection to each in turn, as a Kubernetes Service
+/// spreads connections over pods.
+async fn round_robin(backends: Vec<std::net::SocketAddr>) -> std::net::SocketAddr {
+    let lb = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = lb.local_addr().unwrap();
+    tokio::spawn(async move {
+        for next in 0.. {
+            let Ok((mut inbound, _)) = lb.accept().await else { break };
+            let backend = backends[next % backends.len()];
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(backend).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// What the chart's `helm test` does with three replicas: `kinlink check` through the one
+/// Service, its two devices landing on different pods, each minted with the release's secret.
+async fn the_helm_test_passes_through_one_service_spreading_connections_over_three_nodes(redis: Backend) {
+    let nodes = [node(&redis, "h0", 8).await, node(&redis, "h1", 8).await, node(&redis, "h2", 8).await];
+    let service = round_robin(nodes.iter().map(|n| n.http).collect()).await;
+    let url = format!("http://{service}");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_kinlink"))
+            .args(["check", &url, "--skip-turn"])
+            .env("KINLINK_AUTH__TOKEN_SECRET", TOKEN_SECRET)
+            .env("KINLINK_DATA_DIR", "/nonexistent-kinlink-check")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let mut registered = Vec::new();
+    for n in &nodes {
+        registered.push(n.metric("kinlink_signal_registrations_total").await);
+    }
+    assert_eq!(registered.iter().filter(|r| **r == 1.0).count(), 2, "the two check devices on two different nodes: {registered:?}");
 }
 
 /// A local Redis Cluster: three masters, no replicas, slots spread by `redis-cli --cluster`.

@@ -52,6 +52,11 @@ existingSecret rotated by hand or by an operator) changed.
 {{- if or .Values.cluster.redis.url .Values.cluster.redis.existingSecret }}true{{ end -}}
 {{- end }}
 
+{{/* TURN behind one LoadBalancer Service per pod (a StatefulSet). */}}
+{{- define "kinlink.perPod" -}}
+{{- if and .Values.turn.enabled .Values.turn.perPodService.enabled }}true{{ end -}}
+{{- end }}
+
 {{/* The lowest port the pod binds; below 1024 needs NET_BIND_SERVICE. */}}
 {{/* HTTPS signaling and TURN over TLS on one port (turn.tls.sharesHttpPort). */}}
 {{- define "kinlink.onePort" -}}
@@ -111,6 +116,15 @@ existingSecret rotated by hand or by an operator) changed.
 {{- end -}}
 {{- $cfg := mergeOverwrite (deepCopy ($v.config | default dict)) $base -}}
 {{- include "kinlink.tomlTable" (dict "table" $cfg "prefix" "") -}}
+{{- end }}
+
+{{/* The configuration of one pod behind turn.perPodService (args `root`, `ip`): its own
+load balancer's address in relayed addresses and in its STUN/TURN URLs. */}}
+{{- define "kinlink.podConfig" -}}
+{{- $vals := .root.Values | toYaml | fromYaml -}}
+{{- $_ := set $vals.turn "publicIP" .ip -}}
+{{- $_ := set $vals "config" (mergeOverwrite ($vals.config | default dict) (dict "turn" (dict "advertise_ip" true))) -}}
+{{- include "kinlink.config" (dict "Values" $vals "Release" .root.Release "Chart" .root.Chart "Capabilities" .root.Capabilities "Template" .root.Template) -}}
 {{- end }}
 
 {{/* A map as TOML: plain keys first, then one [table] per nested map. */}}
