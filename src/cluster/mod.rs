@@ -20,6 +20,13 @@
 //!
 //! Every node also keeps a roster of its families' devices on other nodes (from the join
 //! script's answer and the events), so `deliver` answers `peer-offline` without Redis.
+//!
+//! This file is the hub itself (joining, leaving, delivery, presence events); `keys` holds
+//! the names, value formats and Lua scripts; `liveness` the heartbeat, the sweeping of dead
+//! nodes and the recovery after Redis comes back.
+
+mod keys;
+mod liveness;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,137 +35,17 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::Utf8Bytes;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use self::keys::*;
 use crate::metrics::Metrics;
 use crate::ratelimit::LogLimiter;
 use crate::signal::hub::{DeliverError, Hub, HubLimits, JoinError, JoinFuture, LocalHub, Member, SessionId};
 use crate::signal::negotiation::Report;
+use crate::signal::protocol::{DeviceInfo, ServerMsg};
 
 /// Where reports forwarded by other nodes go: `(family, reporter, peer, report)`.
 pub type ReportSink = Box<dyn Fn(&str, &str, &str, Report) + Send + Sync>;
-use crate::signal::protocol::{DeviceInfo, ServerMsg};
-
-/// Registers a device unless the family is full: `{0}`, or `{1, previous value or '', HGETALL}`.
-const JOIN: &str = r"
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if not old and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return {0} end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return {1, old or '', redis.call('HGETALL', KEYS[1])}
-";
-
-/// Removes a device if it is still this connection: 1 when removed.
-const LEAVE: &str = r"
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  return 1
-end
-return 0
-";
-
-/// Removes every device of node ARGV[1] (values starting `node|`): their names and values.
-const SWEEP: &str = r"
-local all = redis.call('HGETALL', KEYS[1])
-local gone = {}
-for i = 1, #all, 2 do
-  if string.sub(all[i + 1], 1, #ARGV[1] + 1) == ARGV[1] .. '|' then
-    redis.call('HDEL', KEYS[1], all[i])
-    table.insert(gone, all[i])
-    table.insert(gone, all[i + 1])
-  end
-end
-return gone
-";
-
-/// Re-registers a device after Redis came back, unless another node holds it now: 1 when set.
-const REANNOUNCE: &str = r"
-local v = redis.call('HGET', KEYS[1], ARGV[1])
-if not v or string.sub(v, 1, #ARGV[3] + 1) == ARGV[3] .. '|' then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  return 1
-end
-return 0
-";
-
-/// Events on a family's channel.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "t", rename_all = "lowercase")]
-enum Event {
-    /// `d` (user `u`) joined on node `n` as session `s`.
-    On { d: String, u: String, n: String, s: SessionId },
-    /// `d`'s session `s` on node `n` left (or the node is gone).
-    Off { d: String, n: String, s: SessionId },
-    /// `from`'s `p2p-status` about `to`, for the node that relayed their offer.
-    Rep { to: String, from: String, n: String, r: Report },
-}
-
-fn devices_key(family: &str) -> String {
-    format!("kl:{{{family}}}:dev")
-}
-
-fn channel(family: &str) -> String {
-    format!("kl:{{{family}}}:ev")
-}
-
-fn family_of(channel: &str) -> Option<&str> {
-    channel.strip_prefix("kl:{")?.strip_suffix("}:ev")
-}
-
-/// A node's inbox: messages for devices on that node, as `family to\ntext`.
-fn inbox(node: &str) -> String {
-    format!("kl:node:{{{node}}}:in")
-}
-
-/// An inbox frame: the relayed text as it is, after a one-line header (ids have no spaces or
-/// newlines), so it is neither escaped nor parsed on the way.
-fn inbox_frame(family: &str, to: &str, text: &str) -> String {
-    let mut f = String::with_capacity(family.len() + to.len() + 2 + text.len());
-    f.push_str(family);
-    f.push(' ');
-    f.push_str(to);
-    f.push('\n');
-    f.push_str(text);
-    f
-}
-
-fn parse_inbox_frame(f: &str) -> Option<(&str, &str, &str)> {
-    let (header, text) = f.split_once('\n')?;
-    let (family, to) = header.split_once(' ')?;
-    Some((family, to, text))
-}
-
-fn alive_key(node: &str) -> String {
-    format!("kl:node:{{{node}}}:alive")
-}
-
-fn families_key(node: &str) -> String {
-    format!("kl:node:{{{node}}}:fam")
-}
-
-const NODES: &str = "kl:nodes";
-
-/// A device on another node.
-#[derive(Debug, Clone)]
-struct Remote {
-    node: Arc<str>,
-    session: SessionId,
-    user: Arc<str>,
-}
-
-/// `node|session|user`.
-fn record(node: &str, session: SessionId, user: &str) -> String {
-    format!("{node}|{session}|{user}")
-}
-
-fn parse_record(v: &str) -> Option<Remote> {
-    let mut parts = v.splitn(3, '|');
-    let (node, session, user) = (parts.next()?, parts.next()?.parse().ok()?, parts.next()?);
-    Some(Remote { node: node.into(), session, user: user.into() })
-}
-
-/// Family → its devices on other nodes.
-type Rosters = HashMap<Arc<str>, HashMap<Arc<str>, Remote>>;
 
 /// The hub of a node in a cluster.
 pub struct RedisHub {
@@ -373,82 +260,6 @@ impl Inner {
         }
     }
 
-    fn now_ms() -> u64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-    }
-
-    async fn heartbeat(&self) {
-        let ttl_ms = self.ttl.as_millis() as u64;
-        let r: Result<(), Error> = async {
-            let _: () = self.client.set(alive_key(&self.node), 1, Some(Expiration::PX(ttl_ms as i64)), None, false).await?;
-            let _: Value = self.client.eval("return redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])", vec![NODES], vec![Self::now_ms().to_string(), self.node.to_string()]).await?;
-            Ok(())
-        }
-        .await;
-        if let Err(e) = r {
-            self.redis_error("heartbeat", &e);
-        }
-    }
-
-    /// Pings this node's own inbox: if no subscriber heard it, the subscriptions are gone
-    /// without a reconnect to say so (seen when a Redis Cluster was re-created under a node:
-    /// the subscriber's connections were replaced on the new slot map) and are made again.
-    async fn check_subscriptions(&self) {
-        let inbox = inbox(&self.node);
-        let heard: Result<i64, Error> = if self.sharded { self.client.spublish(inbox, "").await } else { self.client.publish(inbox, "").await };
-        if let Ok(0) = heard {
-            self.metrics.cluster_redis_errors.with_label_values(&["subscribe"]).inc();
-            tracing::warn!(node = %self.node, "cluster: this node's subscriptions were lost; subscribing again");
-            if let Err(e) = self.resubscribe().await {
-                self.redis_error("subscribe", &e);
-            }
-        }
-    }
-
-    /// Sweeps every node whose heartbeat is older than the TTL.
-    async fn sweep_dead(&self) {
-        let cutoff = Self::now_ms().saturating_sub(self.ttl.as_millis() as u64);
-        let dead: Result<Vec<String>, Error> = self.client.eval("return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])", vec![NODES], vec![cutoff.to_string()]).await;
-        match dead {
-            Ok(nodes) => {
-                for n in nodes.into_iter().filter(|n| **n != *self.node) {
-                    self.sweep(&n).await;
-                }
-            }
-            Err(e) => self.redis_error("sweep", &e),
-        }
-    }
-
-    /// Removes node `dead`'s devices from every family it had, announcing them offline.
-    async fn sweep(&self, dead: &str) {
-        let r: Result<(), Error> = async {
-            // One sweeper per dead node at a time.
-            let lock: Option<String> = self.client.set(format!("kl:node:{{{dead}}}:sweep"), 1, Some(Expiration::PX(self.ttl.as_millis() as i64)), Some(SetOptions::NX), false).await?;
-            if lock.is_none() && dead != &*self.node {
-                return Ok(());
-            }
-            let families: Vec<String> = self.client.smembers(families_key(dead)).await?;
-            for f in &families {
-                let gone: Vec<String> = self.client.eval(SWEEP, vec![devices_key(f)], vec![dead]).await?;
-                for pair in gone.chunks(2) {
-                    let Some(r) = pair.get(1).and_then(|v| parse_record(v)) else { continue };
-                    let off = Event::Off { d: pair[0].clone(), n: dead.to_string(), s: r.session };
-                    self.publish(channel(f), serde_json::to_string(&off).unwrap_or_default()).await?;
-                }
-            }
-            let _: () = self.client.del(families_key(dead)).await?;
-            let _: Value = self.client.eval("return redis.call('ZREM', KEYS[1], ARGV[1])", vec![NODES], vec![dead]).await?;
-            if dead != &*self.node {
-                tracing::info!(node = dead, families = families.len(), "cluster: node gone; its devices are offline");
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = r {
-            self.redis_error("sweep", &e);
-        }
-    }
-
     fn on_event(&self, family: &str, text: &str) {
         let Ok(event) = serde_json::from_str::<Event>(text) else { return };
         match event {
@@ -512,101 +323,8 @@ impl Inner {
         }
     }
 
-    /// Subscribes again to every channel this node follows. Not fred's `resubscribe_all`:
-    /// on a Redis Cluster it first sends SUBSCRIBE with no channel, which Redis refuses, and
-    /// never gets to the sharded ones.
-    async fn resubscribe(&self) -> Result<(), Error> {
-        if !self.sharded {
-            let channels: Vec<String> = self.subscriber.tracked_channels().iter().map(|c| c.to_string()).collect();
-            return self.subscriber.subscribe(channels).await;
-        }
-        let channels: Vec<String> = self.subscriber.tracked_shard_channels().iter().map(|c| c.to_string()).collect();
-        for chunk in channels.chunks(PUBLISH_BATCH) {
-            // One SSUBSCRIBE per channel (each goes to its slot's master), a chunk at a time.
-            for r in futures_util::future::join_all(chunk.iter().map(|c| self.subscriber.ssubscribe(c.clone()))).await {
-                r?;
-            }
-        }
-        Ok(())
-    }
-
     fn connected(&self) -> bool {
         self.client.state() == ClientState::Connected
-    }
-
-    /// Writes every device of this node back, re-reads its families' rosters and announces
-    /// the devices online again (other nodes treat a repeated `on` as a refresh).
-    async fn reannounce(&self) {
-        self.heartbeat().await;
-        let members = self.local.members();
-        let mut families: Vec<Arc<str>> = members.iter().map(|m| m.family.clone()).collect();
-        families.sort();
-        families.dedup();
-        for m in &members {
-            let value = record(&self.node, m.session, &m.user);
-            let set: Result<i64, Error> = self.client.eval(REANNOUNCE, vec![devices_key(&m.family)], vec![m.device.to_string(), value, self.node.to_string()]).await;
-            match set {
-                Ok(1) => {
-                    let on = Event::On { d: m.device.to_string(), u: m.user.to_string(), n: self.node.to_string(), s: m.session };
-                    let _ = self.outgoing.try_send((channel(&m.family), serde_json::to_string(&on).unwrap_or_default()));
-                }
-                // Another node holds the device now: this connection is the stale one.
-                Ok(_) => self.local.evict(&m.family, &m.device),
-                Err(e) => self.redis_error("join", &e),
-            }
-        }
-        for f in families {
-            if let Err(e) = self.client.sadd::<(), _, _>(families_key(&self.node), f.to_string()).await {
-                self.redis_error("join", &e);
-            }
-            self.merge_roster(&f).await;
-        }
-    }
-
-    /// Adds the family's devices on other nodes that this node did not know (announcing them
-    /// online here). Nothing is removed: right after Redis returns, the other nodes may not
-    /// have re-announced yet; [`Inner::prune_rosters`] removes, one TTL later.
-    async fn merge_roster(&self, f: &Arc<str>) {
-        let Ok(all) = self.client.hgetall::<HashMap<String, String>, _>(devices_key(f)).await else { return };
-        let mut added = Vec::new();
-        {
-            let mut rosters = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-            let roster = rosters.entry(f.clone()).or_default();
-            for (d, v) in &all {
-                let Some(r) = parse_record(v).filter(|r| *r.node != *self.node) else { continue };
-                if !roster.contains_key(d.as_str()) {
-                    added.push((d.clone(), r.user.clone()));
-                }
-                roster.insert(d.as_str().into(), r);
-            }
-        }
-        for (d, user) in added {
-            let online: Utf8Bytes = ServerMsg::DeviceOnline { family_id: f, device_id: &d, user_id: &user }.to_text().into();
-            self.local.notify_family(f, &d, &online);
-        }
-    }
-
-    /// Removes devices of other nodes that Redis no longer has (they left while Redis was
-    /// away, and their `off` was lost), announcing them offline here.
-    async fn prune_rosters(&self) {
-        let families: Vec<Arc<str>> = self.remote.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
-        for f in families {
-            let Ok(all) = self.client.hgetall::<HashMap<String, String>, _>(devices_key(&f)).await else { continue };
-            let mut gone = Vec::new();
-            if let Some(roster) = self.remote.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&f) {
-                roster.retain(|d, r| {
-                    let still = all.get(&**d).and_then(|v| parse_record(v)).is_some_and(|now| now.node == r.node && now.session == r.session);
-                    if !still {
-                        gone.push(d.clone());
-                    }
-                    still
-                });
-            }
-            for d in gone {
-                let offline: Utf8Bytes = ServerMsg::DeviceOffline { family_id: &f, device_id: &d }.to_text().into();
-                self.local.notify_family(&f, &d, &offline);
-            }
-        }
     }
 
     async fn join(self: Arc<Self>, member: Member) -> Result<Vec<DeviceInfo>, JoinError> {
@@ -693,24 +411,6 @@ impl Inner {
     }
 }
 
-enum JoinAnswer {
-    Full,
-    Joined(Vec<(String, String)>),
-}
-
-/// The JOIN script's answer.
-fn parse_join(v: Value) -> Option<JoinAnswer> {
-    let Value::Array(items) = v else { return None };
-    match items.first()?.as_i64()? {
-        0 => Some(JoinAnswer::Full),
-        _ => {
-            let Value::Array(flat) = items.get(2)?.clone() else { return None };
-            let flat: Vec<String> = flat.into_iter().filter_map(|v| v.as_string()).collect();
-            Some(JoinAnswer::Joined(flat.chunks(2).filter(|p| p.len() == 2).map(|p| (p[0].clone(), p[1].clone())).collect()))
-        }
-    }
-}
-
 impl Hub for RedisHub {
     fn forward_report(&self, family: &str, reporter: &str, peer: &str, report: Report) -> bool {
         let remote = self.inner.remote.lock().unwrap_or_else(|e| e.into_inner());
@@ -763,29 +463,5 @@ impl Hub for RedisHub {
             return Err(DeliverError::ClusterUnavailable);
         }
         self.inner.outgoing.try_send((inbox(&node), inbox_frame(family, to_device, &text))).map_err(|_| DeliverError::QueueFull)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn inbox_frames_carry_the_text_as_it_is() {
-        let text = "{\"type\":\"offer\",\"sdp\":{\"sdp\":\"v=0\\r\\n a b\\n\"}}\nsecond line";
-        let f = inbox_frame("fam-1", "dev-b", text);
-        assert_eq!(parse_inbox_frame(&f), Some(("fam-1", "dev-b", text)));
-        assert_eq!(parse_inbox_frame("no header"), None);
-        assert_eq!(inbox("node-a"), "kl:node:{node-a}:in");
-    }
-
-    #[test]
-    fn records_and_channels_round_trip() {
-        let r = parse_record(&record("pod-1", 42, "u|with|bars")).unwrap();
-        assert_eq!((&*r.node, r.session, &*r.user), ("pod-1", 42, "u|with|bars"));
-        assert_eq!(family_of(&channel("fam-1")), Some("fam-1"));
-        assert_eq!(devices_key("f"), "kl:{f}:dev");
-        let e: Event = serde_json::from_str(&serde_json::to_string(&Event::Off { d: "a".into(), n: "n".into(), s: 7 }).unwrap()).unwrap();
-        assert!(matches!(e, Event::Off { s: 7, .. }));
     }
 }

@@ -1,0 +1,184 @@
+//! Keeping the cluster's view true over time: this node's heartbeat, sweeping nodes that
+//! stopped heartbeating, and recovering after Redis came back (re-announcing this node's
+//! devices, re-reading rosters, subscribing again).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use fred::prelude::*;
+
+use super::keys::*;
+use super::{Inner, PUBLISH_BATCH};
+use crate::signal::protocol::ServerMsg;
+
+impl Inner {
+    pub(super) fn now_ms() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+
+    pub(super) async fn heartbeat(&self) {
+        let ttl_ms = self.ttl.as_millis() as u64;
+        let r: Result<(), Error> = async {
+            let _: () = self.client.set(alive_key(&self.node), 1, Some(Expiration::PX(ttl_ms as i64)), None, false).await?;
+            let _: Value = self.client.eval("return redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])", vec![NODES], vec![Self::now_ms().to_string(), self.node.to_string()]).await?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = r {
+            self.redis_error("heartbeat", &e);
+        }
+    }
+
+    /// Pings this node's own inbox: if no subscriber heard it, the subscriptions are gone
+    /// without a reconnect to say so (seen when a Redis Cluster was re-created under a node:
+    /// the subscriber's connections were replaced on the new slot map) and are made again.
+    pub(super) async fn check_subscriptions(&self) {
+        let inbox = inbox(&self.node);
+        let heard: Result<i64, Error> = if self.sharded { self.client.spublish(inbox, "").await } else { self.client.publish(inbox, "").await };
+        if let Ok(0) = heard {
+            self.metrics.cluster_redis_errors.with_label_values(&["subscribe"]).inc();
+            tracing::warn!(node = %self.node, "cluster: this node's subscriptions were lost; subscribing again");
+            if let Err(e) = self.resubscribe().await {
+                self.redis_error("subscribe", &e);
+            }
+        }
+    }
+
+    /// Sweeps every node whose heartbeat is older than the TTL.
+    pub(super) async fn sweep_dead(&self) {
+        let cutoff = Self::now_ms().saturating_sub(self.ttl.as_millis() as u64);
+        let dead: Result<Vec<String>, Error> = self.client.eval("return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])", vec![NODES], vec![cutoff.to_string()]).await;
+        match dead {
+            Ok(nodes) => {
+                for n in nodes.into_iter().filter(|n| **n != *self.node) {
+                    self.sweep(&n).await;
+                }
+            }
+            Err(e) => self.redis_error("sweep", &e),
+        }
+    }
+
+    /// Removes node `dead`'s devices from every family it had, announcing them offline.
+    pub(super) async fn sweep(&self, dead: &str) {
+        let r: Result<(), Error> = async {
+            // One sweeper per dead node at a time.
+            let lock: Option<String> = self.client.set(format!("kl:node:{{{dead}}}:sweep"), 1, Some(Expiration::PX(self.ttl.as_millis() as i64)), Some(SetOptions::NX), false).await?;
+            if lock.is_none() && dead != &*self.node {
+                return Ok(());
+            }
+            let families: Vec<String> = self.client.smembers(families_key(dead)).await?;
+            for f in &families {
+                let gone: Vec<String> = self.client.eval(SWEEP, vec![devices_key(f)], vec![dead]).await?;
+                for pair in gone.chunks(2) {
+                    let Some(r) = pair.get(1).and_then(|v| parse_record(v)) else { continue };
+                    let off = Event::Off { d: pair[0].clone(), n: dead.to_string(), s: r.session };
+                    self.publish(channel(f), serde_json::to_string(&off).unwrap_or_default()).await?;
+                }
+            }
+            let _: () = self.client.del(families_key(dead)).await?;
+            let _: Value = self.client.eval("return redis.call('ZREM', KEYS[1], ARGV[1])", vec![NODES], vec![dead]).await?;
+            if dead != &*self.node {
+                tracing::info!(node = dead, families = families.len(), "cluster: node gone; its devices are offline");
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = r {
+            self.redis_error("sweep", &e);
+        }
+    }
+
+    /// Subscribes again to every channel this node follows. Not fred's `resubscribe_all`:
+    /// on a Redis Cluster it first sends SUBSCRIBE with no channel, which Redis refuses, and
+    /// never gets to the sharded ones.
+    pub(super) async fn resubscribe(&self) -> Result<(), Error> {
+        if !self.sharded {
+            let channels: Vec<String> = self.subscriber.tracked_channels().iter().map(|c| c.to_string()).collect();
+            return self.subscriber.subscribe(channels).await;
+        }
+        let channels: Vec<String> = self.subscriber.tracked_shard_channels().iter().map(|c| c.to_string()).collect();
+        for chunk in channels.chunks(PUBLISH_BATCH) {
+            // One SSUBSCRIBE per channel (each goes to its slot's master), a chunk at a time.
+            for r in futures_util::future::join_all(chunk.iter().map(|c| self.subscriber.ssubscribe(c.clone()))).await {
+                r?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every device of this node back, re-reads its families' rosters and announces
+    /// the devices online again (other nodes treat a repeated `on` as a refresh).
+    pub(super) async fn reannounce(&self) {
+        self.heartbeat().await;
+        let members = self.local.members();
+        let mut families: Vec<Arc<str>> = members.iter().map(|m| m.family.clone()).collect();
+        families.sort();
+        families.dedup();
+        for m in &members {
+            let value = record(&self.node, m.session, &m.user);
+            let set: Result<i64, Error> = self.client.eval(REANNOUNCE, vec![devices_key(&m.family)], vec![m.device.to_string(), value, self.node.to_string()]).await;
+            match set {
+                Ok(1) => {
+                    let on = Event::On { d: m.device.to_string(), u: m.user.to_string(), n: self.node.to_string(), s: m.session };
+                    let _ = self.outgoing.try_send((channel(&m.family), serde_json::to_string(&on).unwrap_or_default()));
+                }
+                // Another node holds the device now: this connection is the stale one.
+                Ok(_) => self.local.evict(&m.family, &m.device),
+                Err(e) => self.redis_error("join", &e),
+            }
+        }
+        for f in families {
+            if let Err(e) = self.client.sadd::<(), _, _>(families_key(&self.node), f.to_string()).await {
+                self.redis_error("join", &e);
+            }
+            self.merge_roster(&f).await;
+        }
+    }
+
+    /// Adds the family's devices on other nodes that this node did not know (announcing them
+    /// online here). Nothing is removed: right after Redis returns, the other nodes may not
+    /// have re-announced yet; [`Inner::prune_rosters`] removes, one TTL later.
+    pub(super) async fn merge_roster(&self, f: &Arc<str>) {
+        let Ok(all) = self.client.hgetall::<HashMap<String, String>, _>(devices_key(f)).await else { return };
+        let mut added = Vec::new();
+        {
+            let mut rosters = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            let roster = rosters.entry(f.clone()).or_default();
+            for (d, v) in &all {
+                let Some(r) = parse_record(v).filter(|r| *r.node != *self.node) else { continue };
+                if !roster.contains_key(d.as_str()) {
+                    added.push((d.clone(), r.user.clone()));
+                }
+                roster.insert(d.as_str().into(), r);
+            }
+        }
+        for (d, user) in added {
+            let online: Utf8Bytes = ServerMsg::DeviceOnline { family_id: f, device_id: &d, user_id: &user }.to_text().into();
+            self.local.notify_family(f, &d, &online);
+        }
+    }
+
+    /// Removes devices of other nodes that Redis no longer has (they left while Redis was
+    /// away, and their `off` was lost), announcing them offline here.
+    pub(super) async fn prune_rosters(&self) {
+        let families: Vec<Arc<str>> = self.remote.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        for f in families {
+            let Ok(all) = self.client.hgetall::<HashMap<String, String>, _>(devices_key(&f)).await else { continue };
+            let mut gone = Vec::new();
+            if let Some(roster) = self.remote.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&f) {
+                roster.retain(|d, r| {
+                    let still = all.get(&**d).and_then(|v| parse_record(v)).is_some_and(|now| now.node == r.node && now.session == r.session);
+                    if !still {
+                        gone.push(d.clone());
+                    }
+                    still
+                });
+            }
+            for d in gone {
+                let offline: Utf8Bytes = ServerMsg::DeviceOffline { family_id: &f, device_id: &d }.to_text().into();
+                self.local.notify_family(&f, &d, &offline);
+            }
+        }
+    }
+}
