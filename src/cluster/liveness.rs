@@ -9,7 +9,7 @@ use axum::extract::ws::Utf8Bytes;
 use fred::prelude::*;
 
 use super::keys::*;
-use super::{Inner, PUBLISH_BATCH};
+use super::{Inner, PIPELINE_BATCH};
 use crate::signal::protocol::ServerMsg;
 
 impl Inner {
@@ -34,9 +34,7 @@ impl Inner {
     /// without a reconnect to say so (seen when a Redis Cluster was re-created under a node:
     /// the subscriber's connections were replaced on the new slot map) and are made again.
     pub(super) async fn check_subscriptions(&self) {
-        let inbox = inbox(&self.node);
-        let heard: Result<i64, Error> = if self.sharded { self.client.spublish(inbox, "").await } else { self.client.publish(inbox, "").await };
-        if let Ok(0) = heard {
+        if let Ok(0) = self.publish(inbox(&self.node), String::new()).await {
             self.metrics.cluster_redis_errors.with_label_values(&["subscribe"]).inc();
             tracing::warn!(node = %self.node, "cluster: this node's subscriptions were lost; subscribing again");
             if let Err(e) = self.resubscribe().await {
@@ -98,7 +96,7 @@ impl Inner {
             return self.subscriber.subscribe(channels).await;
         }
         let channels: Vec<String> = self.subscriber.tracked_shard_channels().iter().map(|c| c.to_string()).collect();
-        for chunk in channels.chunks(PUBLISH_BATCH) {
+        for chunk in channels.chunks(PIPELINE_BATCH) {
             // One SSUBSCRIBE per channel (each goes to its slot's master), a chunk at a time.
             for r in futures_util::future::join_all(chunk.iter().map(|c| self.subscriber.ssubscribe(c.clone()))).await {
                 r?;

@@ -80,8 +80,8 @@ const SUBSCRIBER_BUFFER: usize = 16_384;
 /// Messages for other nodes queued before `deliver` answers `rate-limited`.
 const OUTGOING_QUEUE: usize = 65_536;
 
-/// Messages for other nodes published in one pipelined batch, at most.
-const PUBLISH_BATCH: usize = 256;
+/// Commands sent in one pipelined batch, at most (publishes to other nodes, resubscriptions).
+const PIPELINE_BATCH: usize = 256;
 
 impl RedisHub {
     /// Connects to Redis, clears what a previous life of this node left, and starts the
@@ -130,9 +130,10 @@ impl RedisHub {
         inner.sweep(&inner.node.clone()).await;
         inner.heartbeat().await;
         let mut tasks = Vec::new();
-        // Subscriptions back after every reconnect. fred's `manage_subscriptions` tries once:
-        // right after a Redis Cluster restarts, its slots may not be served yet (CLUSTERDOWN),
-        // and that one failure left the node deaf to its inbox and families for good.
+        // Subscriptions back after every reconnect, retried until they hold. fred's
+        // `manage_subscriptions` tries its `resubscribe_all` once, which on a Redis Cluster
+        // always fails (see `Inner::resubscribe`): the node stayed deaf to its inbox and
+        // families for good.
         let i = inner.clone();
         let mut back = inner.subscriber.reconnect_rx();
         tasks.push(tokio::spawn(async move {
@@ -212,8 +213,8 @@ impl RedisHub {
             // descheduled for a moment came back to a queue it drained one trip at a time
             // (the cross-node p99). Futures are polled in order, so commands reach fred's
             // router, and each connection, in queue order.
-            let mut batch = Vec::with_capacity(PUBLISH_BATCH);
-            while out_rx.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+            let mut batch = Vec::with_capacity(PIPELINE_BATCH);
+            while out_rx.recv_many(&mut batch, PIPELINE_BATCH).await > 0 {
                 let sends = batch.drain(..).map(|(ch, text)| i.publish(ch, text));
                 for r in futures_util::future::join_all(sends).await {
                     if let Err(e) = r {
@@ -299,11 +300,12 @@ impl Inner {
         }
     }
 
-    async fn publish(&self, channel: String, text: String) -> Result<(), Error> {
+    /// Publishes on the family's shard (Redis Cluster) or everywhere: how many subscribers heard it.
+    async fn publish(&self, channel: String, text: String) -> Result<i64, Error> {
         if self.sharded {
-            self.client.spublish::<(), _, _>(channel, text).await
+            self.client.spublish(channel, text).await
         } else {
-            self.client.publish::<(), _, _>(channel, text).await
+            self.client.publish(channel, text).await
         }
     }
 
