@@ -236,11 +236,11 @@ impl ResolvesServerCert for SniResolver {
 /// The ALPN protocol id of TLS-ALPN-01 challenges (RFC 8737).
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
-/// A TLS acceptor over one or more certificate sources.
+/// A TLS acceptor over one or more certificate sources (their files are reloaded by
+/// [`KeyFiles::watch`], which the server runs once per pair).
 #[derive(Clone)]
 pub struct Acceptor {
     config: Arc<ServerConfig>,
-    files: Vec<Arc<KeyFiles>>,
     /// The `listener` label of the handshake-failure metric (`turn`, `http`, `shared`).
     label: &'static str,
 }
@@ -249,19 +249,13 @@ impl Acceptor {
     /// Several sources picked by SNI, offering `alpn` (a client offering ALPN with none of
     /// these is refused in the handshake).
     pub fn with_sources(sources: Vec<Source>, alpn: Vec<Vec<u8>>, label: &'static str) -> Self {
-        let files = sources.iter().filter_map(|s| if let Source::Files(f) = s { Some(f.clone()) } else { None }).collect();
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .expect("ring supports the default protocol versions")
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(SniResolver { sources, alpn: alpn.clone() }));
         config.alpn_protocols = alpn;
-        Acceptor { config: Arc::new(config), files, label }
-    }
-
-    /// The file pairs, to watch for reloads.
-    pub fn files(&self) -> &[Arc<KeyFiles>] {
-        &self.files
+        Acceptor { config: Arc::new(config), label }
     }
 
     /// Completes a TLS handshake.
@@ -284,11 +278,5 @@ impl Acceptor {
         };
         metrics.turn_tls_handshake_failures.with_label_values(&[self.label, reason]).inc();
         None
-    }
-
-    /// Watches every file pair (see [`KeyFiles::watch`]).
-    pub async fn watch(self, poll: Duration, metrics: Arc<crate::metrics::Metrics>) {
-        // Polled in this task (not spawned), so aborting it stops every watch.
-        futures_util::future::join_all(self.files.iter().map(|f| f.clone().watch(poll, metrics.clone()))).await;
     }
 }
