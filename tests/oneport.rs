@@ -152,3 +152,33 @@ async fn sni_picks_the_signaling_or_the_turn_certificate_on_one_ip() {
     assert!(subjects[3].contains("signal.example.test"), "no SNI gets the HTTPS certificate: {subjects:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// TURN recognised on the shared port is admitted like TURN on its own listener: past
+/// `turn.max_stream_connections_per_ip` a connection is closed unanswered and counted.
+#[tokio::test]
+async fn turn_on_the_shared_port_keeps_the_per_ip_stream_cap() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = temp_dir("oneport-cap");
+    let (cert, key) = self_signed_cert(&dir);
+    let server = TestServer::with(|c| {
+        serve_one_port(c, free_port(), &cert, &key);
+        c.turn.max_stream_connections_per_ip = 2;
+    })
+    .await;
+    // A STUN Binding request over plain TCP: answered while under the cap, held open.
+    let binding = |id: u8| [&[0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42][..], &[id; 12]].concat();
+    let mut held = Vec::new();
+    for id in 0..3u8 {
+        let mut s = tokio::net::TcpStream::connect(server.http).await.unwrap();
+        s.write_all(&binding(id)).await.unwrap();
+        let mut header = [0u8; 20];
+        let answered = tokio::time::timeout(WAIT, s.read_exact(&mut header)).await.unwrap().is_ok();
+        assert_eq!(answered, id < 2, "connection {id}: answered only under the cap of 2");
+        if answered {
+            assert_eq!((&header[..2], &header[8..20]), (&[0x01, 0x01][..], &[id; 12][..]), "a Binding success for it");
+        }
+        held.push(s);
+    }
+    assert_eq!(server.metric(r#"kinlink_connections_rejected_total{listener="turn_stream",reason="per_ip"}"#).await, 1.0);
+    assert_eq!(server.metric(r#"kinlink_shared_port_connections_total{protocol="turn_tcp"}"#).await, 3.0);
+}

@@ -398,7 +398,7 @@ impl TurnService {
             tasks.push(tokio::spawn(watch_public_ip(server.clone(), relay_ipv4, ip, every, core.clone(), metrics.clone())));
         }
         tracing::info!(udp = ?udp_addrs, tcp = ?tcp_addrs, tls = ?tls_addrs, relay_ip = %public_ip.unwrap_or(relay_ipv4), "TURN serving");
-        let entry = stream::StreamEntry { ctx, limit };
+        let entry = stream::StreamEntry { ctx, limit, log: Arc::new(crate::ratelimit::LogLimiter::new(Instant::now(), Duration::from_secs(1))) };
         Ok(TurnService { udp: udp_addrs, tcp: tcp_addrs, tls: tls_addrs, advertised_ip: public_ip.unwrap_or(relay_ipv4), core, shards, tasks, entry })
     }
 

@@ -16,7 +16,7 @@ use super::server::{classify, DataCounters, DropReason, FiveTuple, Packet, Path,
 use super::shard::ShardHandle;
 use super::stun::{frame_len, HEADER_LEN};
 use super::Control;
-use crate::connlimit::{Accepting, ConnLimiter};
+use crate::connlimit::{Accepting, ConnGuard, ConnLimiter};
 use crate::metrics::Metrics;
 use crate::ratelimit::LogLimiter;
 
@@ -62,16 +62,7 @@ pub async fn serve_tcp(listener: Arc<TcpListener>, ctx: Ctx, limit: Arc<ConnLimi
     let log = LogLimiter::new(Instant::now(), Duration::from_secs(1));
     loop {
         let (stream, from) = accepting.accept(&listener, &ctx.metrics).await;
-        let guard = match limit.admit(from.ip()) {
-            Ok(g) => g,
-            Err(refused) => {
-                ctx.metrics.connections_rejected.with_label_values(&["turn_stream", refused.label()]).inc();
-                if let Some(suppressed) = log.allow(Instant::now()) {
-                    tracing::warn!(listener = label, reason = refused.label(), suppressed, "TURN stream connection refused: turn.max_stream_connections(_per_ip) reached");
-                }
-                continue;
-            }
-        };
+        let Some(guard) = admit(&limit, &ctx.metrics, &log, from, label) else { continue };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let tls = tls.clone();
@@ -91,25 +82,34 @@ pub async fn serve_tcp(listener: Arc<TcpListener>, ctx: Ctx, limit: Arc<ConnLimi
     }
 }
 
+/// Admits one TURN TCP/TLS connection (`turn.max_stream_connections`, per IP); a refusal is
+/// counted and logged (rate limited: clients pace it).
+fn admit(limit: &Arc<ConnLimiter>, metrics: &Metrics, log: &LogLimiter, from: std::net::SocketAddr, listener: &str) -> Option<ConnGuard> {
+    match limit.admit(from.ip()) {
+        Ok(g) => Some(g),
+        Err(refused) => {
+            metrics.connections_rejected.with_label_values(&["turn_stream", refused.label()]).inc();
+            if let Some(suppressed) = log.allow(Instant::now()) {
+                tracing::warn!(listener, reason = refused.label(), suppressed, "TURN stream connection refused: turn.max_stream_connections(_per_ip) reached");
+            }
+            None
+        }
+    }
+}
+
 /// TURN's side of a shared port: the HTTP listener hands it connections it recognised as
 /// TURN (by ALPN or first bytes), and they are admitted and served like any TCP/TLS leg.
 #[derive(Clone)]
 pub struct StreamEntry {
     pub(super) ctx: Ctx,
     pub(super) limit: Arc<ConnLimiter>,
+    pub(super) log: Arc<LogLimiter>,
 }
 
 impl StreamEntry {
-    /// Admits (`turn.max_stream_connections`, per IP) and serves one connection; `accepted`
-    /// starts its first-message deadline.
+    /// Admits and serves one connection; `accepted` starts its first-message deadline.
     pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(&self, stream: S, tuple: FiveTuple, accepted: tokio::time::Instant) {
-        let guard = match self.limit.admit(tuple.client.ip()) {
-            Ok(g) => g,
-            Err(refused) => {
-                self.ctx.metrics.connections_rejected.with_label_values(&["turn_stream", refused.label()]).inc();
-                return;
-            }
-        };
+        let Some(guard) = admit(&self.limit, &self.ctx.metrics, &self.log, tuple.client, "shared") else { return };
         serve_stream(stream, tuple, self.ctx.clone(), accepted).await;
         drop(guard);
     }
