@@ -81,19 +81,7 @@ async fn check_reports_a_closed_port() {
 #[tokio::test]
 async fn check_mints_with_the_configured_secret_as_the_helm_test_does() {
     let server = TestServer::start().await;
-    let url = format!("http://{}", server.http);
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_kinlink"))
-            .args(["check", &url, "--skip-turn"])
-            .env("KINLINK_AUTH__TOKEN_SECRET", TOKEN_SECRET)
-            .env("KINLINK_DATA_DIR", "/nonexistent-kinlink-check")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let text = helm_test_check(format!("http://{}", server.http)).await;
     assert!(text.contains("signaling") && !text.contains("TURN"), "{text}");
     assert_eq!(server.metric(r#"kinlink_check_tokens_total{result="issued"}"#).await, 0.0, "minted locally");
 }

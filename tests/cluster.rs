@@ -46,10 +46,17 @@ impl Redis {
     }
 }
 
-impl Drop for Redis {
-    fn drop(&mut self) {
+impl Redis {
+    /// Stops the server (SIGKILL: nothing saved, as configured anyway).
+    fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -99,10 +106,8 @@ impl Backend {
     fn restart_empty(&mut self) {
         match self {
             Backend::Single(r) => {
-                let port = r.port;
-                let _ = r.child.kill();
-                let _ = r.child.wait();
-                *r = Redis::start_on(port);
+                r.kill();
+                *r = Redis::start_on(r.port);
             }
             Backend::Cluster(c) => c.restart_empty(),
         }
@@ -115,8 +120,7 @@ impl Backend {
             Backend::Cluster(c) => &mut c.nodes[..],
         };
         for r in servers {
-            let _ = r.child.kill();
-            let _ = r.child.wait();
+            r.kill();
         }
     }
 }
@@ -499,19 +503,7 @@ async fn round_robin(backends: Vec<std::net::SocketAddr>) -> std::net::SocketAdd
 async fn the_helm_test_passes_through_one_service_spreading_connections_over_three_nodes(redis: Backend) {
     let nodes = [node(&redis, "h0", 8).await, node(&redis, "h1", 8).await, node(&redis, "h2", 8).await];
     let service = round_robin(nodes.iter().map(|n| n.http).collect()).await;
-    let url = format!("http://{service}");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_kinlink"))
-            .args(["check", &url, "--skip-turn"])
-            .env("KINLINK_AUTH__TOKEN_SECRET", TOKEN_SECRET)
-            .env("KINLINK_DATA_DIR", "/nonexistent-kinlink-check")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    helm_test_check(format!("http://{service}")).await;
     let mut registered = Vec::new();
     for n in &nodes {
         registered.push(n.metric("kinlink_signal_registrations_total").await);

@@ -278,6 +278,24 @@ pub fn serve_one_port(c: &mut Config, port: u16, cert: &std::path::Path, key: &s
     c.turn.tcp_listen = kinlink::config::Listen::one(addr);
 }
 
+/// `kinlink check <url> --skip-turn` as the chart's `helm test` runs it: the check mints its
+/// tokens itself with the release's token secret (from the environment). Asserts that it
+/// passed; returns its output.
+pub async fn helm_test_check(url: String) -> String {
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kinlink"))
+            .args(["check", &url, "--skip-turn"])
+            .env("KINLINK_AUTH__TOKEN_SECRET", TOKEN_SECRET)
+            .env("KINLINK_DATA_DIR", "/nonexistent-kinlink-check")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
 
 /// A fresh scratch directory for one test (`kinlink-<name>-<pid>` under the temp dir).
 pub fn temp_dir(name: &str) -> std::path::PathBuf {
