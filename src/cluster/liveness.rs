@@ -30,19 +30,6 @@ impl Inner {
         }
     }
 
-    /// Pings this node's own inbox: if no subscriber heard it, the subscriptions are gone
-    /// without a reconnect to say so (seen when a Redis Cluster was re-created under a node:
-    /// the subscriber's connections were replaced on the new slot map) and are made again.
-    pub(super) async fn check_subscriptions(&self) {
-        if let Ok(0) = self.publish(inbox(&self.node), String::new()).await {
-            self.metrics.cluster_redis_errors.with_label_values(&["subscribe"]).inc();
-            tracing::warn!(node = %self.node, "cluster: this node's subscriptions were lost; subscribing again");
-            if let Err(e) = self.resubscribe().await {
-                self.redis_error("subscribe", &e);
-            }
-        }
-    }
-
     /// Sweeps every node whose heartbeat is older than the TTL.
     pub(super) async fn sweep_dead(&self) {
         let cutoff = Self::now_ms().saturating_sub(self.ttl.as_millis() as u64);

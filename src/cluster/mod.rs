@@ -229,7 +229,6 @@ impl RedisHub {
             loop {
                 tick.tick().await;
                 i.heartbeat().await;
-                i.check_subscriptions().await;
                 i.sweep_dead().await;
             }
         }));
@@ -300,12 +299,11 @@ impl Inner {
         }
     }
 
-    /// Publishes on the family's shard (Redis Cluster) or everywhere: how many subscribers heard it.
-    async fn publish(&self, channel: String, text: String) -> Result<i64, Error> {
+    async fn publish(&self, channel: String, text: String) -> Result<(), Error> {
         if self.sharded {
-            self.client.spublish(channel, text).await
+            self.client.spublish::<(), _, _>(channel, text).await
         } else {
-            self.client.publish(channel, text).await
+            self.client.publish::<(), _, _>(channel, text).await
         }
     }
 
