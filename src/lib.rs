@@ -9,11 +9,12 @@
 //! - [`signal`]: the relay: [`signal::protocol`] (wire format), [`signal::session`] (rules,
 //!   sans-IO), [`signal::hub`] (who is online, routing), [`signal::ws`] (the tokio driver).
 //! - [`turn`]: the STUN/TURN server: [`turn::stun`] (wire format), [`turn::policy`] (peer
-//!   addresses), [`turn::server`] (rules, sans-IO), [`turn::relay`], [`turn::listener`]
+//!   addresses), [`turn::server`] (rules, sans-IO), [`turn::shard`] and [`turn::stream`]
 //!   (the drivers).
 //! - [`http`]: the axum routers and the HTTP listener ([`http::listener`]); [`check`]: the
 //!   `/check` self-check page and its tokens.
-//! - [`tls`]: certificates for `turns:` and HTTPS, reloaded on change.
+//! - [`tls`]: certificates for `turns:` and HTTPS, reloaded on change; [`coalesce`]: TLS
+//!   writes held until a flush (a TURN frame per record, one syscall per batch).
 //! - [`connlimit`]: admission caps (total, per source IP) for TCP listeners; [`health`]: the
 //!   listener supervisor and what `/readyz` reports.
 //! - [`metrics`]: every exported metric; [`ratelimit`]: token buckets and the log limiter;
@@ -32,6 +33,7 @@ pub mod auth;
 pub mod check;
 pub mod cluster;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod connlimit;
 pub mod demux;

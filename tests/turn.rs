@@ -129,6 +129,178 @@ async fn coturn_uclient_over_tls() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A TURN client over TLS that keeps every byte the server sent, as it arrived on the socket.
+mod tls_tap {
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    pub struct Tap(pub tokio::net::TcpStream, pub Arc<Mutex<Vec<u8>>>);
+
+    impl AsyncRead for Tap {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let before = buf.filled().len();
+            let r = Pin::new(&mut self.0).poll_read(cx, buf);
+            let seen = buf.filled()[before..].to_vec();
+            self.1.lock().unwrap().extend_from_slice(&seen);
+            r
+        }
+    }
+
+    impl AsyncWrite for Tap {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    /// TLS records of type application data (23) in a TLS 1.2 byte stream from the server.
+    pub fn application_records(stream: &[u8]) -> usize {
+        let (mut at, mut n) = (0, 0);
+        while at + 5 <= stream.len() {
+            n += usize::from(stream[at] == 23);
+            at += 5 + u16::from_be_bytes([stream[at + 3], stream[at + 4]]) as usize;
+        }
+        n
+    }
+}
+
+#[tokio::test]
+async fn over_tls_every_relayed_frame_travels_in_its_own_record() {
+    // TLS is a byte stream, but clients such as coturn's uclient take one SSL_read as one
+    // frame; coturn, pion and LiveKit write a record per frame, so kinlink must too, even when
+    // a burst from the peer is written in one go.
+    use kinlink::turn::stun::{attr, decode_xor_addr, frame_len, method, Builder, Class, Message};
+    use md5::Digest;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let dir = temp_dir("tls-records");
+    let (cert, key) = self_signed_cert(&dir);
+    let server = TestServer::with(|c| serve_tls(c, &cert, &key)).await;
+    let turn = server.turn_tls.unwrap();
+
+    // TLS 1.2, where application data is the only record type after the handshake.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut std::fs::read(&cert).unwrap().as_slice()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let raw = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tcp = tokio::net::TcpStream::connect(turn).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tls_tap::Tap(tcp, raw.clone()))
+        .await
+        .unwrap();
+    let handshake_bytes = raw.lock().unwrap().len();
+
+    let mut pending = Vec::new();
+    let mut frames = 0;
+    macro_rules! next_frame {
+        () => {
+            loop {
+                if let Some(len) = frame_len(&pending, true).filter(|l| *l <= pending.len()) {
+                    frames += 1;
+                    break pending.drain(..len).collect::<Vec<u8>>();
+                }
+                let mut buf = [0u8; 4096];
+                let n = tokio::time::timeout(WAIT, tls.read(&mut buf))
+                    .await
+                    .expect("a frame in time")
+                    .unwrap();
+                assert!(n > 0, "closed");
+                pending.extend_from_slice(&buf[..n]);
+            }
+        };
+    }
+    let (username, password) = rest_credentials("fam", "dev", 600);
+    let tid = [1u8; 12];
+    let mut b = Builder::new(method::ALLOCATE, Class::Request, tid);
+    b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    tls.write_all(&b.finish()).await.unwrap();
+    let challenge = next_frame!();
+    let m = Message::parse(&challenge).unwrap();
+    let (realm, nonce) = (
+        m.get(attr::REALM).unwrap().to_vec(),
+        m.get(attr::NONCE).unwrap().to_vec(),
+    );
+    let key = md5::Md5::digest(format!(
+        "{username}:{}:{password}",
+        String::from_utf8_lossy(&realm)
+    ))
+    .to_vec();
+    let tid = [2u8; 12];
+    let mut b = Builder::new(method::ALLOCATE, Class::Request, tid);
+    b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::USERNAME, username.as_bytes());
+    b.attr(attr::REALM, &realm)
+        .attr(attr::NONCE, &nonce)
+        .integrity(&key);
+    tls.write_all(&b.finish_with_fingerprint()).await.unwrap();
+    let ok = next_frame!();
+    let m = Message::parse(&ok).unwrap();
+    assert_eq!(m.class, Class::Success);
+    let relayed = decode_xor_addr(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &m.tid).unwrap();
+
+    let peer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let tid = [3u8; 12];
+    let mut b = Builder::new(method::CREATE_PERMISSION, Class::Request, tid);
+    b.xor_addr(attr::XOR_PEER_ADDRESS, peer.local_addr().unwrap())
+        .attr(attr::USERNAME, username.as_bytes());
+    b.attr(attr::REALM, &realm)
+        .attr(attr::NONCE, &nonce)
+        .integrity(&key);
+    tls.write_all(&b.finish_with_fingerprint()).await.unwrap();
+    assert_eq!(
+        Message::parse(&next_frame!()).unwrap().class,
+        Class::Success
+    );
+
+    // A burst from the peer: the relay reads it in batches, faster than one write per frame.
+    const BURST: usize = 64;
+    for i in 0..BURST {
+        peer.send_to(&[i as u8; 1000], relayed).await.unwrap();
+    }
+    for i in 0..BURST {
+        let frame = next_frame!();
+        let m = Message::parse(&frame).unwrap();
+        assert_eq!(
+            (m.method, m.get(attr::DATA).map(|d| (d.len(), d[0]))),
+            (method::DATA, Some((1000, i as u8)))
+        );
+    }
+    let raw = raw.lock().unwrap();
+    let records = tls_tap::application_records(&raw[handshake_bytes..]);
+    assert_eq!(
+        records, frames,
+        "application-data records for {frames} frames"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[tokio::test]
 async fn draining_refuses_new_allocations_and_keeps_existing_ones_relaying() {
     let mut server = TestServer::with(|c| c.shutdown.grace_secs = 10).await;
@@ -392,4 +564,44 @@ async fn advertise_ip_puts_the_nodes_address_in_the_ice_urls() {
     let port = server.turn_udp.unwrap().port();
     let urls: Vec<String> = reg["iceServers"].as_array().unwrap().iter().flat_map(|s| s["urls"].as_array().unwrap().iter().map(|u| u.as_str().unwrap().to_string())).collect();
     assert!(urls.contains(&format!("stun:203.0.113.9:{port}")) && urls.contains(&format!("turn:203.0.113.9:{port}?transport=udp")), "{urls:?}");
+}
+
+#[tokio::test]
+async fn a_refused_tls_handshake_gets_the_alert_that_says_why() {
+    // Writes under a server's TLS wait for a flush (src/coalesce.rs); the alert rustls queues
+    // when it refuses a handshake must still reach the client, which then says why.
+    let dir = temp_dir("tls-alert");
+    let (cert, key) = self_signed_cert(&dir);
+    let server = TestServer::with(|c| serve_tls(c, &cert, &key)).await;
+    let port = server.turn_tls.unwrap().port();
+    // Only a cipher suite rustls does not implement (RSA key exchange, CBC).
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-tls1_2",
+                "-cipher",
+                "AES128-SHA:@SECLEVEL=0",
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("alert handshake failure"), "{text}");
+    server
+        .wait_metric(
+            r#"kinlink_turn_tls_handshake_failures_total{listener="turn",reason="protocol"}"#,
+            1.0,
+        )
+        .await;
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -201,7 +201,7 @@ async fn serve_shared(
 
 /// A TLS-ALPN-01 validation (RFC 8737): the handshake with the challenge certificate was the
 /// whole point; the CA closes the connection.
-fn is_acme_challenge(tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> bool {
+fn is_acme_challenge(tls: &crate::tls::ServerTls) -> bool {
     tls.get_ref().1.alpn_protocol() == Some(crate::tls::ACME_TLS_ALPN)
 }
 

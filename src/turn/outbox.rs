@@ -1,7 +1,7 @@
 //! What a TCP/TLS client is about to be sent: frames appended to one buffer, which its writer
-//! takes whole and writes in one call. A relayed frame is copied once, out of the shard's
-//! read buffer (which is reused at once), and never again: no per-frame allocation, no
-//! gathering copy before the write, one TLS record per batch.
+//! takes whole and writes in one go (one syscall; over TLS a record per frame). A relayed
+//! frame is copied once, out of the shard's read buffer (which is reused at once): no
+//! per-frame allocation, no gathering copy before the write.
 //!
 //! Bounded in bytes (`turn.stream_queue_bytes`): relayed data past the bound is dropped
 //! (media is loss-tolerant, and a client that stops reading must not hold megabytes); a STUN

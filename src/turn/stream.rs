@@ -126,14 +126,15 @@ const KEEP_WRITE_BUFFER: usize = 64 * 1024;
 pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, tuple: FiveTuple, ctx: Ctx, accepted: tokio::time::Instant) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let outbox = Arc::new(Outbox::new(ctx.stream_queue_bytes));
+    let record_per_frame = tuple.transport == Transport::Tls;
     let writer = tokio::spawn({
         let outbox = outbox.clone();
         async move {
-            // Everything queued goes out in one write: a syscall (and a TLS record) per
-            // batch, not per 100-byte frame, is what keeps a busy stream leg up with coturn's.
+            // Everything queued goes out together: a syscall per batch, not per 100-byte
+            // frame, is what keeps a busy stream leg up with coturn's.
             let mut out = Vec::with_capacity(16 * 1024);
             while outbox.take(&mut out).await {
-                if wr.write_all(&out).await.is_err() {
+                if write_batch(&mut wr, &out, record_per_frame).await.is_err() {
                     break;
                 }
                 out.clear();
@@ -225,6 +226,25 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(st
     ctx.control.closed(&tuple);
     outbox.close();
     let _ = writer.await;
+}
+
+/// Writes a batch of frames and flushes. Over TLS each frame gets a record of its own: TLS is a
+/// byte stream, but some clients (coturn's uclient among them) take one record as one frame,
+/// and coturn, pion and LiveKit write a record per frame. The records still leave in one
+/// syscall: writes under a server's TLS are held until the flush ([`crate::coalesce`]).
+async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, batch: &[u8], record_per_frame: bool) -> std::io::Result<()> {
+    if record_per_frame {
+        let mut rest = batch;
+        while !rest.is_empty() {
+            // The outbox holds whole frames; a length it cannot read sends the rest as is.
+            let len = frame_len(rest, true).map_or(rest.len(), |l| l.min(rest.len()));
+            wr.write_all(&rest[..len]).await?;
+            rest = &rest[len..];
+        }
+    } else {
+        wr.write_all(batch).await?;
+    }
+    wr.flush().await
 }
 
 /// Sends client data out of the relay socket. A full socket buffer is waited for: unlike a UDP
