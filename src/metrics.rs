@@ -114,6 +114,9 @@ pub struct Metrics {
     /// `kinlink_cluster_redis_errors_total{op}`: Redis commands that failed (join, leave,
     /// publish, subscribe, heartbeat, sweep); while they fail, devices see only this node.
     pub cluster_redis_errors: IntCounterVec,
+    /// `kinlink_cluster_resubscriptions_total{reason}`: subscriptions renewed after a Redis
+    /// reconnect or a moved Redis Cluster slot.
+    pub cluster_resubscriptions: IntCounterVec,
     /// `kinlink_cluster_connected`: 1 while this node reaches Redis (several nodes only).
     pub cluster_connected: IntGauge,
     /// Run before every render, to bring counters kept elsewhere (the TURN core's) up to date.
@@ -401,6 +404,11 @@ impl Metrics {
                 "Redis commands that failed, by operation; while they fail, devices see only the devices of their own node.",
                 "op",
             ),
+            cluster_resubscriptions: counter_vec(
+                "kinlink_cluster_resubscriptions_total",
+                "Times this node subscribed to its Redis channels again, by reason: reconnect (Redis came back), slots_moved (a Redis Cluster slot moved).",
+                "reason",
+            ),
             cluster_connected: gauge(
                 "kinlink_cluster_connected",
                 "1 while this node reaches Redis (cluster.redis_url set); 0 means devices see only their own node.",
@@ -437,8 +445,11 @@ impl Metrics {
             m.turn_tls_reloads.with_label_values(&["turn", r]);
             m.turn_tls_reloads.with_label_values(&["http", r]);
         }
-        for op in ["join", "leave", "publish", "subscribe", "heartbeat", "sweep", "connection"] {
+        for op in ["join", "leave", "publish", "subscribe", "heartbeat", "sweep", "connection", "cluster_slots"] {
             m.cluster_redis_errors.with_label_values(&[op]);
+        }
+        for r in ["reconnect", "slots_moved"] {
+            m.cluster_resubscriptions.with_label_values(&[r]);
         }
         for r in ["same", "changed", "failed"] {
             m.turn_public_ip_checks.with_label_values(&[r]);

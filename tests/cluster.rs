@@ -574,6 +574,83 @@ impl RedisCluster {
     fn url(&self) -> String {
         format!("redis-cluster://127.0.0.1:{}", self.nodes[0].port)
     }
+
+    /// Moves the slot of hash tag `tag` to another master while everything runs, the way
+    /// `redis-cli --cluster reshard` moves each slot: IMPORTING and MIGRATING, its keys
+    /// migrated, then the new owner set on every master.
+    fn move_slot_of(&self, tag: &str) {
+        let cli = |port: u16, args: &[&str]| -> String {
+            let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().expect("redis-cli");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        let any = self.nodes[0].port;
+        let slot: u16 = cli(any, &["CLUSTER", "KEYSLOT", tag]).parse().unwrap();
+        // CLUSTER NODES: `<id> <ip:port@bus> <flags> <master> <ping> <pong> <epoch> <link> <slots>...`
+        let masters: Vec<(String, u16, bool)> = cli(any, &["CLUSTER", "NODES"])
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.len() >= 8 && f[2].contains("master"))
+            .map(|f| {
+                let port = f[1].split(['@', ':']).nth(1).unwrap().parse().unwrap();
+                let owns = f[8..].iter().any(|r| {
+                    let (a, b) = r.split_once('-').unwrap_or((r, r));
+                    a.parse::<u16>().is_ok_and(|a| a <= slot) && b.parse::<u16>().is_ok_and(|b| slot <= b)
+                });
+                (f[0].to_string(), port, owns)
+            })
+            .collect();
+        let from = masters.iter().position(|m| m.2).expect("an owner");
+        let ((src, sport, _), (dst, dport, _)) = (&masters[from], &masters[(from + 1) % masters.len()]);
+        let (s, dport_s) = (slot.to_string(), dport.to_string());
+        assert_eq!(cli(*dport, &["CLUSTER", "SETSLOT", &s, "IMPORTING", src]), "OK");
+        assert_eq!(cli(*sport, &["CLUSTER", "SETSLOT", &s, "MIGRATING", dst]), "OK");
+        loop {
+            let keys = cli(*sport, &["CLUSTER", "GETKEYSINSLOT", &s, "100"]);
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["MIGRATE", "127.0.0.1", &dport_s, "", "0", "5000", "KEYS"];
+            args.extend(keys.lines());
+            assert_eq!(cli(*sport, &args), "OK", "MIGRATE {keys}");
+        }
+        for port in [*dport, *sport].into_iter().chain(masters.iter().map(|m| m.1).filter(|p| p != dport && p != sport)) {
+            assert_eq!(cli(port, &["CLUSTER", "SETSLOT", &s, "NODE", dst]), "OK");
+        }
+    }
+}
+
+/// Resharding while nodes run. A master that hands a slot over drops the slot's shard-channel
+/// subscribers without a reconnect (fred does not surface the SUNSUBSCRIBE): the nodes must
+/// notice the moved slot and subscribe again, or the node whose inbox moved stops receiving
+/// messages, and a family whose channel moved stops seeing presence.
+#[tokio::test]
+async fn slots_moved_by_resharding_keep_inboxes_and_families_heard() {
+    let cluster = RedisCluster::start();
+    let (n1, n2) = (node_at(cluster.url(), "r1", 8).await, node_at(cluster.url(), "r2", 8).await);
+    let (mut a, _) = Client::register(&n1, "fam", "u", "a").await;
+    let (mut b, _) = Client::register(&n2, "fam", "u", "b").await;
+    assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "b");
+    // r2's inbox (`kl:node:{r2}:in`) and the family's channel (`kl:{fam}:ev`) move.
+    cluster.move_slot_of("r2");
+    cluster.move_slot_of("fam");
+    let moved = r#"kinlink_cluster_resubscriptions_total{reason="slots_moved"}"#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while n1.metric(moved).await < 1.0 || n2.metric(moved).await < 1.0 {
+        assert!(Instant::now() < deadline, "both nodes noticed the moved slots");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // a (on r1) reaches b (on r2) through r2's moved inbox, in order.
+    for i in 0..10 {
+        a.send(json!({"type":"ice-candidate","toDeviceId":"b","candidate":{"candidate":format!("c{i}")}})).await;
+    }
+    for i in 0..10 {
+        assert_eq!(recv_type(&mut b, "ice-candidate").await["candidate"]["candidate"], format!("c{i}"));
+    }
+    // Presence over the moved family channel, both ways.
+    let (_c, _) = Client::register(&n2, "fam", "u", "c").await;
+    assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "c");
+    b.ws.close(None).await.unwrap();
+    assert_eq!(recv_type(&mut a, "device-offline").await["deviceId"], "b");
 }
 
 /// The core behaviour on a Redis Cluster (sharded pub/sub): families spread over the three

@@ -1,6 +1,7 @@
 //! Keeping the cluster's view true over time: this node's heartbeat, sweeping nodes that
 //! stopped heartbeating, and recovering after Redis came back (re-announcing this node's
-//! devices, re-reading rosters, subscribing again).
+//! devices, re-reading rosters, subscribing again), and following a Redis Cluster's slots
+//! when they move.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -90,6 +91,45 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// The Redis Cluster's slot map as this node's subscriber routes by it, read afresh:
+    /// `(first slot, last slot, owner id)` ranges. `None` off a cluster, or when unreadable.
+    pub(super) async fn slot_map(&self) -> Option<Vec<(u16, u16, String)>> {
+        if !self.sharded {
+            return None;
+        }
+        if let Err(e) = self.subscriber.sync_cluster().await {
+            self.redis_error("cluster_slots", &e);
+            return None;
+        }
+        let state = self.subscriber.cached_cluster_state()?;
+        Some(state.slots().iter().map(|r| (r.start, r.end, r.id.to_string())).collect())
+    }
+
+    /// Subscribes again when the slot map changed since `last` (resharding, a failover). A
+    /// master that hands a slot over drops that slot's shard-channel subscribers without a
+    /// reconnect: it sends them SUNSUBSCRIBE, which fred does not surface, so without this the
+    /// node would stay deaf to its inbox or to families whose slot moved. Events missed in
+    /// between are made good from the rosters (the data moved with the slot).
+    pub(super) async fn follow_slot_moves(&self, last: &mut Option<Vec<(u16, u16, String)>>) {
+        let Some(now) = self.slot_map().await else { return };
+        let moved = last.as_ref().is_some_and(|before| *before != now);
+        if moved {
+            self.metrics.cluster_resubscriptions.with_label_values(&["slots_moved"]).inc();
+            tracing::info!(node = %self.node, "cluster: the Redis Cluster's slot map changed; subscribing again");
+            if let Err(e) = self.resubscribe().await {
+                // `last` stays as it was: the next heartbeat tries again.
+                self.redis_error("subscribe", &e);
+                return;
+            }
+            let families: Vec<Arc<str>> = self.remote.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+            for f in &families {
+                self.merge_roster(f).await;
+            }
+            self.prune_rosters().await;
+        }
+        *last = Some(now);
     }
 
     /// Writes every device of this node back, re-reads its families' rosters and announces

@@ -138,6 +138,7 @@ impl RedisHub {
         let mut back = inner.subscriber.reconnect_rx();
         tasks.push(tokio::spawn(async move {
             while back.recv().await.is_ok() {
+                i.metrics.cluster_resubscriptions.with_label_values(&["reconnect"]).inc();
                 let mut delay = Duration::from_millis(100);
                 while let Err(e) = i.resubscribe().await {
                     i.redis_error("subscribe", &e);
@@ -226,10 +227,12 @@ impl RedisHub {
         let i = inner.clone();
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(i.ttl / 3);
+            let mut slots = None;
             loop {
                 tick.tick().await;
                 i.heartbeat().await;
                 i.sweep_dead().await;
+                i.follow_slot_moves(&mut slots).await;
             }
         }));
         tracing::info!(node = %inner.node, ttl_secs = ttl.as_secs(), "cluster: presence and routing through Redis");
