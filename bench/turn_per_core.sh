@@ -15,23 +15,47 @@
 # Part 3: 10,000 allocations (user-space RSS per allocation) and the allocation rate.
 #   bench/turn_per_core.sh | tee bench/results/turn-per-core-$(date +%F).log
 #   python3 bench/turn_per_core_table.py bench/results/turn-per-core-*.log
+#
+# NETNS=1 (root; part 1 only): the server in a network namespace of its own, the generator in
+# another, joined by a veth pair, each side's receive processing steered to its own CPU (RPS:
+# the server's to CPU 0, the generator's to CPU 1), as between two hosts. Over loopback a
+# send also runs the receiver's whole receive path on the sender's CPU, so the server's core
+# pays for the generator's kernel work too, the same for every server, which compresses the
+# differences between them. ALLOCATIONS and SIZES pick the points (default all).
+#   NETNS=1 RATES="10000 15000 20000 25000 30000 35000 40000 45000 50000" \
+#     bench/turn_per_core.sh | tee bench/results/turn-per-core-netns-$(date +%F).log
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3} SECONDS_=${SECONDS_:-2}
 RATES=${RATES:-"20000 30000 40000 50000 60000 70000 80000 100000 120000"}
+ALLOCATIONS=${ALLOCATIONS:-"2 100 1000"} SIZES=${SIZES:-"100 1200"} NETNS=${NETNS:-0}
 command -v turnserver >/dev/null || { sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo; $sudo apt-get update -qq; $sudo apt-get install -y -qq coturn >/dev/null; }
 command -v taskset >/dev/null || { echo "taskset (util-linux) is needed" >&2; exit 1; }
 [ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs" >&2; exit 1; }
 cargo build --release --bins --examples
 B=./target/release/examples/turn_bench
 echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); $(turnserver --version 2>/dev/null | head -1 || true)"
+NS_FLAGS=() GEN=()
+if [ "$NETNS" = 1 ]; then
+  srv=klbench-srv gen=klbench-gen
+  for ns in $srv $gen; do ip netns del $ns 2>/dev/null || true; ip netns add $ns; ip -n $ns link set lo up; done
+  trap 'ip netns del '$srv'; ip netns del '$gen EXIT
+  ip link add klb-srv type veth peer name klb-gen
+  ip link set klb-srv netns $srv && ip link set klb-gen netns $gen
+  ip -n $srv addr add 10.77.0.2/24 dev klb-srv && ip -n $gen addr add 10.77.0.1/24 dev klb-gen
+  ip -n $srv link set klb-srv up && ip -n $gen link set klb-gen up
+  ip netns exec $srv sh -c 'echo 1 > /sys/class/net/klb-srv/queues/rx-0/rps_cpus'
+  ip netns exec $gen sh -c 'echo 2 > /sys/class/net/klb-gen/queues/rx-0/rps_cpus'
+  NS_FLAGS=(--server-netns $srv --server-ip 10.77.0.2 --client-ip 10.77.0.1) GEN=(ip netns exec $gen)
+  echo "topology: network namespaces over veth, receive work steered by RPS (server CPU 0, generator CPU 1)"
+fi
 run() { # label, then turn_bench flags
   local label=$1; shift
-  taskset -c 1 "$B" "$@" | grep '^RESULT' | sed "s/^RESULT/RESULT $label/" || echo "FAILED $label $*"
+  "${GEN[@]}" taskset -c 1 "$B" "$@" "${NS_FLAGS[@]}" | grep '^RESULT' | sed "s/^RESULT/RESULT $label/" || echo "FAILED $label $*"
 }
 for round in $(seq "$ROUNDS"); do
-  for allocations in 2 100 1000; do
-    for size in 100 1200; do
+  for allocations in $ALLOCATIONS; do
+    for size in $SIZES; do
       for server in kinlink coturn forwarder; do
         for rate in $RATES; do
           line=$(run "mode=per_core round=$round" --server "$server" --peer echo --threads 1 --server-cpus 0 \
@@ -45,6 +69,7 @@ for round in $(seq "$ROUNDS"); do
     done
   done
 done
+[ "$NETNS" = 1 ] && exit 0
 for round in $(seq "$ROUNDS"); do
   for rate in 40000 80000; do
     for server in kinlink coturn; do

@@ -14,7 +14,10 @@
 //! and one generator core can outrun one server core. `--server forwarder` runs
 //! `examples/udp_forwarder` (the same sockets and batch syscalls, no TURN) under that load.
 //! `--server-cpus` pins the server (`taskset`); `--threads` sets kinlink's
-//! `turn.data_threads` or coturn's `--relay-threads`.
+//! `turn.data_threads` or coturn's `--relay-threads`. `--server-netns NS --server-ip IP
+//! --client-ip IP` puts the server in its own network namespace, reached over a veth pair
+//! (bench/turn_per_core.sh sets it up with NETNS=1): then each side's kernel receive work is
+//! its own, as between two hosts, instead of a loopback send also doing the receiver's.
 //!
 //! ```text
 //! cargo build --release --bins --examples
@@ -55,10 +58,16 @@ struct Args {
     server_cpus: Option<String>,
     /// kinlink's HTTP listener on the TURN port: TURN/TCP through the shared-port demux.
     share_http: bool,
+    /// The network namespace to start the server in (`ip netns exec`); see `--server-ip`.
+    server_netns: Option<String>,
+    /// The server's address (127.0.0.1, or its side of a veth pair with `--server-netns`).
+    server_ip: std::net::IpAddr,
+    /// The generator's address: its clients and its echo peer bind to it.
+    client_ip: std::net::IpAddr,
 }
 
 fn args() -> Args {
-    let mut a = Args { server: "kinlink".into(), allocations: 100, size: 1200, rate: 10_000, seconds: 5, bin: "target/release/kinlink".into(), transport: "udp".into(), peer: "reflect".into(), threads: 0, server_cpus: None, share_http: false };
+    let mut a = Args { server: "kinlink".into(), allocations: 100, size: 1200, rate: 10_000, seconds: 5, bin: "target/release/kinlink".into(), transport: "udp".into(), peer: "reflect".into(), threads: 0, server_cpus: None, share_http: false, server_netns: None, server_ip: LOCALHOST, client_ip: LOCALHOST };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -74,6 +83,9 @@ fn args() -> Args {
             "--threads" => a.threads = v.parse().unwrap(),
             "--server-cpus" => a.server_cpus = Some(v),
             "--share-http" => a.share_http = v == "yes",
+            "--server-netns" => a.server_netns = Some(v),
+            "--server-ip" => a.server_ip = v.parse().expect("--server-ip IP"),
+            "--client-ip" => a.client_ip = v.parse().expect("--client-ip IP"),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -109,17 +121,22 @@ fn free_port() -> u16 {
     panic!("no free UDP+TCP port pair");
 }
 
-/// The server's command, under `taskset` when `--server-cpus` is given (taskset execs it, so
-/// the child's pid is the server's).
+const LOCALHOST: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+/// The server's command, in `--server-netns` (`ip netns exec`) and under `taskset` when
+/// `--server-cpus` is given (both exec the next, so the child's pid is the server's).
 fn command(a: &Args, program: &str) -> Command {
-    match &a.server_cpus {
-        Some(cpus) => {
-            let mut c = Command::new("taskset");
-            c.args(["-c", cpus, program]);
-            c
-        }
-        None => Command::new(program),
+    let mut argv: Vec<String> = Vec::new();
+    if let Some(ns) = &a.server_netns {
+        argv.extend(["ip", "netns", "exec", ns].map(String::from));
     }
+    if let Some(cpus) = &a.server_cpus {
+        argv.extend(["taskset", "-c", cpus].map(String::from));
+    }
+    argv.push(program.to_string());
+    let mut c = Command::new(&argv[0]);
+    c.args(&argv[1..]);
+    c
 }
 
 /// Starts the server; `peer` is the echo peer (the forwarder's fixed destination).
@@ -130,12 +147,14 @@ fn start(a: &Args, port: u16, metrics_port: u16, peer: Option<SocketAddr>) -> Se
             let data = std::env::temp_dir().join(format!("kinlink-turn-bench-{}", std::process::id()));
             let (o, e) = quiet();
             let mut c = command(a, &a.bin);
-            let http = if a.share_http { format!("127.0.0.1:{port}") } else { "127.0.0.1:0".into() };
-            c.args(["serve", "--listen", &http, "--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            let ip = a.server_ip;
+            let http = if a.share_http { format!("{ip}:{port}") } else { format!("{ip}:0") };
+            let peers = if a.client_ip.is_loopback() { "127.0.0.0/8".to_string() } else { format!("{}/32", a.client_ip) };
+            c.args(["serve", "--listen", &http, "--metrics-listen", &format!("{ip}:{metrics_port}")])
                 .arg("--data-dir")
                 .arg(&data)
-                .args(["--set", &format!("turn.udp_listen=127.0.0.1:{port}"), "--set", &format!("turn.tcp_listen=127.0.0.1:{port}")])
-                .args(["--set", "turn.allowed_peers=127.0.0.0/8", "--set", "turn.relay_ports=20000-59999"])
+                .args(["--set", &format!("turn.udp_listen={ip}:{port}"), "--set", &format!("turn.tcp_listen={ip}:{port}")])
+                .args(["--set", &format!("turn.allowed_peers={peers}"), "--set", "turn.relay_ports=20000-59999"])
                 .args(["--set", "turn.quota.total_allocations=100000", "--set", "turn.quota.family_allocations=100000"])
                 .args(["--set", "turn.quota.device_allocations=100000", "--set", "log.level=warn"])
                 // Every bench client is 127.0.0.1: the per-source limit on the 401 leg (200/s by
@@ -161,7 +180,7 @@ fn start(a: &Args, port: u16, metrics_port: u16, peer: Option<SocketAddr>) -> Se
                     .expect("openssl")
                     .success();
                 assert!(ok, "openssl");
-                c.args(["--set", "turn.tcp_listen=off", "--set", &format!("turn.tls_listen=127.0.0.1:{port}")])
+                c.args(["--set", "turn.tcp_listen=off", "--set", &format!("turn.tls_listen={ip}:{port}")])
                     .args(["--set", &format!("turn.tls_cert={}", cert.display()), "--set", &format!("turn.tls_key={}", key.display())]);
                 if a.share_http {
                     c.args(["--set", &format!("http.tls_cert={}", cert.display()), "--set", &format!("http.tls_key={}", key.display())]);
@@ -177,7 +196,8 @@ fn start(a: &Args, port: u16, metrics_port: u16, peer: Option<SocketAddr>) -> Se
         "coturn" => {
             let (o, e) = quiet();
             let mut c = command(a, "turnserver");
-            c.args(["-n", "--no-cli", "--no-tls", "--no-dtls", "-L", "127.0.0.1", "-E", "127.0.0.1"])
+            let ip = a.server_ip.to_string();
+            c.args(["-n", "--no-cli", "--no-tls", "--no-dtls", "-L", &ip, "-E", &ip])
                 .args(["-p", &port.to_string(), "--min-port", "20000", "--max-port", "59999"])
                 .args(["--use-auth-secret", "--static-auth-secret", SECRET, "--realm", "kinlink"])
                 .args(["--allow-loopback-peers", "--log-file", "stdout", "--simple-log", "--pidfile", "/dev/null"]);
@@ -190,7 +210,7 @@ fn start(a: &Args, port: u16, metrics_port: u16, peer: Option<SocketAddr>) -> Se
             let (o, e) = quiet();
             let program = std::path::Path::new(&a.bin).with_file_name("examples/udp_forwarder");
             let mut c = command(a, program.to_str().unwrap());
-            c.args(["--listen", &format!("127.0.0.1:{port}"), "--peer", &peer.expect("an echo peer").to_string()]);
+            c.args(["--listen", &SocketAddr::new(a.server_ip, port).to_string(), "--peer", &peer.expect("an echo peer").to_string()]);
             c.stdout(o).stderr(e).spawn().expect("target/release/examples/udp_forwarder")
         }
         other => panic!("--server kinlink|coturn|forwarder, not {other}"),
@@ -200,11 +220,11 @@ fn start(a: &Args, port: u16, metrics_port: u16, peer: Option<SocketAddr>) -> Se
 
 /// A plain UDP peer on its own thread that echoes every datagram to its sender, in batches
 /// (`recvmmsg`/`sendmmsg`), so it costs the generator little per packet.
-fn batch_echo_peer() -> SocketAddr {
+fn batch_echo_peer(ip: std::net::IpAddr) -> SocketAddr {
     use kinlink::turn::batch::{RecvBatch, SendBatch};
     use mio::unix::SourceFd;
     use std::os::fd::AsRawFd;
-    let sock = kinlink::turn::relay::bind_udp("127.0.0.1:0".parse().unwrap(), 8 << 20, false).unwrap();
+    let sock = kinlink::turn::relay::bind_udp(SocketAddr::new(ip, 0), 8 << 20, false).unwrap();
     let addr = sock.local_addr().unwrap();
     std::thread::spawn(move || {
         let mut poll = mio::Poll::new().unwrap();
@@ -227,9 +247,9 @@ fn batch_echo_peer() -> SocketAddr {
 }
 
 /// `kinlink_turn_shard_packets_total` per shard, from kinlink's metrics endpoint.
-fn shard_packets(metrics_port: u16) -> Vec<u64> {
+fn shard_packets(ip: std::net::IpAddr, metrics_port: u16) -> Vec<u64> {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", metrics_port)) else { return Vec::new() };
+    let Ok(mut s) = std::net::TcpStream::connect((ip, metrics_port)) else { return Vec::new() };
     let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n");
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
@@ -253,8 +273,9 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-fn rcvbuf_errors() -> u64 {
-    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+/// UDP receive-buffer drops in the server's network namespace.
+fn rcvbuf_errors(pid: u32) -> u64 {
+    let snmp = std::fs::read_to_string(format!("/proc/{pid}/net/snmp")).unwrap_or_default();
     let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
     let (Some(names), Some(values)) = (lines.next(), lines.next()) else { return 0 };
     let idx = names.split_whitespace().position(|n| n == "RcvbufErrors");
@@ -358,7 +379,7 @@ fn tls_connector() -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
-async fn allocate(server: SocketAddr, device: usize, transport: &str) -> Alloc {
+async fn allocate(server: SocketAddr, client_ip: std::net::IpAddr, device: usize, transport: &str) -> Alloc {
     let mut leg = if transport == "tcp" || transport == "tls" {
         let stream = TcpStream::connect(server).await.expect("TCP connect");
         stream.set_nodelay(true).unwrap();
@@ -370,7 +391,7 @@ async fn allocate(server: SocketAddr, device: usize, transport: &str) -> Alloc {
             Leg::Tcp(Box::new(stream))
         }
     } else {
-        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let sock = UdpSocket::bind(SocketAddr::new(client_ip, 0)).await.unwrap();
         sock.connect(server).await.unwrap();
         let sock2 = socket2::SockRef::from(&sock);
         let _ = sock2.set_recv_buffer_size(4 << 20);
@@ -487,17 +508,18 @@ async fn main() {
     let a = args();
     let port = free_port();
     let metrics_port = free_port();
-    let echo = (a.peer == "echo").then(batch_echo_peer);
+    let echo = (a.peer == "echo").then(|| batch_echo_peer(a.client_ip));
     let server = start(&a, port, metrics_port, echo);
     let pid = server.0.id();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let addr = SocketAddr::new(a.server_ip, port);
+    let client_ip = a.client_ip;
     let forwarder = a.server == "forwarder";
     if forwarder {
         // It answers nothing but data: give it a moment to bind.
         tokio::time::sleep(Duration::from_millis(500)).await;
     } else {
         // Wait for the server: a Binding request answered.
-        let probe = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let probe = UdpSocket::bind(SocketAddr::new(client_ip, 0)).await.unwrap();
         probe.connect(addr).await.unwrap();
         let mut probe = Leg::Udp(Arc::new(probe));
         let b = Builder::new(method::BINDING, Class::Request, tid()).finish();
@@ -513,12 +535,12 @@ async fn main() {
             let transport = transport.clone();
             async move {
                 if forwarder {
-                    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                    let sock = UdpSocket::bind(SocketAddr::new(client_ip, 0)).await.unwrap();
                     sock.connect(addr).await.unwrap();
                     let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(4 << 20);
                     Alloc { leg: Leg::Udp(Arc::new(sock)), relayed: echo.unwrap(), username: String::new(), key: Vec::new(), nonce: Vec::new() }
                 } else {
-                    allocate(addr, i, &transport).await
+                    allocate(addr, client_ip, i, &transport).await
                 }
             }
         })
@@ -596,7 +618,7 @@ async fn main() {
     frame[2..4].copy_from_slice(&(a.size as u16).to_be_bytes());
     let frame_len = if a.transport == "udp" { 4 + a.size } else { 4 + padded };
 
-    let drops0 = rcvbuf_errors();
+    let drops0 = rcvbuf_errors(pid);
     let cpu0 = cpu_secs(pid);
     let cpu_window = Instant::now();
     let total = a.rate * a.seconds;
@@ -627,10 +649,10 @@ async fn main() {
     }
     let cpu = cpu_secs(pid) - cpu0;
     let util = cpu / cpu_window.elapsed().as_secs_f64();
-    let shards = if a.server == "kinlink" { shard_packets(metrics_port) } else { Vec::new() };
+    let shards = if a.server == "kinlink" { shard_packets(a.server_ip, metrics_port) } else { Vec::new() };
     let rss_after = rss_kib(pid);
     let got = received.load(Ordering::Relaxed);
-    let drops = rcvbuf_errors() - drops0;
+    let drops = rcvbuf_errors(pid) - drops0;
     for t in &tasks {
         t.abort();
     }

@@ -60,7 +60,7 @@ fn main() {
                         let offset = client_recv.offset(k);
                         let (from, _, len, _) = client_recv.get(k);
                         let idx = *by_client.entry(from).or_insert_with(|| {
-                            let s = kinlink::turn::relay::bind_udp("127.0.0.1:0".parse().unwrap(), 256 << 10, false).unwrap();
+                            let s = kinlink::turn::relay::bind_udp(SocketAddr::new(listen.ip(), 0), 256 << 10, false).unwrap();
                             poll.registry().register(&mut SourceFd(&s.as_raw_fd()), Token(1 + relays.len()), Interest::READABLE).unwrap();
                             relays.push((s, from));
                             relays.len() - 1
