@@ -80,3 +80,33 @@ async fn the_https_certificate_is_reloaded_when_the_files_change() {
     server.wait_metric(r#"kinlink_turn_tls_reloads_total{listener="http",result="ok"}"#, 1.0).await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn over_wss_pings_are_answered_and_messages_flow_both_ways() {
+    // Writes under the server's TLS wait for a flush (src/coalesce.rs): the pong the
+    // WebSocket layer queues while it reads, and every relayed message, must still leave.
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = temp_dir("wss-ping");
+    let (cert, key) = self_signed_cert(&dir);
+    let server = TestServer::with(|c| https_server_config(c, &cert, &key)).await;
+    let port = server.http.port();
+    let mut a = wss_register(port, &cert, "localhost", "fam", "u", "a").await;
+    let mut b = wss_register(port, &cert, "localhost", "fam", "u", "b").await;
+    assert_eq!(next_json(&mut a).await["type"], "device-online");
+    a.send(Message::Ping(b"are you there".to_vec().into())).await.unwrap();
+    match tokio::time::timeout(WAIT, a.next()).await.expect("a pong in time").expect("open").unwrap() {
+        Message::Pong(p) => assert_eq!(&p[..], b"are you there"),
+        other => panic!("want the pong, got {other:?}"),
+    }
+    for i in 0..5 {
+        let offer = serde_json::json!({"type":"ice-candidate","toDeviceId":"b","candidate":{"candidate":format!("c{i}")}});
+        a.send(Message::text(offer.to_string())).await.unwrap();
+    }
+    for i in 0..5 {
+        assert_eq!(next_json(&mut b).await["candidate"]["candidate"], format!("c{i}"));
+    }
+    b.send(Message::text(serde_json::json!({"type":"answer","toDeviceId":"a","sdp":{"type":"answer","sdp":"v=0"}}).to_string())).await.unwrap();
+    assert_eq!(next_json(&mut a).await["type"], "answer");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
