@@ -36,16 +36,7 @@ pub struct Coalesced<T> {
 impl<T> Coalesced<T> {
     /// Wraps `inner`; nothing is held yet.
     pub fn new(inner: T) -> Self {
-        Coalesced {
-            inner,
-            held: Vec::new(),
-            written: 0,
-        }
-    }
-
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
+        Coalesced { inner, held: Vec::new(), written: 0 }
     }
 }
 
@@ -69,19 +60,11 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let len: usize = bufs.iter().map(|b| b.len()).sum();
         if this.held.len() + len > MAX_HELD {
@@ -115,11 +98,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Coalesced<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
@@ -136,8 +115,7 @@ mod tests {
         a.write_all(b"one ").await.unwrap();
         a.write_all(b"two").await.unwrap();
         let mut buf = vec![0u8; 2 * MAX_HELD];
-        let nothing =
-            tokio::time::timeout(std::time::Duration::from_millis(20), b.read(&mut buf)).await;
+        let nothing = tokio::time::timeout(std::time::Duration::from_millis(20), b.read(&mut buf)).await;
         assert!(nothing.is_err(), "held until the flush");
         a.flush().await.unwrap();
         let n = b.read(&mut buf).await.unwrap();

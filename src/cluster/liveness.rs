@@ -123,10 +123,7 @@ impl Inner {
                 self.redis_error("subscribe", &e);
                 return;
             }
-            let families: Vec<Arc<str>> = self.remote.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
-            for f in &families {
-                self.merge_roster(f).await;
-            }
+            self.merge_rosters().await;
             self.prune_rosters().await;
         }
         *last = Some(now);
@@ -161,6 +158,18 @@ impl Inner {
         }
     }
 
+    /// The families this node holds rosters of (devices of other nodes).
+    fn remote_families(&self) -> Vec<Arc<str>> {
+        self.remote.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+    }
+
+    /// [`Inner::merge_roster`] for every family this node holds a roster of.
+    pub(super) async fn merge_rosters(&self) {
+        for f in self.remote_families() {
+            self.merge_roster(&f).await;
+        }
+    }
+
     /// Adds the family's devices on other nodes that this node did not know (announcing them
     /// online here). Nothing is removed: right after Redis returns, the other nodes may not
     /// have re-announced yet; [`Inner::prune_rosters`] removes, one TTL later.
@@ -187,8 +196,7 @@ impl Inner {
     /// Removes devices of other nodes that Redis no longer has (they left while Redis was
     /// away, and their `off` was lost), announcing them offline here.
     pub(super) async fn prune_rosters(&self) {
-        let families: Vec<Arc<str>> = self.remote.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
-        for f in families {
+        for f in self.remote_families() {
             let Ok(all) = self.client.hgetall::<HashMap<String, String>, _>(devices_key(&f)).await else { continue };
             let mut gone = Vec::new();
             if let Some(roster) = self.remote.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&f) {

@@ -189,10 +189,7 @@ impl RedisHub {
                 tokio::spawn(async move {
                     for _ in 0..3 {
                         tokio::time::sleep(j.ttl / 3).await;
-                        let families: Vec<Arc<str>> = j.remote.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
-                        for f in &families {
-                            j.merge_roster(f).await;
-                        }
+                        j.merge_rosters().await;
                     }
                     j.prune_rosters().await;
                 });
