@@ -21,23 +21,46 @@ pub struct RecvBatch {
     slot: usize,
     headroom: usize,
     meta: Vec<(SocketAddr, usize, bool)>,
+    /// The `recvmmsg` headers and their iovecs, kept between calls: made afresh each call they
+    /// cost a 2.5 KB memset per read, and a relay socket's read is often a single datagram.
+    /// Their pointers are set at each call, from `&mut self`, and only used during it.
+    #[cfg(target_os = "linux")]
+    hdrs: Vec<libc::mmsghdr>,
+    #[cfg(target_os = "linux")]
+    iov: Vec<libc::iovec>,
     #[cfg(target_os = "linux")]
     names: Vec<libc::sockaddr_storage>,
 }
+
+// SAFETY: the raw pointers in `hdrs` and `iov` are only dereferenced (by the kernel) during
+// `recv`, which sets them from `&mut self` first.
+#[cfg(target_os = "linux")]
+unsafe impl Send for RecvBatch {}
 
 impl RecvBatch {
     /// Slots of `slot` bytes; datagrams land at `headroom` and may be `slot - headroom - 1`
     /// bytes long (one more is a truncated datagram, see [`RecvBatch::get`]).
     pub fn new(slot: usize, headroom: usize) -> Self {
-        RecvBatch {
+        #[cfg_attr(not(target_os = "linux"), allow(unused_mut))]
+        let mut b = RecvBatch {
             buf: vec![0u8; slot * BATCH],
             slot,
             headroom,
             meta: Vec::with_capacity(BATCH),
+            // SAFETY (the three below): plain data; all zeroes is a valid value.
             #[cfg(target_os = "linux")]
-            // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
+            hdrs: vec![unsafe { std::mem::zeroed() }; BATCH],
+            #[cfg(target_os = "linux")]
+            iov: vec![unsafe { std::mem::zeroed() }; BATCH],
+            #[cfg(target_os = "linux")]
             names: vec![unsafe { std::mem::zeroed() }; BATCH],
+        };
+        #[cfg(target_os = "linux")]
+        for (iov, h) in b.iov.iter_mut().zip(&mut b.hdrs) {
+            iov.iov_len = slot - headroom;
+            h.msg_hdr.msg_iovlen = 1;
         }
+        b
     }
 
     /// Reads what is queued, up to [`BATCH`] datagrams, without blocking. `Ok(0)` never
@@ -46,23 +69,23 @@ impl RecvBatch {
         self.meta.clear();
         #[cfg(target_os = "linux")]
         {
-            let len = self.slot - self.headroom;
-            let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
-            // SAFETY: mmsghdr is plain data; every pointer is set below.
-            let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-            for i in 0..BATCH {
-                iov[i] = libc::iovec { iov_base: self.buf[i * self.slot + self.headroom..].as_mut_ptr().cast(), iov_len: len };
-                hdrs[i].msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
-                hdrs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-                hdrs[i].msg_hdr.msg_iov = &mut iov[i];
-                hdrs[i].msg_hdr.msg_iovlen = 1;
+            let (base, slot, headroom) = (self.buf.as_mut_ptr(), self.slot, self.headroom);
+            let iov = self.iov.as_mut_ptr();
+            for (i, (h, name)) in self.hdrs.iter_mut().zip(&mut self.names).enumerate() {
+                // SAFETY: slot i lies inside `buf` (BATCH slots), and `iov` has BATCH entries.
+                unsafe { (*iov.add(i)).iov_base = base.add(i * slot + headroom).cast() };
+                h.msg_hdr.msg_iov = unsafe { iov.add(i) };
+                h.msg_hdr.msg_name = (name as *mut libc::sockaddr_storage).cast();
+                // The kernel shortens it to the name it wrote: the whole room again.
+                h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             }
-            // SAFETY: every header points into buffers that outlive the call, with their lengths.
-            let n = unsafe { libc::recvmmsg(socket.as_raw_fd(), hdrs.as_mut_ptr(), BATCH as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut()) };
+            // SAFETY: every header points into this batch's buffers (see `new`), with their
+            // lengths; `&mut self` keeps them alive and unshared for the call.
+            let n = unsafe { libc::recvmmsg(socket.as_raw_fd(), self.hdrs.as_mut_ptr(), BATCH as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut()) };
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
-            for (h, name) in hdrs.iter().zip(&self.names).take(n as usize) {
+            for (h, name) in self.hdrs.iter().zip(&self.names).take(n as usize) {
                 let truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
                 // A datagram from an address family we cannot name is skipped (never happens on
                 // an inet socket).
@@ -169,15 +192,25 @@ const MAX_PER_CALL: usize = 8 * BATCH;
 #[cfg(target_os = "linux")]
 static GSO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// Groups `packets` into messages, `(first, count, segment)`: runs to one destination whose
-/// datagrams all have the first one's size (the last may be shorter) become one GSO message
-/// with that segment size; `segment` 0 is a plain datagram.
+/// One message of a `sendmmsg` call: `count` datagrams from `first`, sent as one GSO message
+/// of `segment`-byte segments, or as a plain datagram when `segment` is 0.
 #[cfg(target_os = "linux")]
-fn messages(packets: &[(SocketAddr, Range<usize>)], gso: bool) -> Vec<(usize, usize, usize)> {
-    let mut out = Vec::with_capacity(BATCH);
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Msg {
+    first: usize,
+    count: usize,
+    segment: usize,
+}
+
+/// Groups `packets` into at most [`BATCH`] messages, written to `out`; returns how many:
+/// runs to one destination whose datagrams all have the first one's size (the last may be
+/// shorter) become one GSO message with that segment size.
+#[cfg(target_os = "linux")]
+fn messages(packets: &[(SocketAddr, Range<usize>)], gso: bool, out: &mut [Msg; BATCH]) -> usize {
+    let mut n = 0;
     let mut i = 0;
     let mut total = 0;
-    while i < packets.len() && out.len() < BATCH && total < MAX_PER_CALL {
+    while i < packets.len() && n < BATCH && total < MAX_PER_CALL {
         let (to, first) = &packets[i];
         let seg = first.len();
         let mut k = 1;
@@ -196,40 +229,46 @@ fn messages(packets: &[(SocketAddr, Range<usize>)], gso: bool) -> Vec<(usize, us
                 }
             }
         }
-        out.push((i, k, if k > 1 { seg } else { 0 }));
+        out[n] = Msg { first: i, count: k, segment: if k > 1 { seg } else { 0 } };
+        n += 1;
         i += k;
         total += k;
     }
-    out
+    n
 }
 
 #[cfg(target_os = "linux")]
 fn send_some(socket: &UdpSocket, data: &[u8], packets: &[(SocketAddr, Range<usize>)]) -> io::Result<usize> {
+    use std::mem::MaybeUninit;
     use std::sync::atomic::Ordering;
     let gso = GSO.load(Ordering::Relaxed);
-    let msgs = messages(packets, gso);
-    // SAFETY: plain data, filled below.
-    let mut names: [libc::sockaddr_storage; BATCH] = unsafe { std::mem::zeroed() };
-    let mut iov: [libc::iovec; MAX_PER_CALL] = unsafe { std::mem::zeroed() };
-    let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+    let mut msgs = [Msg::default(); BATCH];
+    let count = messages(packets, gso, &mut msgs);
+    let msgs = &msgs[..count];
+    // Only the entries a call uses are written: zeroing these arrays whole (10 KB) cost more
+    // than the rest of the user-space work, with one datagram per call to a relay socket.
+    let mut names = [const { MaybeUninit::<libc::sockaddr_in6>::uninit() }; BATCH];
+    let mut iov = [const { MaybeUninit::<libc::iovec>::uninit() }; MAX_PER_CALL];
+    let mut hdrs = [const { MaybeUninit::<libc::mmsghdr>::uninit() }; BATCH];
     // One UDP_SEGMENT control message per GSO message; u64s keep them aligned for cmsghdr.
-    let mut control = [[0u64; 4]; BATCH];
+    let mut control = [const { MaybeUninit::<[u64; 4]>::uninit() }; BATCH];
     // SAFETY: CMSG_SPACE/CMSG_LEN only compute sizes.
     let (space, len) = unsafe { (libc::CMSG_SPACE(2) as usize, libc::CMSG_LEN(2) as usize) };
     let mut next_iov = 0;
-    for (m, &(first, count, segment)) in msgs.iter().enumerate() {
-        let name_len = std_to_sockaddr(packets[first].0, &mut names[m]);
-        for (k, (_, range)) in packets[first..first + count].iter().enumerate() {
-            iov[next_iov + k] = libc::iovec { iov_base: data[range.clone()].as_ptr() as *mut libc::c_void, iov_len: range.len() };
+    for (m, msg) in msgs.iter().enumerate() {
+        let name_len = write_sockaddr(packets[msg.first].0, &mut names[m]);
+        for (k, (_, range)) in packets[msg.first..msg.first + msg.count].iter().enumerate() {
+            iov[next_iov + k].write(libc::iovec { iov_base: data[range.clone()].as_ptr() as *mut libc::c_void, iov_len: range.len() });
         }
-        let h = &mut hdrs[m].msg_hdr;
-        h.msg_name = (&mut names[m] as *mut libc::sockaddr_storage).cast();
+        // SAFETY: mmsghdr is plain data; all zeroes is a valid value.
+        let h = &mut hdrs[m].write(unsafe { std::mem::zeroed() }).msg_hdr;
+        h.msg_name = names[m].as_mut_ptr().cast();
         h.msg_namelen = name_len;
-        h.msg_iov = &mut iov[next_iov];
-        h.msg_iovlen = count as _;
-        next_iov += count;
-        if segment > 0 {
-            h.msg_control = control[m].as_mut_ptr().cast();
+        h.msg_iov = iov[next_iov].as_mut_ptr();
+        h.msg_iovlen = msg.count as _;
+        next_iov += msg.count;
+        if msg.segment > 0 {
+            h.msg_control = control[m].write([0; 4]).as_mut_ptr().cast();
             h.msg_controllen = space as _;
             // SAFETY: msg_control points at `space` bytes, enough for one cmsghdr and a u16.
             unsafe {
@@ -237,15 +276,16 @@ fn send_some(socket: &UdpSocket, data: &[u8], packets: &[(SocketAddr, Range<usiz
                 (*c).cmsg_level = libc::SOL_UDP;
                 (*c).cmsg_type = libc::UDP_SEGMENT;
                 (*c).cmsg_len = len as _;
-                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), segment as u16);
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), msg.segment as u16);
             }
         }
     }
-    // SAFETY: every header points at live buffers of the stated lengths; the kernel only reads them.
-    let sent = unsafe { libc::sendmmsg(socket.as_raw_fd(), hdrs.as_mut_ptr(), msgs.len() as libc::c_uint, libc::MSG_DONTWAIT) };
+    // SAFETY: the first `count` headers are written, and point at written names, iovecs and
+    // control data, and at live buffers of the stated lengths; the kernel only reads them.
+    let sent = unsafe { libc::sendmmsg(socket.as_raw_fd(), hdrs.as_mut_ptr().cast(), count as libc::c_uint, libc::MSG_DONTWAIT) };
     if sent < 0 {
         let e = io::Error::last_os_error();
-        let gso_refused = matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) && msgs.first().is_some_and(|m| m.2 > 0);
+        let gso_refused = matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) && msgs.first().is_some_and(|m| m.segment > 0);
         if gso_refused {
             GSO.store(false, Ordering::Relaxed);
             tracing::info!(error = %e, "UDP GSO refused by the kernel; sending datagrams one by one (in batches)");
@@ -253,7 +293,7 @@ fn send_some(socket: &UdpSocket, data: &[u8], packets: &[(SocketAddr, Range<usiz
         }
         return Err(e);
     }
-    Ok(msgs.iter().take(sent as usize).map(|m| m.1).sum())
+    Ok(msgs.iter().take(sent as usize).map(|m| m.count).sum())
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -280,20 +320,25 @@ fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
+/// Writes `addr` as a C socket address into `out` (room for either family) and returns its length.
 #[cfg(target_os = "linux")]
-fn std_to_sockaddr(addr: SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
+fn write_sockaddr(addr: SocketAddr, out: &mut std::mem::MaybeUninit<libc::sockaddr_in6>) -> libc::socklen_t {
     match addr {
         SocketAddr::V4(a) => {
-            // SAFETY: sockaddr_storage is large enough and aligned for a sockaddr_in.
-            let s = unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            s.sin_family = libc::AF_INET as libc::sa_family_t;
-            s.sin_port = a.port().to_be();
-            s.sin_addr = libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) };
+            // SAFETY: sockaddr_in is plain data (all zeroes is valid); a sockaddr_in6's room is
+            // larger than a sockaddr_in and as aligned.
+            unsafe {
+                let mut s: libc::sockaddr_in = std::mem::zeroed();
+                s.sin_family = libc::AF_INET as libc::sa_family_t;
+                s.sin_port = a.port().to_be();
+                s.sin_addr = libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) };
+                out.as_mut_ptr().cast::<libc::sockaddr_in>().write(s);
+            }
             std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
         }
         SocketAddr::V6(a) => {
-            // SAFETY: as above, for a sockaddr_in6.
-            let s = unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            // SAFETY: sockaddr_in6 is plain data; all zeroes is valid.
+            let s = out.write(unsafe { std::mem::zeroed() });
             s.sin6_family = libc::AF_INET6 as libc::sa_family_t;
             s.sin6_port = a.port().to_be();
             s.sin6_flowinfo = a.flowinfo();
@@ -326,9 +371,12 @@ mod tests {
         }
         #[cfg(target_os = "linux")]
         {
-            let m = messages(&out.packets, true);
-            assert_eq!(&m[..3], &[(0, 64, 300), (64, 37, 300), (101, 1, 0)], "trains end at 64 segments and at a short datagram");
-            assert!(messages(&out.packets, false).iter().all(|m| m.1 == 1));
+            let mut m = [Msg::default(); BATCH];
+            assert_eq!(messages(&out.packets, true, &mut m), 8, "two trains, then the six interleaved datagrams one by one");
+            let want = [Msg { first: 0, count: 64, segment: 300 }, Msg { first: 64, count: 37, segment: 300 }, Msg { first: 101, count: 1, segment: 0 }];
+            assert_eq!(&m[..3], &want, "trains end at 64 segments and at a short datagram");
+            let n = messages(&out.packets, false, &mut m);
+            assert!(n == BATCH && m.iter().all(|m| m.count == 1), "one datagram a message without GSO, {BATCH} a call");
         }
         assert_eq!(out.flush(&a), 0);
         #[cfg(target_os = "linux")]

@@ -102,6 +102,8 @@ struct Shard {
     relay_recv: RecvBatch,
     /// Client data for peers from the current batch: relay socket, peer, range in `client_recv`.
     to_peers: Vec<(Relay, SocketAddr, std::ops::Range<usize>)>,
+    /// One relay socket's share of `to_peers`, kept to save an allocation per batch.
+    group: Vec<(SocketAddr, std::ops::Range<usize>)>,
     /// Sockets that still had data when their turn ended.
     unfinished: Vec<Token>,
     swept: Instant,
@@ -241,15 +243,15 @@ impl Shard {
         self.to_peers.sort_by_key(|(relay, _, _)| Arc::as_ptr(relay) as usize);
         let data = self.client_recv.data();
         let mut at = 0;
-        let mut group: Vec<(SocketAddr, std::ops::Range<usize>)> = Vec::with_capacity(batch::BATCH);
+        let group = &mut self.group;
         while at < self.to_peers.len() {
-            let socket = self.to_peers[at].0.clone();
+            let socket = &self.to_peers[at].0;
             group.clear();
-            while at < self.to_peers.len() && Arc::ptr_eq(&self.to_peers[at].0, &socket) {
+            while at < self.to_peers.len() && Arc::ptr_eq(&self.to_peers[at].0, socket) {
                 group.push((self.to_peers[at].1, self.to_peers[at].2.clone()));
                 at += 1;
             }
-            for _ in 0..batch::send_many(&socket, data, &group) {
+            for _ in 0..batch::send_many(socket, data, group) {
                 self.handle.counters.dropped(DropReason::SendBufferFull);
             }
         }
@@ -355,6 +357,7 @@ pub fn spawn(
         client_recv: RecvBatch::new(MAX_CLIENT_DATAGRAM + 1, 0),
         relay_recv: RecvBatch::new(PEER_HEADROOM + MAX_PEER_DATAGRAM + 4, PEER_HEADROOM),
         to_peers: Vec::with_capacity(batch::BATCH),
+        group: Vec::with_capacity(batch::BATCH),
         unfinished,
         swept: Instant::now(),
     };
