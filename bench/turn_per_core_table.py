@@ -7,6 +7,10 @@ point; medians over rounds, and kinlink's ratios to coturn and to the forwarder.
 per CPU-second (1e6 / cpu_s_per_mpkt) is shown beside it: when the generator's core, not
 the server's, is what runs out, the server is below 100% and that column says what its core
 could carry.
+
+Kernel share (part 1b, mode=split): CPU per packet at one fixed rate, split into user and
+system time; coturn's CPU per packet over kinlink's system time per packet is the per-core
+ratio kinlink would reach if its own code cost nothing.
 """
 import re
 import statistics
@@ -47,6 +51,8 @@ def main(paths):
             statistics.median(num(r, "server_cpu_util") for r in rs),
             statistics.median(num(r, "rtt_p50_ms") for r in rs),
             len(rs),
+            # Kernel (system) CPU per packet at the capacity point, when the log has it.
+            statistics.median(num(r, "sys_s_per_mpkt") for r in rs) if all("sys_s_per_mpkt" in r for r in rs) else None,
         )
     print("## Per server core (server on CPU 0, generator on CPU 1), medians of rounds\n")
     print("| allocations | size | server | relayed pkt/s, <0.1% loss | server CPU util | CPU µs/pkt | pkt per CPU-second | RTT p50 ms | rounds |")
@@ -66,6 +72,45 @@ def main(paths):
             if not (k and c and f):
                 continue
             print(f"| {allocations} | {size} | {k[0] / c[0]:.2f} | {k[0] / f[0]:.2f} | {c[1] / k[1]:.2f} | {f[1] / k[1]:.2f} |")
+    kernel = [(key, m) for key, m in med.items() if m[5] is not None]
+    if kernel:
+        print("\n### Kernel CPU per packet at each server's capacity point\n")
+        print("| allocations | size | kinlink kernel µs/pkt | forwarder kernel µs/pkt | coturn CPU µs/pkt (kernel) | ceiling: coturn CPU / kinlink kernel |")
+        print("|---|---|---|---|---|---|")
+        for allocations in (2, 100, 1000):
+            for size in (100, 1200):
+                k, c, f = (med.get((s, allocations, size)) for s in ("kinlink", "coturn", "forwarder"))
+                if not (k and c and f) or None in (k[5], c[5], f[5]):
+                    continue
+                print(f"| {allocations} | {size} | {k[5]:.2f} | {f[5]:.2f} | {c[1]:.2f} ({c[5]:.2f}) | {c[1] / k[5]:.2f} |")
+    split = defaultdict(list)  # (server, allocations, size) -> rows
+    for r in rows:
+        if r.get("mode") == "split" and "sys_s_per_mpkt" in r and num(r, "loss_pct") < 0.1:
+            split[(r["server"], int(r["allocations"]), int(r["size"]))].append(r)
+    if split:
+        print("\n## CPU per packet, user and kernel (fixed rate under every server's capacity), medians of rounds\n")
+        print("| allocations | size | server | offered pkt/s | CPU µs/pkt | kernel µs/pkt | user µs/pkt | rounds |")
+        print("|---|---|---|---|---|---|---|---|")
+        sm = {}
+        for allocations in (2, 100, 1000):
+            for size in (100, 1200):
+                for server in ("kinlink", "coturn", "forwarder"):
+                    rs = split.get((server, allocations, size))
+                    if not rs:
+                        continue
+                    cpu = statistics.median(num(r, "cpu_s_per_mpkt") for r in rs)
+                    sys_ = statistics.median(num(r, "sys_s_per_mpkt") for r in rs)
+                    user = statistics.median(num(r, "cpu_s_per_mpkt") - num(r, "sys_s_per_mpkt") for r in rs)
+                    sm[(server, allocations, size)] = (cpu, sys_)
+                    print(f"| {allocations} | {size} | {server} | {rs[0]['offered_pps']} | {cpu:.2f} | {sys_:.2f} | {user:.2f} | {len(rs)} |")
+        print("\n| allocations | size | kinlink / coturn (per CPU-s) | ceiling: coturn CPU / kinlink kernel | forwarder / coturn (per CPU-s) |")
+        print("|---|---|---|---|---|")
+        for allocations in (2, 100, 1000):
+            for size in (100, 1200):
+                k, c, f = (sm.get((s, allocations, size)) for s in ("kinlink", "coturn", "forwarder"))
+                if not (k and c and f):
+                    continue
+                print(f"| {allocations} | {size} | {c[0] / k[0]:.2f} | {c[0] / k[1]:.2f} | {c[0] / f[0]:.2f} |")
     spread = [r for r in rows if r.get("mode") == "spread"]
     if spread:
         print("\n## Both CPUs for the server, generator beside it\n")

@@ -6,7 +6,8 @@
 //! the other side reflects each packet back. Each packet therefore crosses the server four
 //! times (client→relay, relay→relay, relay→client, and back). Reports delivered packets/s and
 //! Mbit/s, loss, round-trip p50/p99, and the server's CPU seconds per million packets
-//! delivered. Loopback only; bounded by count and time.
+//! delivered, in all and in the kernel (`sys_s_per_mpkt`: what no user-space change can
+//! remove). Loopback only; bounded by count and time.
 //!
 //! With `--peer echo` each allocation instead binds a channel to one plain UDP peer of the
 //! generator that echoes everything back in batches: each packet crosses the server twice
@@ -266,11 +267,12 @@ fn rss_kib(pid: u32) -> u64 {
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
 }
 
-fn cpu_secs(pid: u32) -> f64 {
+/// The server's CPU seconds so far, (user, system), every thread counted.
+fn cpu_secs(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 100.0;
+    (ticks(11), ticks(12))
 }
 
 /// UDP receive-buffer drops in the server's network namespace.
@@ -647,7 +649,9 @@ async fn main() {
     while received.load(Ordering::Relaxed) < sent - send_failed && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let cpu = cpu_secs(pid) - cpu0;
+    let (user, sys) = cpu_secs(pid);
+    let (user, sys) = (user - cpu0.0, sys - cpu0.1);
+    let cpu = user + sys;
     let util = cpu / cpu_window.elapsed().as_secs_f64();
     let shards = if a.server == "kinlink" { shard_packets(a.server_ip, metrics_port) } else { Vec::new() };
     let rss_after = rss_kib(pid);
@@ -662,7 +666,7 @@ async fn main() {
     let relayed = 2 * got;
     println!(
         "RESULT server={} shared_port={} transport={} allocations={} size={} offered_pps={} sent={} received={} loss_pct={:.3} client_send_failed={} \
-         relayed_pps={:.0} mbit_s={:.1} rtt_p50_ms={:.3} rtt_p99_ms={:.3} server_cpu_s={:.2} cpu_s_per_mpkt={:.2} udp_rcvbuf_errors={} \
+         relayed_pps={:.0} mbit_s={:.1} rtt_p50_ms={:.3} rtt_p99_ms={:.3} server_cpu_s={:.2} cpu_s_per_mpkt={:.2} sys_s_per_mpkt={:.2} udp_rcvbuf_errors={} \
          peer={} threads={} server_cpu_util={:.2} shard_packets={} allocations_per_sec={:.0} rss_kib_before={} rss_kib_after={} rss_bytes_per_allocation={:.0}",
         a.server,
         a.share_http,
@@ -680,6 +684,7 @@ async fn main() {
         rtts.quantile_ms(0.99),
         cpu,
         cpu / (relayed.max(1) as f64 / 1e6),
+        sys / (relayed.max(1) as f64 / 1e6),
         drops,
         a.peer,
         a.threads,

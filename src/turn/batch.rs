@@ -254,24 +254,30 @@ fn send_some(socket: &UdpSocket, data: &[u8], packets: &[(SocketAddr, Range<usiz
     let mut control = [const { MaybeUninit::<[u64; 4]>::uninit() }; BATCH];
     // SAFETY: CMSG_SPACE/CMSG_LEN only compute sizes.
     let (space, len) = unsafe { (libc::CMSG_SPACE(2) as usize, libc::CMSG_LEN(2) as usize) };
+    // Every write below goes through these, so the pointers handed to the kernel stay valid.
+    let (names, iov, hdrs, control) = (names.as_mut_ptr(), iov.as_mut_ptr(), hdrs.as_mut_ptr(), control.as_mut_ptr());
     let mut next_iov = 0;
     for (m, msg) in msgs.iter().enumerate() {
-        let name_len = write_sockaddr(packets[msg.first].0, &mut names[m]);
-        for (k, (_, range)) in packets[msg.first..msg.first + msg.count].iter().enumerate() {
-            iov[next_iov + k].write(libc::iovec { iov_base: data[range.clone()].as_ptr() as *mut libc::c_void, iov_len: range.len() });
-        }
-        // SAFETY: mmsghdr is plain data; all zeroes is a valid value.
-        let h = &mut hdrs[m].write(unsafe { std::mem::zeroed() }).msg_hdr;
-        h.msg_name = names[m].as_mut_ptr().cast();
-        h.msg_namelen = name_len;
-        h.msg_iov = iov[next_iov].as_mut_ptr();
-        h.msg_iovlen = msg.count as _;
-        next_iov += msg.count;
-        if msg.segment > 0 {
-            h.msg_control = control[m].write([0; 4]).as_mut_ptr().cast();
-            h.msg_controllen = space as _;
-            // SAFETY: msg_control points at `space` bytes, enough for one cmsghdr and a u16.
-            unsafe {
+        // SAFETY: m < count <= BATCH, and next_iov + msg.count <= MAX_PER_CALL (`messages`
+        // caps the datagrams of a call), so every element written is inside its array; each
+        // is written whole before the kernel reads it.
+        unsafe {
+            let name = &mut *names.add(m);
+            let name_len = write_sockaddr(packets[msg.first].0, name);
+            for (k, (_, range)) in packets[msg.first..msg.first + msg.count].iter().enumerate() {
+                (*iov.add(next_iov + k)).write(libc::iovec { iov_base: data[range.clone()].as_ptr() as *mut libc::c_void, iov_len: range.len() });
+            }
+            // mmsghdr is plain data; all zeroes is a valid value.
+            let h = &mut (*hdrs.add(m)).write(std::mem::zeroed()).msg_hdr;
+            h.msg_name = name.as_mut_ptr().cast();
+            h.msg_namelen = name_len;
+            h.msg_iov = iov.add(next_iov).cast();
+            h.msg_iovlen = msg.count as _;
+            next_iov += msg.count;
+            if msg.segment > 0 {
+                // msg_control points at `space` bytes, enough for one cmsghdr and a u16.
+                h.msg_control = (*control.add(m)).write([0; 4]).as_mut_ptr().cast();
+                h.msg_controllen = space as _;
                 let c = libc::CMSG_FIRSTHDR(h);
                 (*c).cmsg_level = libc::SOL_UDP;
                 (*c).cmsg_type = libc::UDP_SEGMENT;
@@ -282,7 +288,7 @@ fn send_some(socket: &UdpSocket, data: &[u8], packets: &[(SocketAddr, Range<usiz
     }
     // SAFETY: the first `count` headers are written, and point at written names, iovecs and
     // control data, and at live buffers of the stated lengths; the kernel only reads them.
-    let sent = unsafe { libc::sendmmsg(socket.as_raw_fd(), hdrs.as_mut_ptr().cast(), count as libc::c_uint, libc::MSG_DONTWAIT) };
+    let sent = unsafe { libc::sendmmsg(socket.as_raw_fd(), hdrs.cast(), count as libc::c_uint, libc::MSG_DONTWAIT) };
     if sent < 0 {
         let e = io::Error::last_os_error();
         let gso_refused = matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) && msgs.first().is_some_and(|m| m.segment > 0);
