@@ -57,13 +57,11 @@ run() { # label, then turn_bench flags
   "${GEN[@]}" taskset -c 1 "$B" "$@" "${NS_FLAGS[@]}" | grep '^RESULT' | sed "s/^RESULT/RESULT $label/" || echo "FAILED $label $*"
 }
 # SPLIT_ONLY=1: part 1b alone.
-[ "${SPLIT_ONLY:-0}" = 1 ] && RATES=skip
-for round in $(seq "$ROUNDS"); do
+[ "${SPLIT_ONLY:-0}" = 1 ] || for round in $(seq "$ROUNDS"); do
   for allocations in $ALLOCATIONS; do
     for size in $SIZES; do
       for server in kinlink coturn forwarder; do
         for rate in $RATES; do
-          [ "$rate" = skip ] && break
           line=$(run "mode=per_core round=$round" --server "$server" --peer echo --threads 1 --server-cpus 0 \
             --allocations "$allocations" --size "$size" --rate "$rate" --seconds "$SECONDS_")
           echo "$line"

@@ -31,6 +31,16 @@ def num(r, k):
     return float(r[k])
 
 
+# The benchmark's points, in table order, and the servers it compares.
+POINTS = [(allocations, size) for allocations in (2, 100, 1000) for size in (100, 1200)]
+SERVERS = ("kinlink", "coturn", "forwarder")
+
+
+def trio(table, allocations, size):
+    """The three servers' entries at one point (None where a server has none)."""
+    return (table.get((s, allocations, size)) for s in SERVERS)
+
+
 def main(paths):
     rows = [r for p in paths for r in parse(p)]
     best = defaultdict(dict)  # (server, allocations, size) -> round -> row
@@ -57,32 +67,28 @@ def main(paths):
     print("## Per server core (server on CPU 0, generator on CPU 1), medians of rounds\n")
     print("| allocations | size | server | relayed pkt/s, <0.1% loss | server CPU util | CPU µs/pkt | pkt per CPU-second | RTT p50 ms | rounds |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for allocations in (2, 100, 1000):
-        for size in (100, 1200):
-            for server in ("kinlink", "coturn", "forwarder"):
-                m = med.get((server, allocations, size))
-                if not m:
-                    continue
-                print(f"| {allocations} | {size} | {server} | {m[0]:,.0f} | {m[2]:.2f} | {m[1]:.2f} | {1e6 / m[1]:,.0f} | {m[3]:.2f} | {m[4]} |")
+    for allocations, size in POINTS:
+        for server in SERVERS:
+            m = med.get((server, allocations, size))
+            if not m:
+                continue
+            print(f"| {allocations} | {size} | {server} | {m[0]:,.0f} | {m[2]:.2f} | {m[1]:.2f} | {1e6 / m[1]:,.0f} | {m[3]:.2f} | {m[4]} |")
     print("\n| allocations | size | kinlink / coturn (pkt/s) | kinlink / forwarder (pkt/s) | kinlink / coturn (per CPU-s) | kinlink / forwarder (per CPU-s) |")
     print("|---|---|---|---|---|---|")
-    for allocations in (2, 100, 1000):
-        for size in (100, 1200):
-            k, c, f = (med.get((s, allocations, size)) for s in ("kinlink", "coturn", "forwarder"))
-            if not (k and c and f):
-                continue
-            print(f"| {allocations} | {size} | {k[0] / c[0]:.2f} | {k[0] / f[0]:.2f} | {c[1] / k[1]:.2f} | {f[1] / k[1]:.2f} |")
-    kernel = [(key, m) for key, m in med.items() if m[5] is not None]
-    if kernel:
+    for allocations, size in POINTS:
+        k, c, f = trio(med, allocations, size)
+        if not (k and c and f):
+            continue
+        print(f"| {allocations} | {size} | {k[0] / c[0]:.2f} | {k[0] / f[0]:.2f} | {c[1] / k[1]:.2f} | {f[1] / k[1]:.2f} |")
+    if any(m[5] is not None for m in med.values()):
         print("\n### Kernel CPU per packet at each server's capacity point\n")
         print("| allocations | size | kinlink kernel µs/pkt | forwarder kernel µs/pkt | coturn CPU µs/pkt (kernel) | ceiling: coturn CPU / kinlink kernel |")
         print("|---|---|---|---|---|---|")
-        for allocations in (2, 100, 1000):
-            for size in (100, 1200):
-                k, c, f = (med.get((s, allocations, size)) for s in ("kinlink", "coturn", "forwarder"))
-                if not (k and c and f) or None in (k[5], c[5], f[5]):
-                    continue
-                print(f"| {allocations} | {size} | {k[5]:.2f} | {f[5]:.2f} | {c[1]:.2f} ({c[5]:.2f}) | {c[1] / k[5]:.2f} |")
+        for allocations, size in POINTS:
+            k, c, f = trio(med, allocations, size)
+            if not (k and c and f) or None in (k[5], c[5], f[5]):
+                continue
+            print(f"| {allocations} | {size} | {k[5]:.2f} | {f[5]:.2f} | {c[1]:.2f} ({c[5]:.2f}) | {c[1] / k[5]:.2f} |")
     split = defaultdict(list)  # (server, allocations, size) -> rows
     for r in rows:
         if r.get("mode") == "split" and "sys_s_per_mpkt" in r and num(r, "loss_pct") < 0.1:
@@ -92,25 +98,23 @@ def main(paths):
         print("| allocations | size | server | offered pkt/s | CPU µs/pkt | kernel µs/pkt | user µs/pkt | rounds |")
         print("|---|---|---|---|---|---|---|---|")
         sm = {}
-        for allocations in (2, 100, 1000):
-            for size in (100, 1200):
-                for server in ("kinlink", "coturn", "forwarder"):
-                    rs = split.get((server, allocations, size))
-                    if not rs:
-                        continue
-                    cpu = statistics.median(num(r, "cpu_s_per_mpkt") for r in rs)
-                    sys_ = statistics.median(num(r, "sys_s_per_mpkt") for r in rs)
-                    user = statistics.median(num(r, "cpu_s_per_mpkt") - num(r, "sys_s_per_mpkt") for r in rs)
-                    sm[(server, allocations, size)] = (cpu, sys_)
-                    print(f"| {allocations} | {size} | {server} | {rs[0]['offered_pps']} | {cpu:.2f} | {sys_:.2f} | {user:.2f} | {len(rs)} |")
+        for allocations, size in POINTS:
+            for server in SERVERS:
+                rs = split.get((server, allocations, size))
+                if not rs:
+                    continue
+                cpu = statistics.median(num(r, "cpu_s_per_mpkt") for r in rs)
+                sys_ = statistics.median(num(r, "sys_s_per_mpkt") for r in rs)
+                user = statistics.median(num(r, "cpu_s_per_mpkt") - num(r, "sys_s_per_mpkt") for r in rs)
+                sm[(server, allocations, size)] = (cpu, sys_)
+                print(f"| {allocations} | {size} | {server} | {rs[0]['offered_pps']} | {cpu:.2f} | {sys_:.2f} | {user:.2f} | {len(rs)} |")
         print("\n| allocations | size | kinlink / coturn (per CPU-s) | ceiling: coturn CPU / kinlink kernel | forwarder / coturn (per CPU-s) |")
         print("|---|---|---|---|---|")
-        for allocations in (2, 100, 1000):
-            for size in (100, 1200):
-                k, c, f = (sm.get((s, allocations, size)) for s in ("kinlink", "coturn", "forwarder"))
-                if not (k and c and f):
-                    continue
-                print(f"| {allocations} | {size} | {c[0] / k[0]:.2f} | {c[0] / k[1]:.2f} | {c[0] / f[0]:.2f} |")
+        for allocations, size in POINTS:
+            k, c, f = trio(sm, allocations, size)
+            if not (k and c and f):
+                continue
+            print(f"| {allocations} | {size} | {c[0] / k[0]:.2f} | {c[0] / k[1]:.2f} | {c[0] / f[0]:.2f} |")
     spread = [r for r in rows if r.get("mode") == "spread"]
     if spread:
         print("\n## Both CPUs for the server, generator beside it\n")

@@ -7,7 +7,8 @@
 //! times (client→relay, relay→relay, relay→client, and back). Reports delivered packets/s and
 //! Mbit/s, loss, round-trip p50/p99, and the server's CPU seconds per million packets
 //! delivered, in all and in the kernel (`sys_s_per_mpkt`: what no user-space change can
-//! remove). Loopback only; bounded by count and time.
+//! remove). Loopback (or network namespaces the bench script makes) only; bounded by count
+//! and time.
 //!
 //! With `--peer echo` each allocation instead binds a channel to one plain UDP peer of the
 //! generator that echoes everything back in batches: each packet crosses the server twice

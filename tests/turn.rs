@@ -139,11 +139,7 @@ mod tls_tap {
     pub struct Tap(pub tokio::net::TcpStream, pub Arc<Mutex<Vec<u8>>>);
 
     impl AsyncRead for Tap {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
             let before = buf.filled().len();
             let r = Pin::new(&mut self.0).poll_read(cx, buf);
             let seen = buf.filled()[before..].to_vec();
@@ -153,20 +149,13 @@ mod tls_tap {
     }
 
     impl AsyncWrite for Tap {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
             Pin::new(&mut self.0).poll_write(cx, buf)
         }
         fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             Pin::new(&mut self.0).poll_flush(cx)
         }
-        fn poll_shutdown(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<std::io::Result<()>> {
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             Pin::new(&mut self.0).poll_shutdown(cx)
         }
     }
@@ -201,20 +190,15 @@ async fn over_tls_every_relayed_frame_travels_in_its_own_record() {
     for c in rustls_pemfile::certs(&mut std::fs::read(&cert).unwrap().as_slice()) {
         roots.add(c.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS12])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let raw = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let tcp = tokio::net::TcpStream::connect(turn).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(name, tls_tap::Tap(tcp, raw.clone()))
-        .await
-        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tls_tap::Tap(tcp, raw.clone())).await.unwrap();
     let handshake_bytes = raw.lock().unwrap().len();
 
     let mut pending = Vec::new();
@@ -227,10 +211,7 @@ async fn over_tls_every_relayed_frame_travels_in_its_own_record() {
                     break pending.drain(..len).collect::<Vec<u8>>();
                 }
                 let mut buf = [0u8; 4096];
-                let n = tokio::time::timeout(WAIT, tls.read(&mut buf))
-                    .await
-                    .expect("a frame in time")
-                    .unwrap();
+                let n = tokio::time::timeout(WAIT, tls.read(&mut buf)).await.expect("a frame in time").unwrap();
                 assert!(n > 0, "closed");
                 pending.extend_from_slice(&buf[..n]);
             }
@@ -243,22 +224,12 @@ async fn over_tls_every_relayed_frame_travels_in_its_own_record() {
     tls.write_all(&b.finish()).await.unwrap();
     let challenge = next_frame!();
     let m = Message::parse(&challenge).unwrap();
-    let (realm, nonce) = (
-        m.get(attr::REALM).unwrap().to_vec(),
-        m.get(attr::NONCE).unwrap().to_vec(),
-    );
-    let key = md5::Md5::digest(format!(
-        "{username}:{}:{password}",
-        String::from_utf8_lossy(&realm)
-    ))
-    .to_vec();
+    let (realm, nonce) = (m.get(attr::REALM).unwrap().to_vec(), m.get(attr::NONCE).unwrap().to_vec());
+    let key = md5::Md5::digest(format!("{username}:{}:{password}", String::from_utf8_lossy(&realm))).to_vec();
     let tid = [2u8; 12];
     let mut b = Builder::new(method::ALLOCATE, Class::Request, tid);
-    b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
-        .attr(attr::USERNAME, username.as_bytes());
-    b.attr(attr::REALM, &realm)
-        .attr(attr::NONCE, &nonce)
-        .integrity(&key);
+    b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]).attr(attr::USERNAME, username.as_bytes());
+    b.attr(attr::REALM, &realm).attr(attr::NONCE, &nonce).integrity(&key);
     tls.write_all(&b.finish_with_fingerprint()).await.unwrap();
     let ok = next_frame!();
     let m = Message::parse(&ok).unwrap();
@@ -268,16 +239,10 @@ async fn over_tls_every_relayed_frame_travels_in_its_own_record() {
     let peer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let tid = [3u8; 12];
     let mut b = Builder::new(method::CREATE_PERMISSION, Class::Request, tid);
-    b.xor_addr(attr::XOR_PEER_ADDRESS, peer.local_addr().unwrap())
-        .attr(attr::USERNAME, username.as_bytes());
-    b.attr(attr::REALM, &realm)
-        .attr(attr::NONCE, &nonce)
-        .integrity(&key);
+    b.xor_addr(attr::XOR_PEER_ADDRESS, peer.local_addr().unwrap()).attr(attr::USERNAME, username.as_bytes());
+    b.attr(attr::REALM, &realm).attr(attr::NONCE, &nonce).integrity(&key);
     tls.write_all(&b.finish_with_fingerprint()).await.unwrap();
-    assert_eq!(
-        Message::parse(&next_frame!()).unwrap().class,
-        Class::Success
-    );
+    assert_eq!(Message::parse(&next_frame!()).unwrap().class, Class::Success);
 
     // A burst from the peer: the relay reads it in batches, faster than one write per frame.
     const BURST: usize = 64;
@@ -287,17 +252,11 @@ async fn over_tls_every_relayed_frame_travels_in_its_own_record() {
     for i in 0..BURST {
         let frame = next_frame!();
         let m = Message::parse(&frame).unwrap();
-        assert_eq!(
-            (m.method, m.get(attr::DATA).map(|d| (d.len(), d[0]))),
-            (method::DATA, Some((1000, i as u8)))
-        );
+        assert_eq!((m.method, m.get(attr::DATA).map(|d| (d.len(), d[0]))), (method::DATA, Some((1000, i as u8))));
     }
     let raw = raw.lock().unwrap();
     let records = tls_tap::application_records(&raw[handshake_bytes..]);
-    assert_eq!(
-        records, frames,
-        "application-data records for {frames} frames"
-    );
+    assert_eq!(records, frames, "application-data records for {frames} frames");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -577,31 +536,15 @@ async fn a_refused_tls_handshake_gets_the_alert_that_says_why() {
     // Only a cipher suite rustls does not implement (RSA key exchange, CBC).
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("openssl")
-            .args([
-                "s_client",
-                "-connect",
-                &format!("127.0.0.1:{port}"),
-                "-tls1_2",
-                "-cipher",
-                "AES128-SHA:@SECLEVEL=0",
-            ])
+            .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-tls1_2", "-cipher", "AES128-SHA:@SECLEVEL=0"])
             .stdin(std::process::Stdio::null())
             .output()
             .unwrap()
     })
     .await
     .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("alert handshake failure"), "{text}");
-    server
-        .wait_metric(
-            r#"kinlink_turn_tls_handshake_failures_total{listener="turn",reason="protocol"}"#,
-            1.0,
-        )
-        .await;
+    server.wait_metric(r#"kinlink_turn_tls_handshake_failures_total{listener="turn",reason="protocol"}"#, 1.0).await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
