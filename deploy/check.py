@@ -57,11 +57,12 @@ def port_of(listen):
 def checkable(text, tmp):
     """The rendered config with stand-ins for the certificate files, which live in a mounted
     Secret in the pod: `kinlink config check` refuses a configuration whose files are missing."""
-    turn = tomllib.loads(text).get("turn", {})
-    for key in ("tls_cert", "tls_key"):
-        if key in turn:
-            (Path(tmp) / key).write_text("stand-in")
-            text = text.replace(turn[key], str(Path(tmp) / key))
+    cfg = tomllib.loads(text)
+    for section, keys in (("turn", ("tls_cert", "tls_key")), ("cluster", ("redis_ca_file", "redis_cert_file", "redis_key_file"))):
+        for key in keys:
+            if key in cfg.get(section, {}):
+                (Path(tmp) / key).write_text("stand-in")
+                text = text.replace(cfg[section][key], str(Path(tmp) / key))
     return text
 
 
@@ -345,6 +346,8 @@ def chart(kinlink):
         (["-f", str(CHART / "ci/perpod-values.yaml"), "--set", "turn.tls.enabled=true", "--set", "turn.tls.secretName=t"], "name per pod"),
         (["-f", str(CHART / "ci/perpod-values.yaml"), "--set", "turn.relayPorts.max=60000"], "at most 1000"),
         (["--set", "cluster.redis.url=http://r"], "url"),
+        (["--set", "replicaCount=3", "--set", "turn.hostNetwork=true", "--set", "cluster.redis.url=redis://r:6379", "--set", "cluster.redis.tls.secretName=t"], "must be rediss://"),
+        (["--set", "replicaCount=3", "--set", "turn.hostNetwork=true", "--set", "cluster.redis.url=rediss://r:6379", "--set", "cluster.redis.tls.clientCertificate=true"], "needs cluster.redis.tls.secretName"),
     ]
     for args, why in bad:
         rc, out = run([helm, "template", "rel", str(CHART), *args])
@@ -371,6 +374,13 @@ def chart(kinlink):
         fail("no Secret holding the Redis URL")
     if not pod.get("hostNetwork") or "podAntiAffinity" not in pod.get("affinity", {}):
         fail("several replicas run on the nodes' network, one pod per node")
+    # TLS to Redis: the Secret mounted where the config looks for the CA and client certificate.
+    cfg = tomllib.loads(next(d for d in docs if d and d["kind"] == "ConfigMap")["data"]["kinlink.toml"])["cluster"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v.get("secret", {}).get("secretName") for v in pod["volumes"]}
+    want = {"redis_ca_file": "/etc/kinlink/redis-tls/ca.crt", "redis_cert_file": "/etc/kinlink/redis-tls/tls.crt", "redis_key_file": "/etc/kinlink/redis-tls/tls.key"}
+    if {k: cfg.get(k) for k in want} != want or mounts.get("redis-tls") != "/etc/kinlink/redis-tls" or volumes.get("redis-tls") != "redis-client-tls":
+        fail(f"Redis TLS files not mounted where the config reads them: {cfg} {mounts} {volumes}")
     notes = must([helm, "install", "rel", str(CHART), "--dry-run=client", "-f", str(CHART / "ci/loadbalancer-values.yaml")], "helm install --dry-run")
     if "WARNING" in notes.split("NOTES:")[-1]:
         fail(f"NOTES.txt warns on a coherent setup:\n{notes.split('NOTES:')[-1]}")

@@ -697,11 +697,19 @@ pub struct ClusterConfig {
     /// Seconds after which a node that stopped heartbeating is declared gone and its devices
     /// offline; it heartbeats every third of it.
     pub presence_ttl_secs: u64,
+    /// PEM CA certificates trusted for `rediss://` besides the public (Web PKI) roots: the
+    /// private CA of a self-hosted Redis.
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM client certificate (and `redis_key_file`, its key) for a Redis that asks for one
+    /// (`tls-auth-clients yes`, Redis' default with TLS).
+    pub redis_cert_file: Option<PathBuf>,
+    /// PEM private key of `redis_cert_file`.
+    pub redis_key_file: Option<PathBuf>,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { redis_url: None, node_id: String::new(), presence_ttl_secs: 15 }
+        ClusterConfig { redis_url: None, node_id: String::new(), presence_ttl_secs: 15, redis_ca_file: None, redis_cert_file: None, redis_key_file: None }
     }
 }
 
@@ -841,6 +849,9 @@ pub fn known_keys() -> std::collections::HashSet<String> {
     full.turn.tls_key = Some("x".into());
     full.turn.public_ip = Some(PublicIp::Fixed(std::net::Ipv4Addr::LOCALHOST.into()));
     full.cluster.redis_url = Some(Secret::new("redis://x"));
+    full.cluster.redis_ca_file = Some("x".into());
+    full.cluster.redis_cert_file = Some("x".into());
+    full.cluster.redis_key_file = Some("x".into());
     let table: toml::Table = toml::from_str(&toml::to_string(&full).expect("the config serializes")).expect("and parses back");
     fn walk(prefix: &str, t: &toml::Table, out: &mut std::collections::HashSet<String>) {
         for (k, v) in t {
@@ -989,6 +1000,16 @@ impl Config {
         }
         if self.turn.tls_cert.is_some() != self.turn.tls_key.is_some() {
             return Err(ConfigError::invalid("turn.tls_cert", "turn.tls_cert and turn.tls_key go together"));
+        }
+        let c = &self.cluster;
+        if c.redis_cert_file.is_some() != c.redis_key_file.is_some() {
+            return Err(ConfigError::invalid("cluster.redis_cert_file", "cluster.redis_cert_file and cluster.redis_key_file go together"));
+        }
+        let tls_file = if c.redis_ca_file.is_some() { Some("cluster.redis_ca_file") } else { c.redis_cert_file.as_ref().map(|_| "cluster.redis_cert_file") };
+        if let (Some(key), Some(url)) = (tls_file, &c.redis_url) {
+            if !url.expose().starts_with("rediss") {
+                return Err(ConfigError::invalid(key, "is for TLS to Redis: cluster.redis_url must be rediss:// (or rediss-cluster://)"));
+            }
         }
         let a = &self.acme;
         if a.enabled() {

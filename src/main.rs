@@ -101,6 +101,9 @@ fn config_check(config: &kinlink::Config) -> ExitCode {
         ("turn.tls_key", &config.turn.tls_key),
         ("http.tls_cert", &config.http.tls_cert),
         ("http.tls_key", &config.http.tls_key),
+        ("cluster.redis_ca_file", &config.cluster.redis_ca_file),
+        ("cluster.redis_cert_file", &config.cluster.redis_cert_file),
+        ("cluster.redis_key_file", &config.cluster.redis_key_file),
     ];
     for (key, path) in files {
         if let Some(path) = path {

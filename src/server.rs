@@ -62,9 +62,8 @@ impl Server {
         let mut cluster = None;
         let hub: Arc<dyn Hub> = match &config.cluster.redis_url {
             None => Arc::new(LocalHub::new(limits, metrics.clone())),
-            Some(url) => {
-                let ttl = std::time::Duration::from_secs(config.cluster.presence_ttl_secs);
-                let hub = Arc::new(crate::cluster::RedisHub::connect(url.expose(), config.cluster.node(), ttl, limits, metrics.clone()).await?);
+            Some(_) => {
+                let hub = Arc::new(crate::cluster::RedisHub::connect(&config.cluster, limits, metrics.clone()).await?);
                 cluster = Some(hub.clone());
                 hub
             }

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::crypto::CryptoProvider;
-use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::ServerConfig;
@@ -70,23 +70,48 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Io { path: path.display().to_string(), source })
 }
 
-/// Loads a certificate chain and its key from PEM files; errors name `section`'s keys.
-fn load_key(cert: &Path, key: &Path, section: &str) -> Result<CertifiedKey, TlsError> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut read(cert)?.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Invalid(format!("{section}.tls_cert: {e}")))?;
+/// A certificate chain and its key from PEM files; errors name the two configuration keys.
+type Pem = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+fn load_pem(cert: &Path, key: &Path, (cert_name, key_name): (&str, &str)) -> Result<Pem, TlsError> {
+    let certs: Vec<_> =
+        rustls_pemfile::certs(&mut read(cert)?.as_slice()).collect::<Result<_, _>>().map_err(|e| TlsError::Invalid(format!("{cert_name}: {e}")))?;
     if certs.is_empty() {
-        return Err(TlsError::Invalid(format!("{section}.tls_cert: no certificate in {}", cert.display())));
+        return Err(TlsError::Invalid(format!("{cert_name}: no certificate in {}", cert.display())));
     }
     let key = rustls_pemfile::private_key(&mut read(key)?.as_slice())
-        .map_err(|e| TlsError::Invalid(format!("{section}.tls_key: {e}")))?
-        .ok_or_else(|| TlsError::Invalid(format!("{section}.tls_key: no private key in {}", key.display())))?;
+        .map_err(|e| TlsError::Invalid(format!("{key_name}: {e}")))?
+        .ok_or_else(|| TlsError::Invalid(format!("{key_name}: no private key in {}", key.display())))?;
+    Ok((certs, key))
+}
+
+/// Loads a certificate chain and its key from PEM files; errors name `section`'s keys.
+fn load_key(cert: &Path, key: &Path, section: &str) -> Result<CertifiedKey, TlsError> {
+    let names = (format!("{section}.tls_cert"), format!("{section}.tls_key"));
+    let (certs, key) = load_pem(cert, key, (&names.0, &names.1))?;
     CertifiedKey::from_der(certs, key, &provider()).map_err(|e| TlsError::Invalid(format!("{section}.tls_cert/{section}.tls_key: {e}")))
 }
 
 /// A TLS client configuration trusting the Web PKI roots plus the PEM certificates in
-/// `extra_roots` (a private CA: `kinlink check --ca-file`, `acme.ca_file`).
+/// `extra_roots` (a private CA: `kinlink check --ca-file`, `acme.ca_file`,
+/// `cluster.redis_ca_file`).
 pub fn client_config(extra_roots: Option<&Path>) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, TlsError> {
+    client_config_with_identity(extra_roots, None)
+}
+
+/// The certificate files of a client identity and the configuration keys that name them.
+pub struct Identity<'a> {
+    /// PEM certificate chain.
+    pub cert: &'a Path,
+    /// PEM private key.
+    pub key: &'a Path,
+    /// The two keys, for errors.
+    pub names: (&'a str, &'a str),
+}
+
+/// [`client_config`] that also presents a client certificate when `identity` is given (a
+/// server that authenticates its clients by certificate, e.g. Redis' `tls-auth-clients yes`).
+pub fn client_config_with_identity(extra_roots: Option<&Path>, identity: Option<Identity>) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, TlsError> {
     use tokio_rustls::rustls;
     let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
     if let Some(path) = extra_roots {
@@ -103,8 +128,14 @@ pub fn client_config(extra_roots: Option<&Path>) -> Result<Arc<tokio_rustls::rus
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => config.with_no_client_auth(),
+        Some(id) => {
+            let (certs, key) = load_pem(id.cert, id.key, id.names)?;
+            config.with_client_auth_cert(certs, key).map_err(|e| TlsError::Invalid(format!("{}/{}: {e}", id.names.0, id.names.1)))?
+        }
+    };
     Ok(Arc::new(config))
 }
 

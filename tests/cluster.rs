@@ -511,6 +511,125 @@ async fn the_helm_test_passes_through_one_service_spreading_connections_over_thr
     assert_eq!(registered.iter().filter(|r| **r == 1.0).count(), 2, "the two check devices on two different nodes: {registered:?}");
 }
 
+/// A private CA and two leaves it signed: Redis' server certificate (for 127.0.0.1) and a
+/// client certificate for the nodes. Returns the directory holding ca.pem, redis.{pem,key}
+/// and client.{pem,key}.
+fn private_pki(name: &str) -> std::path::PathBuf {
+    let dir = temp_dir(name);
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").current_dir(&dir).args(args).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let new_key = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"];
+    openssl(&[&new_key[..], &["-subj", "/CN=test CA", "-keyout", "ca.key", "-out", "ca.pem"]].concat());
+    let issue = |name: &str, extension: &str| {
+        let (key, pem, subject) = (format!("{name}.key"), format!("{name}.pem"), format!("/CN={name}"));
+        let leaf = ["-CA", "ca.pem", "-CAkey", "ca.key", "-subj", &subject, "-addext", "basicConstraints=critical,CA:FALSE"];
+        openssl(&[&new_key[..], &leaf, &["-addext", extension, "-keyout", &key, "-out", &pem]].concat());
+    };
+    issue("redis", "subjectAltName=IP:127.0.0.1");
+    issue("client", "extendedKeyUsage=clientAuth");
+    dir
+}
+
+/// A `redis-server` as one is run in production: TLS only (no plain port), client
+/// certificates required (Redis' default with TLS), the default user off and an ACL user
+/// `kinlink` with `password`.
+fn tls_redis(pki: &std::path::Path, password: &str) -> Redis {
+    let port = free_port();
+    let file = |f: &str| pki.join(f).display().to_string();
+    #[allow(clippy::zombie_processes)] // waited for by Redis's Drop
+    let child = Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--tls-cert-file", &file("redis.pem"), "--tls-key-file", &file("redis.key"), "--tls-ca-cert-file", &file("ca.pem")])
+        .args(["--tls-auth-clients", "yes", "--user", "default", "off", "--user", "kinlink", "on", &format!(">{password}"), "~*", "&*", "+@all"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server (Debian package redis-server)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Redis { child, port }
+}
+
+/// A node's configuration for that Redis: `rediss://` with the user and password, the
+/// private CA, and (unless `client_cert` is false) the client certificate.
+fn tls_cluster_config(c: &mut kinlink::config::Config, pki: &std::path::Path, url: &str, id: &str, client_cert: bool) {
+    c.cluster.redis_url = Some(Secret::new(url));
+    c.cluster.node_id = id.into();
+    c.cluster.presence_ttl_secs = 3;
+    c.cluster.redis_ca_file = Some(pki.join("ca.pem"));
+    if client_cert {
+        c.cluster.redis_cert_file = Some(pki.join("client.pem"));
+        c.cluster.redis_key_file = Some(pki.join("client.key"));
+    }
+    c.turn.enabled = false;
+}
+
+/// Managed and self-hosted Redis alike are reached over TLS with a password: nodes meet
+/// through `rediss://user:password@…` with a private CA and a client certificate, and each way
+/// of getting it wrong stops the node at start with an error that says which, never the
+/// password.
+#[tokio::test]
+async fn nodes_meet_through_a_redis_with_tls_a_private_ca_a_client_certificate_and_a_password() {
+    const PASSWORD: &str = "s3cret-redis-pw";
+    let pki = private_pki("redis-tls");
+    let redis = tls_redis(&pki, PASSWORD);
+    let url = format!("rediss://kinlink:{PASSWORD}@127.0.0.1:{}", redis.port);
+    let n1 = TestServer::with(|c| tls_cluster_config(c, &pki, &url, "t1", true)).await;
+    let n2 = TestServer::with(|c| tls_cluster_config(c, &pki, &url, "t2", true)).await;
+    let (mut a, _) = Client::register(&n1, "fam", "u", "a").await;
+    let (mut b, reg) = Client::register(&n2, "fam", "u", "b").await;
+    assert_eq!(reg["devices"], json!([{"deviceId":"a","userId":"u"}]), "a on t1 is listed on t2");
+    assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "b");
+    a.send(json!({"type":"offer","toDeviceId":"b","sdp":{"type":"offer","sdp":"v=0 a"}})).await;
+    assert_eq!(recv_type(&mut b, "offer").await["sdp"]["sdp"], "v=0 a");
+    assert_eq!(n1.metric("kinlink_cluster_connected").await, 1.0);
+
+    // What goes wrong at start, and what the node says.
+    let wrong_password = format!("rediss://kinlink:not-{PASSWORD}@127.0.0.1:{}", redis.port);
+    let plain = url.replacen("rediss://", "redis://", 1);
+    // (case, URL, trust the private CA, present the client certificate, what the error says)
+    let cases = [
+        ("wrong password", &wrong_password, true, true, &["cannot connect to Redis", "WRONGPASS"][..]),
+        ("the CA not trusted", &url, false, true, &["UnknownIssuer", "set cluster.redis_ca_file"]),
+        ("no client certificate", &url, true, false, &["set cluster.redis_cert_file"]),
+        ("plain redis:// to a TLS port", &plain, false, false, &["the URL is rediss://"]),
+    ];
+    for (i, (case, url, ca, client_cert, says)) in cases.into_iter().enumerate() {
+        let mut cfg = test_config();
+        tls_cluster_config(&mut cfg, &pki, url, &format!("bad{i}"), client_cert);
+        if !ca {
+            cfg.cluster.redis_ca_file = None;
+        }
+        cfg.validate().expect("a valid configuration");
+        let started = tokio::time::Instant::now();
+        let err = match kinlink::Server::bind(cfg).await {
+            Ok(_) => panic!("{case}: the node started"),
+            Err(e) => format!("{e:#}"),
+        };
+        for want in says {
+            assert!(err.contains(want), "{case}: says {want}: {err}");
+        }
+        assert!(!err.contains(PASSWORD), "{case}: the password is not in the error: {err}");
+        assert!(started.elapsed() < Duration::from_secs(15), "{case}: gave up in {:?}", started.elapsed());
+    }
+    // The TLS files are only for rediss://.
+    let mut cfg = test_config();
+    tls_cluster_config(&mut cfg, &pki, &url.replacen("rediss://", "redis://", 1), "bad", true);
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("cluster.redis_ca_file") && err.contains("rediss://"), "{err}");
+    // A client certificate without its key.
+    let mut cfg = test_config();
+    tls_cluster_config(&mut cfg, &pki, &url, "bad", true);
+    cfg.cluster.redis_key_file = None;
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("cluster.redis_cert_file and cluster.redis_key_file go together"), "{err}");
+}
+
 /// A local Redis Cluster: three masters, no replicas, slots spread by `redis-cli --cluster`.
 struct RedisCluster {
     nodes: Vec<Redis>,

@@ -38,11 +38,13 @@ use fred::prelude::*;
 use tokio::sync::mpsc;
 
 use self::keys::*;
+use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 use crate::ratelimit::LogLimiter;
 use crate::signal::hub::{DeliverError, Hub, HubLimits, JoinError, JoinFuture, LocalHub, Member, SessionId};
 use crate::signal::negotiation::Report;
 use crate::signal::protocol::{DeviceInfo, ServerMsg};
+use crate::tls::{client_config_with_identity, Identity};
 
 /// Where reports forwarded by other nodes go: `(family, reporter, peer, report)`.
 pub type ReportSink = Box<dyn Fn(&str, &str, &str, Report) + Send + Sync>;
@@ -86,10 +88,20 @@ const PIPELINE_BATCH: usize = 256;
 impl RedisHub {
     /// Connects to Redis, clears what a previous life of this node left, and starts the
     /// heartbeat, the sweeper and the subscriber.
-    pub async fn connect(url: &str, node: String, ttl: Duration, limits: HubLimits, metrics: Arc<Metrics>) -> anyhow::Result<RedisHub> {
+    pub async fn connect(cluster: &ClusterConfig, limits: HubLimits, metrics: Arc<Metrics>) -> anyhow::Result<RedisHub> {
+        let (node, ttl) = (cluster.node(), Duration::from_secs(cluster.presence_ttl_secs));
+        let url = cluster.redis_url.as_ref().map(|u| u.expose()).unwrap_or_default();
         anyhow::ensure!(!node.is_empty() && !node.contains(['|', '{', '}']), "cluster.node_id `{node}` must not be empty or contain | {{ }}");
         let mut config = Config::from_url(url).map_err(|e| anyhow::anyhow!("cluster.redis_url: {e}"))?;
         let sharded = matches!(config.server, ServerConfig::Clustered { .. });
+        if config.tls.is_some() {
+            // The compiled-in public roots (as everywhere else in kinlink: a distroless image
+            // has no system store to rely on) plus a private CA, and a client certificate.
+            let identity = cluster.redis_cert_file.as_deref().zip(cluster.redis_key_file.as_deref());
+            let identity = identity.map(|(cert, key)| Identity { cert, key, names: ("cluster.redis_cert_file", "cluster.redis_key_file") });
+            let tls = client_config_with_identity(cluster.redis_ca_file.as_deref(), identity).map_err(|e| anyhow::anyhow!("TLS to Redis: {e}"))?;
+            config.tls = Some(Arc::unwrap_or_clone(tls).into());
+        }
         // While Redis is away, commands fail at once instead of queueing: a registration must
         // fall back to this node's devices, not wait for Redis.
         config.fail_fast = true;
@@ -108,7 +120,7 @@ impl RedisHub {
         tokio::time::timeout(Duration::from_secs(10), client.init())
             .await
             .map_err(|_| anyhow::anyhow!("cluster.redis_url: no connection to Redis within 10 s"))?
-            .map_err(|e| anyhow::anyhow!("cluster.redis_url: cannot connect to Redis: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("cluster.redis_url: cannot connect to Redis: {e}{}", hint(&e)))?;
         subscriber.init().await.map_err(|e| anyhow::anyhow!("cluster.redis_url: cannot connect the subscriber: {e}"))?;
         let (outgoing, mut out_rx) = mpsc::channel::<(String, String)>(OUTGOING_QUEUE);
         let inner = Arc::new(Inner {
@@ -408,6 +420,22 @@ impl Inner {
                 self.redis_error("subscribe", &e);
             }
         }
+    }
+}
+
+/// What to change, for the connection errors whose own text does not say it.
+fn hint(e: &Error) -> &'static str {
+    let text = e.to_string();
+    if text.contains("UnknownIssuer") {
+        " (Redis' certificate is not signed by a CA kinlink trusts: set cluster.redis_ca_file to its CA)"
+    } else if text.contains("NotValidForName") {
+        " (Redis' certificate does not name the host in cluster.redis_url)"
+    } else if text.contains("CertificateRequired") {
+        " (Redis asks for a client certificate: set cluster.redis_cert_file and cluster.redis_key_file)"
+    } else if text.contains("ConnectionReset") || text.contains("UnexpectedEof") {
+        " (if that port serves TLS, the URL is rediss://)"
+    } else {
+        ""
     }
 }
 

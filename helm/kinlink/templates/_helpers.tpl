@@ -108,7 +108,14 @@ existingSecret rotated by hand or by an operator) changed.
   "metrics" (dict "listen" (printf "0.0.0.0:%d" (int $v.metrics.port)) "relay_capacity_bytes_per_sec" $v.metrics.relayCapacityBytesPerSec)
   "shutdown" (dict "grace_secs" $v.shutdownGraceSecs)
   "turn" $turn -}}
-{{- if include "kinlink.clustered" . }}{{ $_ := set $base "cluster" (dict "presence_ttl_secs" (int $v.cluster.presenceTtlSecs)) }}{{ end -}}
+{{- if include "kinlink.clustered" . -}}
+{{- $cluster := dict "presence_ttl_secs" (int $v.cluster.presenceTtlSecs) -}}
+{{- with $v.cluster.redis.tls -}}
+{{- if .secretName }}{{ $_ := set $cluster "redis_ca_file" "/etc/kinlink/redis-tls/ca.crt" }}{{ end -}}
+{{- if and .secretName .clientCertificate }}{{ $_ := set $cluster "redis_cert_file" "/etc/kinlink/redis-tls/tls.crt" }}{{ $_ := set $cluster "redis_key_file" "/etc/kinlink/redis-tls/tls.key" }}{{ end -}}
+{{- end -}}
+{{- $_ := set $base "cluster" $cluster -}}
+{{- end -}}
 {{- if $v.acme.domains -}}
 {{- $acme := dict "domains" $v.acme.domains "contact" $v.acme.contact -}}
 {{- if $v.acme.directory }}{{ $_ := set $acme "directory" $v.acme.directory }}{{ end -}}
