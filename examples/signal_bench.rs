@@ -173,6 +173,26 @@ fn redis_used_memory(port: u16) -> u64 {
     redis_info(port, "INFO memory").lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
+/// Commands Redis has run so far, by name (`INFO commandstats`; calls made by scripts count
+/// under their own names too).
+fn redis_commands(port: u16) -> std::collections::BTreeMap<String, u64> {
+    let info = redis_info(port, "INFO commandstats");
+    let calls = |l: &str| -> Option<(String, u64)> {
+        let (name, stats) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+        Some((name.to_string(), stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?.parse().ok()?))
+    };
+    info.lines().filter_map(calls).filter(|(name, _)| name != "info").collect()
+}
+
+/// The commands run between two readings, divided by `per`: "total 3.00 (evalsha 1.00, …)".
+fn commands_per(before: &std::collections::BTreeMap<String, u64>, after: &std::collections::BTreeMap<String, u64>, per: f64) -> String {
+    let mut ran: Vec<(String, u64)> = after.iter().map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0))).filter(|(_, n)| *n > 0).collect();
+    ran.sort_by_key(|r| std::cmp::Reverse(r.1));
+    let total: u64 = ran.iter().map(|(_, n)| n).sum();
+    let each: Vec<String> = ran.iter().map(|(k, n)| format!("{k} {:.2}", *n as f64 / per)).collect();
+    format!("total {:.2} ({})", total as f64 / per, each.join(", "))
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).unwrap().parse().unwrap()
@@ -278,6 +298,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = rss_all(&pids);
     let redis_mem_before = redis_port.map_or(0, redis_used_memory);
+    let redis_cmds_before = redis_port.map(redis_commands);
     println!("devices={} families={} rate={}/s seconds={}", a.devices, a.devices / 4, a.rate, a.seconds);
     println!("server rss before: {rss_before} KiB");
 
@@ -334,6 +355,10 @@ async fn main() {
             used,
             used.saturating_sub(redis_mem_before) as f64 / a.devices as f64
         );
+    }
+    let redis_cmds_registered = redis_port.map(redis_commands);
+    if let (Some(before), Some(after)) = (&redis_cmds_before, &redis_cmds_registered) {
+        println!("redis commands per registration (and 2 s of heartbeats): {}", commands_per(before, after, a.devices as f64));
     }
     if let Some(m) = server.metrics {
         let held = kinlink_metric(&scrape(m).await, "kinlink_signal_connections");
@@ -409,6 +434,15 @@ async fn main() {
     if a.nodes > 1 {
         let shown: Vec<String> = per_node.iter().map(|c| format!("{c:.2}")).collect();
         println!("cpu per node: {} s; redis-server: {:.2} s ({:.1} us per message)", shown.join(" / "), redis_cpu, redis_cpu * 1e6 / sent as f64);
+    }
+    if let (Some(port), Some(before)) = (redis_port, &redis_cmds_registered) {
+        let after = redis_commands(port);
+        println!("redis commands per message (and the heartbeats meanwhile): {}", commands_per(before, &after, sent as f64));
+        // Idle: what the nodes cost Redis with every device online and nothing relayed.
+        let idle = Duration::from_secs(10);
+        tokio::time::sleep(idle).await;
+        let quiet = redis_commands(port);
+        println!("redis commands per node per second, idle: {}", commands_per(&after, &quiet, a.nodes as f64 * idle.as_secs_f64()));
     }
     drop(servers);
     drop(redis);
