@@ -428,7 +428,8 @@ pub struct TurnConfig {
     pub max_lifetime_secs: u64,
     /// How long a nonce stays valid, in seconds (then 438 Stale Nonce).
     pub nonce_lifetime_secs: u64,
-    /// Seconds between checks of `tls_cert`/`tls_key` for changes (SIGHUP reloads at once).
+    /// Seconds between checks of the certificate files (`tls_cert`/`tls_key`, HTTPS's, the
+    /// client certificate for Redis) for changes (SIGHUP reloads at once).
     pub tls_reload_poll_secs: u64,
     /// Kernel receive/send buffer of the UDP listener, which every client shares. 1 MiB
     /// absorbs bursts without loss at every benchmark point where coturn has none; 4 MiB

@@ -79,7 +79,7 @@ pub struct Metrics {
     pub p2p_connect: Histogram,
     /// `kinlink_check_tokens_total{result}`: `POST /v1/check/tokens` (issued, unauthorized, rate_limited).
     pub check_tokens: IntCounterVec,
-    /// `kinlink_turn_tls_reloads_total{listener,result}`: certificate reloads (turn, http; ok, error).
+    /// `kinlink_turn_tls_reloads_total{listener,result}`: certificate reloads (turn, http, redis; ok, error).
     pub turn_tls_reloads: IntCounterVec,
     /// `kinlink_panics_total`: panics anywhere in the process (each one is a bug).
     pub panics: IntCounter,
@@ -334,7 +334,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "kinlink_turn_tls_reloads_total",
-                        "TLS certificate reloads (file change or SIGHUP), by listener (turn, http) and result (ok, error).",
+                        "TLS certificate reloads (file change or SIGHUP), by listener (turn, http; redis: the client certificate for Redis) and result (ok, error).",
                     ),
                     &["listener", "result"],
                 )

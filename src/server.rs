@@ -60,10 +60,18 @@ impl Server {
         metrics.turn_relay_capacity.set(i64::try_from(config.metrics.relay_capacity_bytes_per_sec).unwrap_or(i64::MAX));
         let limits = HubLimits { max_devices_per_family: config.signal.max_devices_per_family, max_devices: config.signal.max_devices };
         let mut cluster = None;
+        // The client certificate for TLS to Redis, reloaded with the other certificates.
+        let redis_identity = match (&config.cluster.redis_url, &config.cluster.redis_cert_file, &config.cluster.redis_key_file) {
+            (Some(_), Some(cert), Some(key)) => {
+                let names = ("cluster.redis_cert_file".to_string(), "cluster.redis_key_file".to_string());
+                Some(KeyFiles::load_named(cert.clone(), key.clone(), "redis", names).context("TLS to Redis: client certificate")?)
+            }
+            _ => None,
+        };
         let hub: Arc<dyn Hub> = match &config.cluster.redis_url {
             None => Arc::new(LocalHub::new(limits, metrics.clone())),
             Some(_) => {
-                let hub = Arc::new(crate::cluster::RedisHub::connect(&config.cluster, limits, metrics.clone()).await?);
+                let hub = Arc::new(crate::cluster::RedisHub::connect(&config.cluster, redis_identity.clone(), limits, metrics.clone()).await?);
                 cluster = Some(hub.clone());
                 hub
             }
@@ -174,7 +182,7 @@ impl Server {
         }
         let tls = (!sources.is_empty()).then(|| crate::tls::Acceptor::with_sources(sources, alpn, "http"));
         let http_limits = http::listener::HttpLimits::new(&config.http, tls, https, share);
-        let key_files = http_files.into_iter().chain(turn_files).collect();
+        let key_files = http_files.into_iter().chain(turn_files).chain(redis_identity).collect();
         Ok(Server { config, http, metrics: metrics_listener, state, drain, turn, http_limits, key_files, acme })
     }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::crypto::CryptoProvider;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::ServerConfig;
@@ -70,10 +70,9 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Io { path: path.display().to_string(), source })
 }
 
-/// A certificate chain and its key from PEM files; errors name the two configuration keys.
-type Pem = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
-
-fn load_pem(cert: &Path, key: &Path, (cert_name, key_name): (&str, &str)) -> Result<Pem, TlsError> {
+/// Loads a certificate chain and its key from PEM files; errors name the two configuration
+/// keys (`names`).
+fn load_key(cert: &Path, key: &Path, (cert_name, key_name): (&str, &str)) -> Result<CertifiedKey, TlsError> {
     let certs: Vec<_> =
         rustls_pemfile::certs(&mut read(cert)?.as_slice()).collect::<Result<_, _>>().map_err(|e| TlsError::Invalid(format!("{cert_name}: {e}")))?;
     if certs.is_empty() {
@@ -82,14 +81,7 @@ fn load_pem(cert: &Path, key: &Path, (cert_name, key_name): (&str, &str)) -> Res
     let key = rustls_pemfile::private_key(&mut read(key)?.as_slice())
         .map_err(|e| TlsError::Invalid(format!("{key_name}: {e}")))?
         .ok_or_else(|| TlsError::Invalid(format!("{key_name}: no private key in {}", key.display())))?;
-    Ok((certs, key))
-}
-
-/// Loads a certificate chain and its key from PEM files; errors name `section`'s keys.
-fn load_key(cert: &Path, key: &Path, section: &str) -> Result<CertifiedKey, TlsError> {
-    let names = (format!("{section}.tls_cert"), format!("{section}.tls_key"));
-    let (certs, key) = load_pem(cert, key, (&names.0, &names.1))?;
-    CertifiedKey::from_der(certs, key, &provider()).map_err(|e| TlsError::Invalid(format!("{section}.tls_cert/{section}.tls_key: {e}")))
+    CertifiedKey::from_der(certs, key, &provider()).map_err(|e| TlsError::Invalid(format!("{cert_name}/{key_name}: {e}")))
 }
 
 /// A TLS client configuration trusting the Web PKI roots plus the PEM certificates in
@@ -99,19 +91,10 @@ pub fn client_config(extra_roots: Option<&Path>) -> Result<Arc<tokio_rustls::rus
     client_config_with_identity(extra_roots, None)
 }
 
-/// The certificate files of a client identity and the configuration keys that name them.
-pub struct Identity<'a> {
-    /// PEM certificate chain.
-    pub cert: &'a Path,
-    /// PEM private key.
-    pub key: &'a Path,
-    /// The two keys, for errors.
-    pub names: (&'a str, &'a str),
-}
-
 /// [`client_config`] that also presents a client certificate when `identity` is given (a
-/// server that authenticates its clients by certificate, e.g. Redis' `tls-auth-clients yes`).
-pub fn client_config_with_identity(extra_roots: Option<&Path>, identity: Option<Identity>) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, TlsError> {
+/// server that authenticates its clients by certificate, e.g. Redis' `tls-auth-clients yes`);
+/// each handshake presents the pair as last reloaded.
+pub fn client_config_with_identity(extra_roots: Option<&Path>, identity: Option<Arc<KeyFiles>>) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, TlsError> {
     use tokio_rustls::rustls;
     let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
     if let Some(path) = extra_roots {
@@ -131,10 +114,7 @@ pub fn client_config_with_identity(extra_roots: Option<&Path>, identity: Option<
         .with_root_certificates(roots);
     let config = match identity {
         None => config.with_no_client_auth(),
-        Some(id) => {
-            let (certs, key) = load_pem(id.cert, id.key, id.names)?;
-            config.with_client_auth_cert(certs, key).map_err(|e| TlsError::Invalid(format!("{}/{}: {e}", id.names.0, id.names.1)))?
-        }
+        Some(files) => config.with_client_cert_resolver(files),
     };
     Ok(Arc::new(config))
 }
@@ -144,17 +124,25 @@ pub fn client_config_with_identity(extra_roots: Option<&Path>, identity: Option<
 pub struct KeyFiles {
     cert: PathBuf,
     key: PathBuf,
-    /// The config section the files come from (`turn`, `http`), for errors and the
-    /// `listener` label of the reload metric.
+    /// What the files are for (`turn`, `http`, `redis`): the `listener` label of the reload
+    /// metric and of its log lines.
     section: &'static str,
+    /// The configuration keys naming the two files, for errors.
+    names: (String, String),
     current: RwLock<Arc<CertifiedKey>>,
 }
 
 impl KeyFiles {
-    /// Loads the files of config section `section`; fails start-up when they are unusable.
+    /// Loads the files of config section `section` (`tls_cert`, `tls_key`); fails start-up
+    /// when they are unusable.
     pub fn load(cert: PathBuf, key: PathBuf, section: &'static str) -> Result<Arc<Self>, TlsError> {
-        let current = RwLock::new(Arc::new(load_key(&cert, &key, section)?));
-        Ok(Arc::new(KeyFiles { cert, key, section, current }))
+        Self::load_named(cert, key, section, (format!("{section}.tls_cert"), format!("{section}.tls_key")))
+    }
+
+    /// [`KeyFiles::load`] for files named by other keys (`names`).
+    pub fn load_named(cert: PathBuf, key: PathBuf, section: &'static str, names: (String, String)) -> Result<Arc<Self>, TlsError> {
+        let current = RwLock::new(Arc::new(load_key(&cert, &key, (&names.0, &names.1))?));
+        Ok(Arc::new(KeyFiles { cert, key, section, names, current }))
     }
 
     fn current(&self) -> Arc<CertifiedKey> {
@@ -163,7 +151,7 @@ impl KeyFiles {
 
     /// Reloads the files; on failure the old certificate stays in use.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let key = load_key(&self.cert, &self.key, self.section)?;
+        let key = load_key(&self.cert, &self.key, (&self.names.0, &self.names.1))?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
         Ok(())
     }
@@ -210,6 +198,18 @@ impl KeyFiles {
                 }
             }
         }
+    }
+}
+
+/// As a TLS client's certificate (TLS to Redis): each handshake presents the current pair,
+/// so a reconnect after the files were renewed uses the new one.
+impl tokio_rustls::rustls::client::ResolvesClientCert for KeyFiles {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[tokio_rustls::rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 

@@ -512,8 +512,9 @@ async fn the_helm_test_passes_through_one_service_spreading_connections_over_thr
 }
 
 /// A private CA and two leaves it signed: Redis' server certificate (for 127.0.0.1) and a
-/// client certificate for the nodes. Returns the directory holding ca.pem, redis.{pem,key}
-/// and client.{pem,key}.
+/// client certificate for the nodes; and a second CA with a client certificate of its own.
+/// Returns the directory holding ca.pem, redis.{pem,key}, client.{pem,key}, ca2.pem and
+/// client2.{pem,key}.
 fn private_pki(name: &str) -> std::path::PathBuf {
     let dir = temp_dir(name);
     let openssl = |args: &[&str]| {
@@ -529,6 +530,10 @@ fn private_pki(name: &str) -> std::path::PathBuf {
     };
     issue("redis", "subjectAltName=IP:127.0.0.1");
     issue("client", "extendedKeyUsage=clientAuth");
+    // A second CA and a client certificate from it: the renewal in the rotation test.
+    openssl(&[&new_key[..], &["-subj", "/CN=test CA 2", "-keyout", "ca2.key", "-out", "ca2.pem"]].concat());
+    let leaf = ["-CA", "ca2.pem", "-CAkey", "ca2.key", "-subj", "/CN=client2", "-addext", "basicConstraints=critical,CA:FALSE"];
+    openssl(&[&new_key[..], &leaf, &["-addext", "extendedKeyUsage=clientAuth", "-keyout", "client2.key", "-out", "client2.pem"]].concat());
     dir
 }
 
@@ -536,12 +541,16 @@ fn private_pki(name: &str) -> std::path::PathBuf {
 /// certificates required (Redis' default with TLS), the default user off and an ACL user
 /// `kinlink` with `password`.
 fn tls_redis(pki: &std::path::Path, password: &str) -> Redis {
-    let port = free_port();
+    tls_redis_on(pki, password, free_port(), "ca.pem")
+}
+
+/// [`tls_redis`] on `port`, taking client certificates signed by the CA in `client_ca`.
+fn tls_redis_on(pki: &std::path::Path, password: &str, port: u16, client_ca: &str) -> Redis {
     let file = |f: &str| pki.join(f).display().to_string();
     #[allow(clippy::zombie_processes)] // waited for by Redis's Drop
     let child = Command::new("redis-server")
         .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .args(["--tls-cert-file", &file("redis.pem"), "--tls-key-file", &file("redis.key"), "--tls-ca-cert-file", &file("ca.pem")])
+        .args(["--tls-cert-file", &file("redis.pem"), "--tls-key-file", &file("redis.key"), "--tls-ca-cert-file", &file(client_ca)])
         .args(["--tls-auth-clients", "yes", "--user", "default", "off", "--user", "kinlink", "on", &format!(">{password}"), "~*", "&*", "+@all"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -628,6 +637,57 @@ async fn nodes_meet_through_a_redis_with_tls_a_private_ca_a_client_certificate_a
     cfg.cluster.redis_key_file = None;
     let err = cfg.validate().unwrap_err().to_string();
     assert!(err.contains("cluster.redis_cert_file and cluster.redis_key_file go together"), "{err}");
+}
+
+/// cert-manager renews a client certificate in place (the Secret volume's files change): the
+/// nodes reload it and present the new one from their next connection on, without a restart.
+#[tokio::test]
+async fn a_renewed_client_certificate_for_redis_is_used_from_the_next_connection_on() {
+    const PASSWORD: &str = "renewal-pw";
+    let pki = private_pki("redis-tls-renew");
+    let port = free_port();
+    let mut redis = tls_redis_on(&pki, PASSWORD, port, "ca.pem");
+    let url = format!("rediss://kinlink:{PASSWORD}@127.0.0.1:{port}");
+    let config = |id: &'static str| {
+        let (pki, url) = (pki.clone(), url.clone());
+        move |c: &mut kinlink::config::Config| {
+            tls_cluster_config(c, &pki, &url, id, true);
+            c.turn.tls_reload_poll_secs = 1;
+        }
+    };
+    let nodes = [TestServer::with(config("w1")).await, TestServer::with(config("w2")).await];
+    let (mut a, _) = Client::register(&nodes[0], "fam", "u", "a").await;
+    let (_b, reg) = Client::register(&nodes[1], "fam", "u", "b").await;
+    assert_eq!(reg["devices"], json!([{"deviceId":"a","userId":"u"}]));
+    assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "b");
+
+    // The renewal: a certificate from another CA replaces the files.
+    for ext in ["pem", "key"] {
+        std::fs::copy(pki.join(format!("client2.{ext}")), pki.join(format!("client.{ext}"))).unwrap();
+    }
+    let reloaded = r#"kinlink_turn_tls_reloads_total{listener="redis",result="ok"}"#;
+    let connected = "kinlink_cluster_connected";
+    let all = &nodes;
+    let wait = |sample: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for n in all {
+            while metric_value(&n.metrics_text().await, sample) != Some(1.0) {
+                assert!(Instant::now() < deadline, "{sample} never 1");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait(reloaded).await;
+    // Redis comes back trusting only the new CA for clients: only the renewed certificate
+    // gets in, and the family converges again.
+    redis.kill();
+    redis = tls_redis_on(&pki, PASSWORD, port, "ca2.pem");
+    wait(connected).await;
+    let (mut c, _) = Client::register(&nodes[1], "fam", "u", "c").await;
+    assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "c", "a on w1 hears of c on w2");
+    a.send(json!({"type":"offer","toDeviceId":"c","sdp":{"type":"offer","sdp":"v=0"}})).await;
+    assert_eq!(recv_type(&mut c, "offer").await["fromDeviceId"], "a");
+    drop(redis);
 }
 
 /// A local Redis Cluster: three masters, no replicas, slots spread by `redis-cli --cluster`.

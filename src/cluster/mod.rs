@@ -44,7 +44,7 @@ use crate::ratelimit::LogLimiter;
 use crate::signal::hub::{DeliverError, Hub, HubLimits, JoinError, JoinFuture, LocalHub, Member, SessionId};
 use crate::signal::negotiation::Report;
 use crate::signal::protocol::{DeviceInfo, ServerMsg};
-use crate::tls::{client_config_with_identity, Identity};
+use crate::tls::{client_config_with_identity, KeyFiles};
 
 /// Where reports forwarded by other nodes go: `(family, reporter, peer, report)`.
 pub type ReportSink = Box<dyn Fn(&str, &str, &str, Report) + Send + Sync>;
@@ -88,7 +88,9 @@ const PIPELINE_BATCH: usize = 256;
 impl RedisHub {
     /// Connects to Redis, clears what a previous life of this node left, and starts the
     /// heartbeat, the sweeper and the subscriber.
-    pub async fn connect(cluster: &ClusterConfig, limits: HubLimits, metrics: Arc<Metrics>) -> anyhow::Result<RedisHub> {
+    /// `identity`: the client certificate for a Redis that asks for one (reloaded by its
+    /// owner, [`KeyFiles::watch`]).
+    pub async fn connect(cluster: &ClusterConfig, identity: Option<Arc<KeyFiles>>, limits: HubLimits, metrics: Arc<Metrics>) -> anyhow::Result<RedisHub> {
         let (node, ttl) = (cluster.node(), Duration::from_secs(cluster.presence_ttl_secs));
         let url = cluster.redis_url.as_ref().map(|u| u.expose()).unwrap_or_default();
         anyhow::ensure!(!node.is_empty() && !node.contains(['|', '{', '}']), "cluster.node_id `{node}` must not be empty or contain | {{ }}");
@@ -97,8 +99,6 @@ impl RedisHub {
         if config.tls.is_some() {
             // The compiled-in public roots (as everywhere else in kinlink: a distroless image
             // has no system store to rely on) plus a private CA, and a client certificate.
-            let identity = cluster.redis_cert_file.as_deref().zip(cluster.redis_key_file.as_deref());
-            let identity = identity.map(|(cert, key)| Identity { cert, key, names: ("cluster.redis_cert_file", "cluster.redis_key_file") });
             let tls = client_config_with_identity(cluster.redis_ca_file.as_deref(), identity).map_err(|e| anyhow::anyhow!("TLS to Redis: {e}"))?;
             config.tls = Some(Arc::unwrap_or_clone(tls).into());
         }
