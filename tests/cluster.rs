@@ -700,24 +700,57 @@ struct RedisCluster {
 
 impl RedisCluster {
     fn start() -> RedisCluster {
+        RedisCluster::start_with(None)
+    }
+
+    fn start_with(tls: Option<&std::path::Path>) -> RedisCluster {
         // Six distinct free ports: each probe listener is held until all are picked.
         let held: Vec<std::net::TcpListener> = (0..6).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
         let ports: Vec<u16> = held.iter().map(|l| l.local_addr().unwrap().port()).collect();
         drop(held);
         let (ports, bus) = (ports[..3].to_vec(), ports[3..].to_vec());
         let dir = temp_dir(&format!("redis-cluster-{}", ports[0]));
-        RedisCluster { nodes: RedisCluster::create(&ports, &bus, &dir), bus, dir }
+        RedisCluster { nodes: RedisCluster::create(&ports, &bus, &dir, tls), bus, dir }
     }
 
-    /// Starts a master on each port and joins them into a cluster (empty, fresh slots).
-    fn create(ports: &[u16], bus: &[u16], dir: &std::path::Path) -> Vec<Redis> {
+    /// Starts a master on each port and joins them into a cluster (empty, fresh slots). With
+    /// `tls` (a [`private_pki`] directory): TLS only, clients and the cluster bus alike, client
+    /// certificates required.
+    fn create(ports: &[u16], bus: &[u16], dir: &std::path::Path, tls: Option<&std::path::Path>) -> Vec<Redis> {
+        let tls_args = |pki: &std::path::Path, cli: bool| -> Vec<String> {
+            let file = |f: &str| pki.join(f).display().to_string();
+            let (cert, key, ca) = if cli { ("--cert", "--key", "--cacert") } else { ("--tls-cert-file", "--tls-key-file", "--tls-ca-cert-file") };
+            let mut args = vec![cert.into(), file(if cli { "client.pem" } else { "redis.pem" }), key.into(), file(if cli { "client.key" } else { "redis.key" })];
+            args.extend([ca.into(), file("ca.pem")]);
+            if cli {
+                args.insert(0, "--tls".into());
+            } else {
+                // The bus's connections present the server certificate as a client's too.
+                args.extend(["--tls-cluster", "yes", "--tls-auth-clients", "yes", "--tls-client-cert-file", &file("redis.pem"), "--tls-client-key-file", &file("redis.key")].map(String::from));
+            }
+            args
+        };
+        // What a redis-cli command says (over TLS when the cluster speaks it).
+        let cli = |port: u16, args: &[&str]| -> String {
+            let mut cmd = Command::new("redis-cli");
+            if let Some(pki) = tls {
+                cmd.args(tls_args(pki, true));
+            }
+            let out = cmd.args(["-p", &port.to_string()]).args(args).output().expect("redis-cli");
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
         let mut nodes = Vec::new();
         for (&port, &bus) in ports.iter().zip(bus) {
             // A fresh node: no cluster state from a previous life on this port.
             let _ = std::fs::remove_file(dir.join(format!("nodes-{port}.conf")));
             #[allow(clippy::zombie_processes)] // waited for by Redis's Drop
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            let mut server = Command::new("redis-server");
+            match tls {
+                None => server.args(["--port", &port.to_string()]),
+                Some(pki) => server.args(["--port", "0", "--tls-port", &port.to_string()]).args(tls_args(pki, false)),
+            };
+            let child = server
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                 .args(["--cluster-enabled", "yes", "--cluster-config-file", &format!("nodes-{port}.conf"), "--cluster-port", &bus.to_string()])
                 .arg("--dir")
                 .arg(dir)
@@ -726,17 +759,20 @@ impl RedisCluster {
                 .spawn()
                 .expect("redis-server");
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !redis_cmd(port, "PING").is_some_and(|r| r.starts_with("+PONG")) {
+            while !cli(port, &["PING"]).starts_with("PONG") {
                 assert!(Instant::now() < deadline, "redis-server on {port}");
                 std::thread::sleep(Duration::from_millis(50));
             }
             nodes.push(Redis { child, port });
         }
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let out = Command::new("redis-cli").args(["--cluster", "create"]).args(&addrs).args(["--cluster-replicas", "0", "--cluster-yes"]).output().expect("redis-cli");
-        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let mut create: Vec<&str> = vec!["--cluster", "create"];
+        create.extend(addrs.iter().map(String::as_str));
+        create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        let out = cli(ports[0], &create);
+        assert!(out.contains("All 16384 slots covered"), "redis-cli --cluster create: {out}");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !ports.iter().all(|&p| redis_cmd(p, "CLUSTER INFO").is_some_and(|i| i.contains("cluster_state:ok"))) {
+        while !ports.iter().all(|&p| cli(p, &["CLUSTER", "INFO"]).contains("cluster_state:ok")) {
             assert!(Instant::now() < deadline, "the cluster converges");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -747,7 +783,7 @@ impl RedisCluster {
     fn restart_empty(&mut self) {
         let ports: Vec<u16> = self.nodes.iter().map(|n| n.port).collect();
         self.nodes.clear();
-        self.nodes = RedisCluster::create(&ports, &self.bus, &self.dir);
+        self.nodes = RedisCluster::create(&ports, &self.bus, &self.dir, None);
     }
 
     fn url(&self) -> String {
@@ -796,6 +832,28 @@ impl RedisCluster {
             assert_eq!(cli(port, &["CLUSTER", "SETSLOT", &s, "NODE", dst]), "OK");
         }
     }
+}
+
+/// Redis Cluster over TLS (`rediss-cluster://`): the nodes reach every master over TLS with the
+/// private CA and their client certificate (each master's certificate names the address it
+/// announces, 127.0.0.1 here), and sharded pub/sub carries presence and messages.
+#[tokio::test]
+async fn nodes_meet_through_a_redis_cluster_over_tls() {
+    let pki = private_pki("redis-cluster-tls");
+    let cluster = RedisCluster::start_with(Some(&pki));
+    let url = format!("rediss-cluster://127.0.0.1:{}", cluster.nodes[0].port);
+    let n1 = TestServer::with(|c| tls_cluster_config(c, &pki, &url, "c1", true)).await;
+    let n2 = TestServer::with(|c| tls_cluster_config(c, &pki, &url, "c2", true)).await;
+    let (mut a, _) = Client::register(&n1, "fam", "u", "a").await;
+    let (mut b, reg) = Client::register(&n2, "fam", "u", "b").await;
+    assert_eq!(reg["devices"], json!([{"deviceId":"a","userId":"u"}]), "a on c1 is listed on c2");
+    assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "b");
+    a.send(json!({"type":"offer","toDeviceId":"b","sdp":{"type":"offer","sdp":"v=0 a"}})).await;
+    assert_eq!(recv_type(&mut b, "offer").await["sdp"]["sdp"], "v=0 a");
+    b.send(json!({"type":"answer","toDeviceId":"a","sdp":{"type":"answer","sdp":"v=0 b"}})).await;
+    assert_eq!(recv_type(&mut a, "answer").await["sdp"]["sdp"], "v=0 b");
+    drop(b);
+    assert_eq!(recv_type(&mut a, "device-offline").await["deviceId"], "b");
 }
 
 /// Resharding while nodes run. A master that hands a slot over drops the slot's shard-channel
