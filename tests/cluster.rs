@@ -539,7 +539,8 @@ fn private_pki(name: &str) -> std::path::PathBuf {
 
 /// A `redis-server` as one is run in production: TLS only (no plain port), client
 /// certificates required (Redis' default with TLS), the default user off and an ACL user
-/// `kinlink` with `password`.
+/// `kinlink` with `password`, allowed kinlink's keys and channels only (`kl:*`) and no
+/// dangerous command (docs/scaling.md's least-privilege user).
 fn tls_redis(pki: &std::path::Path, password: &str) -> Redis {
     tls_redis_on(pki, password, free_port(), "ca.pem")
 }
@@ -551,7 +552,7 @@ fn tls_redis_on(pki: &std::path::Path, password: &str, port: u16, client_ca: &st
     let child = Command::new("redis-server")
         .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .args(["--tls-cert-file", &file("redis.pem"), "--tls-key-file", &file("redis.key"), "--tls-ca-cert-file", &file(client_ca)])
-        .args(["--tls-auth-clients", "yes", "--user", "default", "off", "--user", "kinlink", "on", &format!(">{password}"), "~*", "&*", "+@all"])
+        .args(["--tls-auth-clients", "yes", "--user", "default", "off", "--user", "kinlink", "on", &format!(">{password}"), "~kl:*", "&kl:*", "+@all", "-@dangerous"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -597,6 +598,14 @@ async fn nodes_meet_through_a_redis_with_tls_a_private_ca_a_client_certificate_a
     a.send(json!({"type":"offer","toDeviceId":"b","sdp":{"type":"offer","sdp":"v=0 a"}})).await;
     assert_eq!(recv_type(&mut b, "offer").await["sdp"]["sdp"], "v=0 a");
     assert_eq!(n1.metric("kinlink_cluster_connected").await, 1.0);
+    // The user may touch only kl:* keys and channels, no dangerous command: nothing kinlink
+    // does, heartbeats and the dead-node search included (every second at this TTL), is refused.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for n in [&n1, &n2] {
+        let text = n.metrics_text().await;
+        let refused: Vec<&str> = text.lines().filter(|l| l.starts_with("kinlink_cluster_redis_errors_total") && !l.ends_with(" 0")).collect();
+        assert!(refused.is_empty(), "{refused:?}");
+    }
 
     // What goes wrong at start, and what the node says.
     let wrong_password = format!("rediss://kinlink:not-{PASSWORD}@127.0.0.1:{}", redis.port);
