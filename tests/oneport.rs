@@ -182,3 +182,40 @@ async fn turn_on_the_shared_port_keeps_the_per_ip_stream_cap() {
     assert_eq!(server.metric(r#"kinlink_connections_rejected_total{listener="turn_stream",reason="per_ip"}"#).await, 1.0);
     assert_eq!(server.metric(r#"kinlink_shared_port_connections_total{protocol="turn_tcp"}"#).await, 3.0);
 }
+
+/// Whether the server's end of the TCP connection whose client end is `client` has
+/// TCP_NODELAY. The server runs in this test's process: its end is one of our descriptors,
+/// the one whose peer is `client`'s local address.
+fn server_end_nodelay(client: &tokio::net::TcpStream) -> bool {
+    use std::os::fd::FromRawFd;
+    let client = client.local_addr().unwrap();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        // Borrowed, never closed: the descriptor belongs to the server.
+        let socket = std::mem::ManuallyDrop::new(unsafe { socket2::Socket::from_raw_fd(fd) });
+        if socket.peer_addr().ok().and_then(|a| a.as_socket()) == Some(client) {
+            return socket.nodelay().unwrap();
+        }
+    }
+    panic!("no server end for {client}");
+}
+
+/// TURN frames are small and must leave at once: every TURN stream (the dedicated TCP
+/// listener, and any connection to the shared port, before it is told apart) writes without
+/// Nagle's delay. With Nagle, bench/oneport.sh measured RTT p50 4.8 ms against 1.0 ms.
+#[tokio::test]
+async fn turn_streams_write_without_nagle_on_the_shared_and_the_dedicated_port() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = temp_dir("oneport-nodelay");
+    let (shared, _) = one_port_server(&dir).await;
+    let dedicated = TestServer::start().await;
+    let binding = [&[0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42][..], &[7; 12]].concat();
+    for (what, addr) in [("shared port", shared.http), ("dedicated TURN TCP listener", dedicated.turn_tcp.unwrap())] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(&binding).await.unwrap();
+        let mut header = [0u8; 20];
+        tokio::time::timeout(WAIT, s.read_exact(&mut header)).await.unwrap().unwrap();
+        assert_eq!(&header[..2], &[0x01, 0x01], "{what}: a Binding success");
+        assert!(server_end_nodelay(&s), "{what}: the server's end has TCP_NODELAY");
+    }
+}
