@@ -409,6 +409,37 @@ async fn tokens_are_never_logged_even_at_trace_and_refusals_are_summarised() {
     assert!((1..=3).contains(&refused), "{refused} refusal lines for 300 refusals");
 }
 
+/// rustls warns once per handshake about what a client sent, e.g. an IP address as SNI, which
+/// every libwebrtc `turns:` client given an IP URL sends: a rate any client sets. Even at trace
+/// level those lines stay out of the log (rustls is capped at error), and the handshakes
+/// succeed.
+#[tokio::test]
+async fn rustls_warnings_a_client_paces_are_not_logged_even_at_trace() {
+    let dir = temp_dir("rustls-log");
+    let (cert, key) = self_signed_cert(&dir);
+    let port = free_port();
+    let tls = [format!("turn.tls_listen=127.0.0.1:{port}"), format!("turn.tls_cert={}", cert.display()), format!("turn.tls_key={}", key.display())];
+    let mut extra = vec!["--set", "log.level=trace"];
+    for t in &tls {
+        extra.extend(["--set", t.as_str()]);
+    }
+    let k = spawn_kinlink(&[], &extra);
+    for _ in 0..5 {
+        let out = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-servername", "127.0.0.1", "-alpn", "stun.turn"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Verify return code") && !text.contains("alert"), "the handshake succeeds: {text}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines = k.lines.lock().unwrap().clone();
+    assert!(lines.iter().any(|l| l.contains(r#""level":"TRACE""#)), "verbose logging is on");
+    let from_rustls: Vec<&String> = lines.iter().filter(|l| l.contains(r#""target":"rustls"#)).collect();
+    assert!(from_rustls.is_empty(), "{} rustls lines, e.g. {:?}", from_rustls.len(), from_rustls.first());
+}
+
 #[tokio::test]
 async fn a_slow_reader_holds_a_bounded_number_of_bytes() {
     // 200 offers of 60 KB to a device that never reads: within the message bound (256), so
