@@ -334,7 +334,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "kinlink_turn_tls_reloads_total",
-                        "TLS certificate reloads (file change or SIGHUP), by listener (turn, http; redis: the client certificate for Redis) and result (ok, error).",
+                        "TLS certificate reloads (file change or SIGHUP), by listener (turn, http, redis: its client certificate) and result (ok, error).",
                     ),
                     &["listener", "result"],
                 )

@@ -552,7 +552,8 @@ fn tls_redis_on(pki: &std::path::Path, password: &str, port: u16, client_ca: &st
     let child = Command::new("redis-server")
         .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .args(["--tls-cert-file", &file("redis.pem"), "--tls-key-file", &file("redis.key"), "--tls-ca-cert-file", &file(client_ca)])
-        .args(["--tls-auth-clients", "yes", "--user", "default", "off", "--user", "kinlink", "on", &format!(">{password}"), "~kl:*", "&kl:*", "+@all", "-@dangerous"])
+        .args(["--tls-auth-clients", "yes", "--user", "default", "off"])
+        .args(["--user", "kinlink", "on", &format!(">{password}"), "~kl:*", "&kl:*", "+@all", "-@dangerous"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -735,7 +736,8 @@ impl RedisCluster {
                 args.insert(0, "--tls".into());
             } else {
                 // The bus's connections present the server certificate as a client's too.
-                args.extend(["--tls-cluster", "yes", "--tls-auth-clients", "yes", "--tls-client-cert-file", &file("redis.pem"), "--tls-client-key-file", &file("redis.key")].map(String::from));
+                args.extend(["--tls-cluster", "yes", "--tls-auth-clients", "yes"].map(String::from));
+                args.extend(["--tls-client-cert-file".into(), file("redis.pem"), "--tls-client-key-file".into(), file("redis.key")]);
             }
             args
         };
