@@ -690,7 +690,8 @@ impl Default for ShutdownConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
-    /// `redis://[user:password@]host:port[/db]` or `rediss://…` (TLS). Unset: a single node,
+    /// `redis://[user:password@]host:port[/db]` or `rediss://…` (TLS); `redis-cluster://…`,
+    /// `redis-sentinel://…?sentinelServiceName=NAME` (and their `rediss` forms). Unset: a single node,
     /// no Redis. Holds a password: never logged.
     pub redis_url: Option<Secret>,
     /// This node's name in the cluster; unset: the host name (the pod name on Kubernetes).

@@ -24,9 +24,15 @@ impl Redis {
     }
 
     fn start_on(port: u16) -> Redis {
+        Redis::start_with(port, &["--appendonly", "no"])
+    }
+
+    /// A server on `port` with `extra` arguments (persistence, say).
+    fn start_with(port: u16, extra: &[&str]) -> Redis {
         #[allow(clippy::zombie_processes)] // waited for by Redis's Drop
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -698,6 +704,201 @@ async fn a_renewed_client_certificate_for_redis_is_used_from_the_next_connection
     a.send(json!({"type":"offer","toDeviceId":"c","sdp":{"type":"offer","sdp":"v=0"}})).await;
     assert_eq!(recv_type(&mut c, "offer").await["fromDeviceId"], "a");
     drop(redis);
+}
+
+/// A TCP proxy to `backend` that refuses connections (accepts and drops them) while `open`
+/// is false: one node's way to Redis, to make it come back later than the others.
+async fn gate(backend: std::net::SocketAddr, open: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::net::SocketAddr {
+    let lb = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = lb.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = lb.accept().await {
+            if !open.load(std::sync::atomic::Ordering::SeqCst) {
+                continue;
+            }
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(backend).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Redis away for longer than the TTL, then back with its data (persisted, or a replica
+/// promoted), and the nodes coming back at different times: every heartbeat has expired, but
+/// a node that returns first must not sweep the others as dead before they had a TTL to
+/// heartbeat again, or every device on another node flaps offline and online for its family.
+#[tokio::test]
+async fn nodes_returning_after_a_long_redis_outage_do_not_sweep_each_other() {
+    let dir = temp_dir("redis-aof");
+    let port = free_port();
+    let dir_s = dir.display().to_string();
+    let durable = ["--appendonly", "yes", "--appendfsync", "always", "--dir", dir_s.as_str()];
+    let mut redis = Redis::start_with(port, &durable);
+    // n2 reaches Redis through a gate the test holds closed after n1 is back.
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let gated = gate(([127, 0, 0, 1], port).into(), open.clone()).await;
+    // A TTL of 6 s: a heartbeat (and, before this fix, a sweep) every 2 s.
+    let config = |url: String, id: &'static str| {
+        move |c: &mut kinlink::config::Config| {
+            c.cluster.redis_url = Some(Secret::new(url));
+            c.cluster.node_id = id.into();
+            c.cluster.presence_ttl_secs = 6;
+            c.turn.enabled = false;
+        }
+    };
+    let n1 = TestServer::with(config(format!("redis://127.0.0.1:{port}"), "g1")).await;
+    let n2 = TestServer::with(config(format!("redis://{gated}"), "g2")).await;
+    let (mut a, _) = Client::register(&n1, "fam", "u", "a").await;
+    let (mut b, _) = Client::register(&n2, "fam", "u", "b").await;
+    assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "b");
+
+    // Away for 7 s: every heartbeat expires.
+    redis.kill();
+    open.store(false, std::sync::atomic::Ordering::SeqCst);
+    n1.wait_metric("kinlink_cluster_connected", 0.0).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let _back = Redis::start_with(port, &durable);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while n1.metric("kinlink_cluster_connected").await != 1.0 {
+        assert!(Instant::now() < deadline, "n1 reconnects");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // n1 is back, n2 not yet: for 2.5 s, past n1's next heartbeat (every 2 s), b's record
+    // must stay (n2 comes back within the TTL), where a sweep would have removed it.
+    let held = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < held {
+        assert!(redis_cmd(port, "HLEN kl:{fam}:dev").is_some_and(|r| r.contains(":2")), "n1 swept b's node while it was on its way back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Both back; past the TTL after n1's return, when its sweeps resume.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(redis_cmd(port, "HLEN kl:{fam}:dev").is_some_and(|r| r.contains(":2")), "both devices registered");
+    for (who, c) in [("a", &mut a), ("b", &mut b)] {
+        let seen = drain_msgs(c, Duration::from_millis(300)).await;
+        let flaps: Vec<_> = seen.iter().filter(|v| v["type"] == "device-offline" || v["type"] == "device-online").collect();
+        assert!(flaps.is_empty(), "{who} saw a flap: {flaps:?}");
+    }
+    // And they still reach each other.
+    a.send(json!({"type":"offer","toDeviceId":"b","sdp":{"type":"offer","sdp":"v=0"}})).await;
+    assert_eq!(recv_type(&mut b, "offer").await["fromDeviceId"], "a");
+}
+
+/// The next message of type `kind` (any, if empty) within `within` (longer than
+/// [`recv_type`]'s wait).
+async fn recv_type_within(c: &mut Client, kind: &str, within: Duration) -> serde_json::Value {
+    use futures_util::StreamExt;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let next = tokio::time::timeout_at(deadline, c.ws.next()).await.unwrap_or_else(|_| panic!("no {kind} within {within:?}"));
+        if let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) = next {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            if kind.is_empty() || v["type"] == kind {
+                return v;
+            }
+        }
+    }
+}
+
+/// Redis with Sentinel, the usual high availability without Redis Cluster (Bitnami's chart,
+/// most self-hosted setups): nodes find the master through the sentinel
+/// (`redis-sentinel://…?sentinelServiceName=…`), and when the master dies the sentinel
+/// promotes its replica; the nodes follow it and the family converges, no restart.
+#[tokio::test]
+async fn nodes_follow_a_sentinel_failover_to_the_promoted_replica() {
+    use futures_util::StreamExt;
+    let dir = temp_dir("redis-sentinel");
+    let mut master = Redis::start();
+    let replica_port = free_port();
+    #[allow(clippy::zombie_processes)] // waited for by Redis's Drop
+    let child = Command::new("redis-server")
+        .args(["--port", &replica_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--replicaof", "127.0.0.1", &master.port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let replica = Redis { child, port: replica_port };
+    // Waits without blocking the runtime the nodes run on.
+    async fn until(what: &str, ok: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ok() {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    until("the replica syncs", || redis_cmd(replica.port, "INFO replication").is_some_and(|i| i.contains("master_link_status:up"))).await;
+    // One sentinel (quorum 1). It declares the master down after 4 s, longer than the nodes'
+    // TTL (3 s), as Sentinel's default 30 s is longer than the default 15 s.
+    let sentinel_port = free_port();
+    let conf = dir.join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {sentinel_port}\nbind 127.0.0.1\nsentinel monitor kl 127.0.0.1 {} 1\nsentinel down-after-milliseconds kl 4000\nsentinel failover-timeout kl 5000\n",
+            master.port
+        ),
+    )
+    .unwrap();
+    #[allow(clippy::zombie_processes)] // waited for by Redis's Drop
+    let child = Command::new("redis-server").arg(&conf).arg("--sentinel").stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("redis-server --sentinel");
+    let sentinel = Redis { child, port: sentinel_port };
+    until("the sentinel knows the replica", || redis_cmd(sentinel.port, "SENTINEL REPLICAS kl").is_some_and(|r| r.contains(&replica_port.to_string()))).await;
+
+    let url = format!("redis-sentinel://127.0.0.1:{sentinel_port}/0?sentinelServiceName=kl");
+    let (n1, n2) = (node_at(url.clone(), "s1", 8).await, node_at(url, "s2", 8).await);
+    let (mut a, _) = Client::register(&n1, "fam", "u", "a").await;
+    let (mut b, reg) = Client::register(&n2, "fam", "u", "b").await;
+    assert_eq!(reg["devices"], json!([{"deviceId":"a","userId":"u"}]), "through the master the sentinel named");
+    assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "b");
+
+    // The master dies; the sentinel promotes the replica. The failover outlasts the TTL:
+    // every node's heartbeat expires meanwhile.
+    master.kill();
+    until("the sentinel promotes the replica", || {
+        redis_cmd(sentinel.port, "SENTINEL GET-MASTER-ADDR-BY-NAME kl").is_some_and(|r| r.contains(&replica_port.to_string()))
+    })
+    .await;
+    // Both nodes subscribe again on the new master (a message published in the gap is lost,
+    // as in any reconnect: docs/scaling.md).
+    until("both nodes listen on the new master", || {
+        redis_cmd(replica.port, "PUBSUB CHANNELS kl:node:*").is_some_and(|r| r.contains("{s1}") && r.contains("{s2}"))
+    })
+    .await;
+    for n in [&n1, &n2] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while n.metric("kinlink_cluster_connected").await != 1.0 {
+            assert!(Instant::now() < deadline, "both nodes reconnect");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // A device joining now is heard of across nodes, and reached, through the new master.
+    let (mut c, _) = Client::register(&n2, "fam", "u", "c").await;
+    let mut seen_by_a = Vec::new();
+    loop {
+        let v = recv_type_within(&mut a, "", Duration::from_secs(20)).await;
+        seen_by_a.push(v.clone());
+        if v["type"] == "device-online" && v["deviceId"] == "c" {
+            break;
+        }
+    }
+    a.send(json!({"type":"offer","toDeviceId":"c","sdp":{"type":"offer","sdp":"v=0"}})).await;
+    assert_eq!(recv_type_within(&mut c, "offer", Duration::from_secs(20)).await["fromDeviceId"], "a");
+    // a and b, online all along, never went offline for each other: no node swept another
+    // while all were cut off, and after it each waited a TTL for the others to heartbeat.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for (who, ws) in [("a", &mut a.ws), ("b", &mut b.ws)] {
+        let mut seen = if who == "a" { std::mem::take(&mut seen_by_a) } else { Vec::new() };
+        while let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) = tokio::time::timeout(Duration::from_millis(300), ws.next()).await {
+            seen.push(serde_json::from_str::<serde_json::Value>(&t).unwrap());
+        }
+        let flaps: Vec<_> = seen.iter().filter(|v| v["type"] == "device-offline" || (v["type"] == "device-online" && v["deviceId"] != "c")).collect();
+        assert!(flaps.is_empty(), "{who} saw a flap: {flaps:?}");
+    }
+    assert!(redis_cmd(replica.port, "HLEN kl:{fam}:dev").is_some_and(|r| r.contains(":3")), "the new master holds the family");
 }
 
 /// A local Redis Cluster: three masters, no replicas, slots spread by `redis-cli --cluster`.

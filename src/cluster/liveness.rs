@@ -18,7 +18,8 @@ impl Inner {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
     }
 
-    pub(super) async fn heartbeat(&self) {
+    /// Writes this node's heartbeat; whether Redis took it.
+    pub(super) async fn heartbeat(&self) -> bool {
         let ttl_ms = self.ttl.as_millis() as u64;
         let r: Result<(), Error> = async {
             let _: () = self.client.set(alive_key(&self.node), 1, Some(Expiration::PX(ttl_ms as i64)), None, false).await?;
@@ -26,8 +27,12 @@ impl Inner {
             Ok(())
         }
         .await;
-        if let Err(e) = r {
-            self.redis_error("heartbeat", &e);
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                self.redis_error("heartbeat", &e);
+                false
+            }
         }
     }
 

@@ -237,10 +237,22 @@ impl RedisHub {
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(i.ttl / 3);
             let mut slots = None;
+            // Since when this node's heartbeats have been landing. A node cut off from Redis
+            // cannot tell a dead node from one cut off too (after an outage longer than the
+            // TTL every heartbeat has expired, a Sentinel failover included): it sweeps no
+            // other node until the others have had a TTL to heartbeat again, or every device
+            // on another node would flap offline and online.
+            let mut heard_since: Option<tokio::time::Instant> = None;
             loop {
                 tick.tick().await;
-                i.heartbeat().await;
-                i.sweep_dead().await;
+                if !i.heartbeat().await {
+                    heard_since = None;
+                    continue;
+                }
+                let since = *heard_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= i.ttl {
+                    i.sweep_dead().await;
+                }
                 i.follow_slot_moves(&mut slots).await;
             }
         }));
