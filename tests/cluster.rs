@@ -586,6 +586,20 @@ fn tls_cluster_config(c: &mut kinlink::config::Config, pki: &std::path::Path, ur
     c.turn.enabled = false;
 }
 
+/// Two nodes on `url` with the TLS files of `pki`: device a on the first and b on the second
+/// see each other, and a's offer reaches b. The nodes and the two devices.
+async fn two_tls_nodes_meet(pki: &std::path::Path, url: &str, ids: [&'static str; 2]) -> ([TestServer; 2], Client, Client) {
+    let n1 = TestServer::with(|c| tls_cluster_config(c, pki, url, ids[0], true)).await;
+    let n2 = TestServer::with(|c| tls_cluster_config(c, pki, url, ids[1], true)).await;
+    let (mut a, _) = Client::register(&n1, "fam", "u", "a").await;
+    let (mut b, reg) = Client::register(&n2, "fam", "u", "b").await;
+    assert_eq!(reg["devices"], json!([{"deviceId":"a","userId":"u"}]), "a on {} is listed on {}", ids[0], ids[1]);
+    assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "b");
+    a.send(json!({"type":"offer","toDeviceId":"b","sdp":{"type":"offer","sdp":"v=0 a"}})).await;
+    assert_eq!(recv_type(&mut b, "offer").await["sdp"]["sdp"], "v=0 a");
+    ([n1, n2], a, b)
+}
+
 /// Managed and self-hosted Redis alike are reached over TLS with a password: nodes meet
 /// through `rediss://user:password@…` with a private CA and a client certificate, and each way
 /// of getting it wrong stops the node at start with an error that says which, never the
@@ -596,14 +610,7 @@ async fn nodes_meet_through_a_redis_with_tls_a_private_ca_a_client_certificate_a
     let pki = private_pki("redis-tls");
     let redis = tls_redis(&pki, PASSWORD);
     let url = format!("rediss://kinlink:{PASSWORD}@127.0.0.1:{}", redis.port);
-    let n1 = TestServer::with(|c| tls_cluster_config(c, &pki, &url, "t1", true)).await;
-    let n2 = TestServer::with(|c| tls_cluster_config(c, &pki, &url, "t2", true)).await;
-    let (mut a, _) = Client::register(&n1, "fam", "u", "a").await;
-    let (mut b, reg) = Client::register(&n2, "fam", "u", "b").await;
-    assert_eq!(reg["devices"], json!([{"deviceId":"a","userId":"u"}]), "a on t1 is listed on t2");
-    assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "b");
-    a.send(json!({"type":"offer","toDeviceId":"b","sdp":{"type":"offer","sdp":"v=0 a"}})).await;
-    assert_eq!(recv_type(&mut b, "offer").await["sdp"]["sdp"], "v=0 a");
+    let ([n1, n2], _, _) = two_tls_nodes_meet(&pki, &url, ["t1", "t2"]).await;
     assert_eq!(n1.metric("kinlink_cluster_connected").await, 1.0);
     // The user may touch only kl:* keys and channels, no dangerous command: nothing kinlink
     // does, heartbeats and the dead-node search included (every second at this TTL), is refused.
@@ -1054,14 +1061,7 @@ async fn nodes_meet_through_a_redis_cluster_over_tls() {
     let pki = private_pki("redis-cluster-tls");
     let cluster = RedisCluster::start_with(Some(&pki));
     let url = format!("rediss-cluster://127.0.0.1:{}", cluster.nodes[0].port);
-    let n1 = TestServer::with(|c| tls_cluster_config(c, &pki, &url, "c1", true)).await;
-    let n2 = TestServer::with(|c| tls_cluster_config(c, &pki, &url, "c2", true)).await;
-    let (mut a, _) = Client::register(&n1, "fam", "u", "a").await;
-    let (mut b, reg) = Client::register(&n2, "fam", "u", "b").await;
-    assert_eq!(reg["devices"], json!([{"deviceId":"a","userId":"u"}]), "a on c1 is listed on c2");
-    assert_eq!(recv_type(&mut a, "device-online").await["deviceId"], "b");
-    a.send(json!({"type":"offer","toDeviceId":"b","sdp":{"type":"offer","sdp":"v=0 a"}})).await;
-    assert_eq!(recv_type(&mut b, "offer").await["sdp"]["sdp"], "v=0 a");
+    let (_nodes, mut a, mut b) = two_tls_nodes_meet(&pki, &url, ["c1", "c2"]).await;
     b.send(json!({"type":"answer","toDeviceId":"a","sdp":{"type":"answer","sdp":"v=0 b"}})).await;
     assert_eq!(recv_type(&mut a, "answer").await["sdp"]["sdp"], "v=0 b");
     drop(b);
