@@ -1010,7 +1010,7 @@ impl Config {
         let tls_file = if c.redis_ca_file.is_some() { Some("cluster.redis_ca_file") } else { c.redis_cert_file.as_ref().map(|_| "cluster.redis_cert_file") };
         if let (Some(key), Some(url)) = (tls_file, &c.redis_url) {
             if !url.expose().starts_with("rediss") {
-                return Err(ConfigError::invalid(key, "is for TLS to Redis: cluster.redis_url must be rediss:// (or rediss-cluster://)"));
+                return Err(ConfigError::invalid(key, "is for TLS to Redis: cluster.redis_url must be rediss:// (or rediss-cluster://, rediss-sentinel://)"));
             }
         }
         let a = &self.acme;

@@ -488,11 +488,20 @@ async fn a_rolling_restart_keeps_a_family_online_without_a_flap(redis: Backend) 
 /// A TCP load balancer over `backends`, a connection to each in turn, as a Kubernetes Service
 /// spreads connections over pods.
 async fn round_robin(backends: Vec<std::net::SocketAddr>) -> std::net::SocketAddr {
+    proxy(backends, std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true))).await
+}
+
+/// A TCP proxy over `backends`, a connection to each in turn, that refuses connections
+/// (accepts and drops them) while `open` is false.
+async fn proxy(backends: Vec<std::net::SocketAddr>, open: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::net::SocketAddr {
     let lb = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = lb.local_addr().unwrap();
     tokio::spawn(async move {
         for next in 0.. {
             let Ok((mut inbound, _)) = lb.accept().await else { break };
+            if !open.load(std::sync::atomic::Ordering::SeqCst) {
+                continue;
+            }
             let backend = backends[next % backends.len()];
             tokio::spawn(async move {
                 if let Ok(mut outbound) = tokio::net::TcpStream::connect(backend).await {
@@ -713,26 +722,6 @@ async fn a_renewed_client_certificate_for_redis_is_used_from_the_next_connection
     drop(redis);
 }
 
-/// A TCP proxy to `backend` that refuses connections (accepts and drops them) while `open`
-/// is false: one node's way to Redis, to make it come back later than the others.
-async fn gate(backend: std::net::SocketAddr, open: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::net::SocketAddr {
-    let lb = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = lb.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = lb.accept().await {
-            if !open.load(std::sync::atomic::Ordering::SeqCst) {
-                continue;
-            }
-            tokio::spawn(async move {
-                if let Ok(mut outbound) = tokio::net::TcpStream::connect(backend).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// Redis away for longer than the TTL, then back with its data (persisted, or a replica
 /// promoted), and the nodes coming back at different times: every heartbeat has expired, but
 /// a node that returns first must not sweep the others as dead before they had a TTL to
@@ -744,9 +733,9 @@ async fn nodes_returning_after_a_long_redis_outage_do_not_sweep_each_other() {
     let dir_s = dir.display().to_string();
     let durable = ["--appendonly", "yes", "--appendfsync", "always", "--dir", dir_s.as_str()];
     let mut redis = Redis::start_with(port, &durable);
-    // n2 reaches Redis through a gate the test holds closed after n1 is back.
+    // n2 reaches Redis through a gate (a proxy) the test holds closed after n1 is back.
     let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let gated = gate(([127, 0, 0, 1], port).into(), open.clone()).await;
+    let gated = proxy(vec![([127, 0, 0, 1], port).into()], open.clone()).await;
     // A TTL of 6 s: a heartbeat (and, before this fix, a sweep) every 2 s.
     let config = |url: String, id: &'static str| {
         move |c: &mut kinlink::config::Config| {
@@ -818,17 +807,12 @@ async fn recv_type_within(c: &mut Client, kind: &str, within: Duration) -> serde
 async fn nodes_follow_a_sentinel_failover_to_the_promoted_replica() {
     use futures_util::StreamExt;
     let dir = temp_dir("redis-sentinel");
-    let mut master = Redis::start();
+    // Each in the test's directory: a replica writes the snapshot it syncs from to disk.
+    let dir_s = dir.display().to_string();
+    let mut master = Redis::start_with(free_port(), &["--appendonly", "no", "--dir", &dir_s]);
     let replica_port = free_port();
-    #[allow(clippy::zombie_processes)] // waited for by Redis's Drop
-    let child = Command::new("redis-server")
-        .args(["--port", &replica_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .args(["--replicaof", "127.0.0.1", &master.port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server");
-    let replica = Redis { child, port: replica_port };
+    let master_port = master.port.to_string();
+    let replica = Redis::start_with(replica_port, &["--appendonly", "no", "--dir", &dir_s, "--replicaof", "127.0.0.1", &master_port]);
     // Waits without blocking the runtime the nodes run on.
     async fn until(what: &str, ok: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
