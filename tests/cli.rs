@@ -318,6 +318,11 @@ fn config_check_says_what_will_be_advertised_and_where_secrets_come_from() {
     let out = bin().args(["--set", "turn.tls_cert=/nonexistent/cert.pem", "--set", "turn.tls_key=/nonexistent/key.pem", "config", "check"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("turn.tls_cert: cannot read /nonexistent/cert.pem"));
+    // So are the TLS files for Redis.
+    let redis = ["--set", "cluster.redis_url=rediss://r:6379", "--set", "cluster.redis_ca_file=/nonexistent/ca.pem"];
+    let out = bin().args(redis).args(["config", "check"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cluster.redis_ca_file: cannot read /nonexistent/ca.pem"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
