@@ -39,19 +39,7 @@ cargo build --release --bins --examples
 B=./target/release/examples/turn_bench
 echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); $(turnserver --version 2>/dev/null | head -1 || true)"
 NS_FLAGS=() GEN=()
-if [ "$NETNS" = 1 ]; then
-  srv=klbench-srv gen=klbench-gen
-  for ns in $srv $gen; do ip netns del $ns 2>/dev/null || true; ip netns add $ns; ip -n $ns link set lo up; done
-  trap 'ip netns del '$srv'; ip netns del '$gen EXIT
-  ip link add klb-srv type veth peer name klb-gen
-  ip link set klb-srv netns $srv && ip link set klb-gen netns $gen
-  ip -n $srv addr add 10.77.0.2/24 dev klb-srv && ip -n $gen addr add 10.77.0.1/24 dev klb-gen
-  ip -n $srv link set klb-srv up && ip -n $gen link set klb-gen up
-  ip netns exec $srv sh -c 'echo 1 > /sys/class/net/klb-srv/queues/rx-0/rps_cpus'
-  ip netns exec $gen sh -c 'echo 2 > /sys/class/net/klb-gen/queues/rx-0/rps_cpus'
-  NS_FLAGS=(--server-netns $srv --server-ip 10.77.0.2 --client-ip 10.77.0.1) GEN=(ip netns exec $gen)
-  echo "topology: network namespaces over veth, receive work steered by RPS (server CPU 0, generator CPU 1)"
-fi
+[ "$NETNS" = 1 ] && source bench/netns.sh
 run() { # label, then turn_bench flags
   local label=$1; shift
   "${GEN[@]}" taskset -c 1 "$B" "$@" "${NS_FLAGS[@]}" | grep '^RESULT' | sed "s/^RESULT/RESULT $label/" || echo "FAILED $label $*"

@@ -14,7 +14,8 @@
 //! generator that echoes everything back in batches: each packet crosses the server twice
 //! (client→relay→peer, peer→relay→client), the generator's work per relayed packet halves,
 //! and one generator core can outrun one server core. `--server forwarder` runs
-//! `examples/udp_forwarder` (the same sockets and batch syscalls, no TURN) under that load.
+//! `examples/udp_forwarder` (the same sockets and batch syscalls, no TURN) under that load, or
+//! the program `--forwarder PATH` names.
 //! `--server-cpus` pins the server (`taskset`); `--threads` sets kinlink's
 //! `turn.data_threads` or coturn's `--relay-threads`. `--server-netns NS --server-ip IP
 //! --client-ip IP` puts the server in its own network namespace, reached over a veth pair
@@ -66,10 +67,13 @@ struct Args {
     server_ip: std::net::IpAddr,
     /// The generator's address: its clients and its echo peer bind to it.
     client_ip: std::net::IpAddr,
+    /// The program `--server forwarder` runs (default: examples/udp_forwarder beside `--bin`);
+    /// bench/io_uring.sh runs its io_uring variant through it.
+    forwarder: Option<String>,
 }
 
 fn args() -> Args {
-    let mut a = Args { server: "kinlink".into(), allocations: 100, size: 1200, rate: 10_000, seconds: 5, bin: "target/release/kinlink".into(), transport: "udp".into(), peer: "reflect".into(), threads: 0, server_cpus: None, share_http: false, server_netns: None, server_ip: LOCALHOST, client_ip: LOCALHOST };
+    let mut a = Args { server: "kinlink".into(), allocations: 100, size: 1200, rate: 10_000, seconds: 5, bin: "target/release/kinlink".into(), transport: "udp".into(), peer: "reflect".into(), threads: 0, server_cpus: None, share_http: false, server_netns: None, server_ip: LOCALHOST, client_ip: LOCALHOST, forwarder: None };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -88,6 +92,7 @@ fn args() -> Args {
             "--server-netns" => a.server_netns = Some(v),
             "--server-ip" => a.server_ip = v.parse().expect("--server-ip IP"),
             "--client-ip" => a.client_ip = v.parse().expect("--client-ip IP"),
+            "--forwarder" => a.forwarder = Some(v),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -210,8 +215,8 @@ fn start(a: &Args, port: u16, metrics_port: u16, peer: Option<SocketAddr>) -> Se
         }
         "forwarder" => {
             let (o, e) = quiet();
-            let program = std::path::Path::new(&a.bin).with_file_name("examples/udp_forwarder");
-            let mut c = command(a, program.to_str().unwrap());
+            let program = a.forwarder.clone().unwrap_or_else(|| std::path::Path::new(&a.bin).with_file_name("examples/udp_forwarder").display().to_string());
+            let mut c = command(a, &program);
             c.args(["--listen", &SocketAddr::new(a.server_ip, port).to_string(), "--peer", &peer.expect("an echo peer").to_string()]);
             c.stdout(o).stderr(e).spawn().expect("target/release/examples/udp_forwarder")
         }
