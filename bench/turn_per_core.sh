@@ -25,6 +25,9 @@
 # PER_CORE_ONLY=1 runs part 1 alone on loopback too.
 #   NETNS=1 RATES="10000 15000 20000 25000 30000 35000 40000 45000 50000" \
 #     bench/turn_per_core.sh | tee bench/results/turn-per-core-netns-$(date +%F).log
+#
+# SERVER_NICE=N runs every server at that priority (`nice -n N`; e.g. -10 puts it ahead of
+# ksoftirqd, which otherwise takes half the core once receive work overflows into it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3} SECONDS_=${SECONDS_:-2}
@@ -39,10 +42,11 @@ cargo build --release --bins --examples
 B=./target/release/examples/turn_bench
 echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); $(turnserver --version 2>/dev/null | head -1 || true)"
 NS_FLAGS=() GEN=()
+[ -n "${SERVER_NICE:-}" ] && echo "servers at nice ${SERVER_NICE}"
 [ "$NETNS" = 1 ] && source bench/netns.sh
 run() { # label, then turn_bench flags
   local label=$1; shift
-  "${GEN[@]}" taskset -c 1 "$B" "$@" "${NS_FLAGS[@]}" | grep '^RESULT' | sed "s/^RESULT/RESULT $label/" || echo "FAILED $label $*"
+  "${GEN[@]}" taskset -c 1 "$B" "$@" "${NS_FLAGS[@]}" ${SERVER_NICE:+--server-nice "$SERVER_NICE"} | grep '^RESULT' | sed "s/^RESULT/RESULT $label/" || echo "FAILED $label $*"
 }
 # SPLIT_ONLY=1: part 1b alone.
 [ "${SPLIT_ONLY:-0}" = 1 ] || for round in $(seq "$ROUNDS"); do

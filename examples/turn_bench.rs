@@ -16,9 +16,10 @@
 //! and one generator core can outrun one server core. `--server forwarder` runs
 //! `examples/udp_forwarder` (the same sockets and batch syscalls, no TURN) under that load, or
 //! the program `--forwarder PATH` names.
-//! `--server-cpus` pins the server (`taskset`); `--threads` sets kinlink's
-//! `turn.data_threads` or coturn's `--relay-threads`. `--server-netns NS --server-ip IP
-//! --client-ip IP` puts the server in its own network namespace, reached over a veth pair
+//! `--server-cpus` pins the server (`taskset`), `--server-nice N` sets its priority;
+//! `--threads` sets kinlink's `turn.data_threads` or coturn's `--relay-threads`.
+//! `--server-netns NS --server-ip IP --client-ip IP` puts the server in its own network
+//! namespace, reached over a veth pair
 //! (bench/turn_per_core.sh sets it up with NETNS=1): then each side's kernel receive work is
 //! its own, as between two hosts, instead of a loopback send also doing the receiver's.
 //!
@@ -59,6 +60,8 @@ struct Args {
     threads: usize,
     /// CPUs the server may run on (`taskset -c`), e.g. "0".
     server_cpus: Option<String>,
+    /// The server's scheduling priority (`nice -n`), e.g. -10 to run ahead of `ksoftirqd`.
+    server_nice: Option<i32>,
     /// kinlink's HTTP listener on the TURN port: TURN/TCP through the shared-port demux.
     share_http: bool,
     /// The network namespace to start the server in (`ip netns exec`); see `--server-ip`.
@@ -73,7 +76,7 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { server: "kinlink".into(), allocations: 100, size: 1200, rate: 10_000, seconds: 5, bin: "target/release/kinlink".into(), transport: "udp".into(), peer: "reflect".into(), threads: 0, server_cpus: None, share_http: false, server_netns: None, server_ip: LOCALHOST, client_ip: LOCALHOST, forwarder: None };
+    let mut a = Args { server: "kinlink".into(), allocations: 100, size: 1200, rate: 10_000, seconds: 5, bin: "target/release/kinlink".into(), transport: "udp".into(), peer: "reflect".into(), threads: 0, server_cpus: None, server_nice: None, share_http: false, server_netns: None, server_ip: LOCALHOST, client_ip: LOCALHOST, forwarder: None };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -88,6 +91,7 @@ fn args() -> Args {
             "--peer" => a.peer = v,
             "--threads" => a.threads = v.parse().unwrap(),
             "--server-cpus" => a.server_cpus = Some(v),
+            "--server-nice" => a.server_nice = Some(v.parse().expect("--server-nice N")),
             "--share-http" => a.share_http = v == "yes",
             "--server-netns" => a.server_netns = Some(v),
             "--server-ip" => a.server_ip = v.parse().expect("--server-ip IP"),
@@ -130,8 +134,9 @@ fn free_port() -> u16 {
 
 const LOCALHOST: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
-/// The server's command, in `--server-netns` (`ip netns exec`) and under `taskset` when
-/// `--server-cpus` is given (both exec the next, so the child's pid is the server's).
+/// The server's command, in `--server-netns` (`ip netns exec`), under `taskset` when
+/// `--server-cpus` is given and `nice` with `--server-nice` (each execs the next, so the
+/// child's pid is the server's).
 fn command(a: &Args, program: &str) -> Command {
     let mut argv: Vec<String> = Vec::new();
     if let Some(ns) = &a.server_netns {
@@ -139,6 +144,9 @@ fn command(a: &Args, program: &str) -> Command {
     }
     if let Some(cpus) = &a.server_cpus {
         argv.extend(["taskset", "-c", cpus].map(String::from));
+    }
+    if let Some(n) = a.server_nice {
+        argv.extend(["nice".to_string(), "-n".to_string(), n.to_string()]);
     }
     argv.push(program.to_string());
     let mut c = Command::new(&argv[0]);
