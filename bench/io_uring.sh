@@ -19,6 +19,7 @@ cargo build --release --manifest-path bench/io_uring_forwarder/Cargo.toml
 B=./target/release/examples/turn_bench URING=bench/io_uring_forwarder/target/release/io_uring_forwarder
 echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); commit $(git rev-parse --short HEAD)"
 source bench/netns.sh
+source bench/ladder.sh
 run() { # label, variant, then turn_bench flags
   local label=$1 variant=$2; shift 2
   local fwd=() taskrun=""
@@ -42,12 +43,7 @@ done
 for round in $(seq "$ROUNDS"); do
   for allocations in $ALLOCATIONS; do
     for variant in epoll uring-defer uring-coop; do
-      for rate in $RATES; do
-        line=$(run "mode=ladder round=$round" $variant --allocations "$allocations" --size "$SIZE" --rate "$rate" --seconds 2)
-        echo "$line"
-        loss=$(sed -n 's/.* loss_pct=\([0-9.]*\).*/\1/p' <<<"$line")
-        if [ -z "$loss" ] || awk "BEGIN{exit !($loss >= 0.1)}"; then break; fi
-      done
+      ladder run "mode=ladder round=$round" $variant --allocations "$allocations" --size "$SIZE" --seconds 2
     done
   done
 done

@@ -44,6 +44,7 @@ echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 NS_FLAGS=() GEN=()
 [ -n "${SERVER_NICE:-}" ] && echo "servers at nice ${SERVER_NICE}"
 [ "$NETNS" = 1 ] && source bench/netns.sh
+source bench/ladder.sh
 run() { # label, then turn_bench flags
   local label=$1; shift
   "${GEN[@]}" taskset -c 1 "$B" "$@" "${NS_FLAGS[@]}" ${SERVER_NICE:+--server-nice "$SERVER_NICE"} | grep '^RESULT' | sed "s/^RESULT/RESULT $label/" || echo "FAILED $label $*"
@@ -53,14 +54,8 @@ run() { # label, then turn_bench flags
   for allocations in $ALLOCATIONS; do
     for size in $SIZES; do
       for server in kinlink coturn forwarder; do
-        for rate in $RATES; do
-          line=$(run "mode=per_core round=$round" --server "$server" --peer echo --threads 1 --server-cpus 0 \
-            --allocations "$allocations" --size "$size" --rate "$rate" --seconds "$SECONDS_")
-          echo "$line"
-          loss=$(sed -n 's/.* loss_pct=\([0-9.]*\).*/\1/p' <<<"$line")
-          # Stop at the first rate with 0.1% loss or more (or a failed run).
-          if [ -z "$loss" ] || awk "BEGIN{exit !($loss >= 0.1)}"; then break; fi
-        done
+        ladder run "mode=per_core round=$round" --server "$server" --peer echo --threads 1 --server-cpus 0 \
+          --allocations "$allocations" --size "$size" --seconds "$SECONDS_"
       done
     done
   done
