@@ -478,10 +478,10 @@ impl Builder {
     }
 }
 
-/// Channel numbers accepted: RFC 5766's 0x4000-0x7FFE. RFC 8656 narrowed new bindings to
-/// 0x4FFF, but deployed clients (coturn's among them) still use the old range, and coturn
-/// accepts it too.
-pub const CHANNELS: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFE;
+/// Channel numbers accepted: RFC 5766's 0x4000 through 0x7FFF. RFC 8656 narrowed new
+/// bindings to 0x4FFF, but deployed clients still use the old range: coturn's pick a number
+/// from all of it (0x7FFF included, one bind in 16,384) and coturn accepts all of it.
+pub const CHANNELS: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFF;
 
 /// Parses a ChannelData header: `(channel, payload)`.
 pub fn parse_channel_data(buf: &[u8]) -> Option<(u16, &[u8])> {
@@ -576,8 +576,9 @@ mod tests {
         assert_eq!(Message::parse(&raw).unwrap_err(), StunError::BadAttributes);
         assert_eq!(parse_channel_data(&[0x40, 0x00, 0x00, 0x05, 1, 2]), None);
         assert_eq!(parse_channel_data(&[0x40, 0x01, 0x00, 0x02, 1, 2]), Some((0x4001, &[1u8, 2][..])));
-        assert_eq!(parse_channel_data(&[0x7F, 0xFF, 0x00, 0x00]), None);
-        assert_eq!(parse_channel_data(&[0x7F, 0xFE, 0x00, 0x00]), Some((0x7FFE, &[][..])));
+        assert_eq!(parse_channel_data(&[0x7F, 0xFF, 0x00, 0x00]), Some((0x7FFF, &[][..])));
+        assert_eq!(parse_channel_data(&[0x80, 0x00, 0x00, 0x00]), None);
+        assert_eq!(parse_channel_data(&[0x3F, 0xFF, 0x00, 0x00]), None);
         assert_eq!(frame_len(&[0x40, 0x00, 0x00, 0x05], true), Some(12));
         assert_eq!(frame_len(&[0x40, 0x00, 0x00, 0x05], false), Some(9));
     }

@@ -396,6 +396,10 @@ fn channels_bind_relay_frame_and_expire() {
     let peer: SocketAddr = "127.0.0.1:9000".parse().unwrap();
     let bind = |n: u16, p: SocketAddr, id: u8| request(method::CHANNEL_BIND, tid(id), &[(attr::CHANNEL_NUMBER, &[(n >> 8) as u8, n as u8, 0, 0])], Some(&c), &[p]);
     assert_eq!(code_of(&h.reply(h.t0, t, &bind(0x3FFF, peer, 10))), Some(400));
+    assert_eq!(code_of(&h.reply(h.t0, t, &bind(0x8000, peer, 15))), Some(400));
+    // The top of RFC 5766's range: coturn's clients pick it one bind in 16,384.
+    let top: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+    assert_eq!(Message::parse(&h.reply(h.t0, t, &bind(0x7FFF, top, 16))).unwrap().class, Class::Success);
     assert_eq!(code_of(&h.reply(h.t0, t, &bind(0x4000, "10.0.0.1:1".parse().unwrap(), 11))), Some(403));
     assert_eq!(Message::parse(&h.reply(h.t0, t, &bind(0x4000, peer, 12))).unwrap().class, Class::Success);
     // Rebinding the same pair refreshes; a different pairing is refused.
