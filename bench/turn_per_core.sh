@@ -26,8 +26,8 @@
 #   NETNS=1 RATES="10000 15000 20000 25000 30000 35000 40000 45000 50000" \
 #     bench/turn_per_core.sh | tee bench/results/turn-per-core-netns-$(date +%F).log
 #
-# SERVER_NICE=N runs every server at that priority (`nice -n N`; e.g. -10 puts it ahead of
-# ksoftirqd, which otherwise takes half the core once receive work overflows into it).
+# SERVER_NICE=N runs every server at that priority (`nice -n N`). Measured at -10, interleaved
+# with 0: no difference in kinlink's capacity (BENCHMARKS.md, the per-core targets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3} SECONDS_=${SECONDS_:-2}

@@ -60,7 +60,7 @@ struct Args {
     threads: usize,
     /// CPUs the server may run on (`taskset -c`), e.g. "0".
     server_cpus: Option<String>,
-    /// The server's scheduling priority (`nice -n`), e.g. -10 to run ahead of `ksoftirqd`.
+    /// The server's scheduling priority (`nice -n`), e.g. -10.
     server_nice: Option<i32>,
     /// kinlink's HTTP listener on the TURN port: TURN/TCP through the shared-port demux.
     share_http: bool,
@@ -226,7 +226,7 @@ fn start(a: &Args, port: u16, metrics_port: u16, peer: Option<SocketAddr>) -> Se
             let program = a.forwarder.clone().unwrap_or_else(|| std::path::Path::new(&a.bin).with_file_name("examples/udp_forwarder").display().to_string());
             let mut c = command(a, &program);
             c.args(["--listen", &SocketAddr::new(a.server_ip, port).to_string(), "--peer", &peer.expect("an echo peer").to_string()]);
-            c.stdout(o).stderr(e).spawn().expect("target/release/examples/udp_forwarder")
+            c.stdout(o).stderr(e).spawn().unwrap_or_else(|err| panic!("{program}: {err}"))
         }
         other => panic!("--server kinlink|coturn|forwarder, not {other}"),
     };
