@@ -8,11 +8,11 @@
 # Part 1: CPU per packet at fixed rates under every variant's capacity. Part 2: the rate
 # ladder to each one's capacity (the last rate under 0.1% loss). Root; about 12 minutes.
 #   bench/io_uring.sh | tee bench/results/turn-io-uring-$(date +%F).log
+#   python3 bench/io_uring_table.py bench/results/turn-io-uring-$(date +%F).log
 # VARIANTS picks what runs (default "epoll uring-defer uring-coop"); "kinlink" and "coturn"
 # (one relay thread) put the servers beside the forwarders in the same rounds, so the
 # forwarders' capacity can be set against coturn's without drift between runs. FIXED=""
 # skips part 1.
-#   python3 bench/io_uring_table.py bench/results/turn-io-uring-$(date +%F).log
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3} ALLOCATIONS=${ALLOCATIONS:-"100 1000"} SIZE=${SIZE:-1200}

@@ -36,10 +36,11 @@ def base(table, key):
 
 print("| allocations | offered pkt/s | variant | CPU µs/pkt (kernel) | vs epoll | loss % | rounds |")
 print("|---|---|---|---|---|---|---|")
+cpus = {k: [r[0] for r in rs] for k, rs in fixed.items()}
 for (a, rate, v) in sorted(fixed, key=lambda k: (k[0], k[1], ORDER.index(k[2]))):
     rows = fixed[(a, rate, v)]
     cpu, sys_ = med(r[0] for r in rows), med(r[1] for r in rows)
-    epoll = base({k: [r[0] for r in rs] for k, rs in fixed.items()}, (a, rate, "epoll"))
+    epoll = base(cpus, (a, rate, "epoll"))
     print(f"| {a} | {rate:,} | {v} | {cpu:.2f} ({sys_:.2f}) | {cpu / epoll:.2f} | {med(r[2] for r in rows):.3f} | {len(rows)} |")
 print()
 print("| allocations | variant | capacity pkt/s, <0.1% loss (median) | per round | vs epoll | vs coturn |")
