@@ -36,7 +36,8 @@ pub enum Command {
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<String>,
     },
-    /// Print a device token signed with the server's token secret.
+    /// Print a device token: HS256 with the server's token secret, or (`--key`) ES256/EdDSA
+    /// with a private key, for development against `auth.public_keys`.
     Token {
         /// Family id.
         #[arg(long)]
@@ -47,9 +48,28 @@ pub enum Command {
         /// Device id.
         #[arg(long)]
         device: String,
-        /// Lifetime: seconds, or a number with s, m, h or d (e.g. 30d).
+        /// Lifetime: seconds, or a number with s, m, h or d (e.g. 30d); at most
+        /// auth.max_token_ttl_secs (the server refuses longer ones).
         #[arg(long, default_value = "30d", value_parser = parse_duration_secs)]
         ttl: u64,
+        /// Sign with this PKCS#8 PEM private key (P-256: ES256, Ed25519: EdDSA) instead of
+        /// the HS256 secret.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// The `kid` header (with --key): the key's id in the server's JWKS.
+        #[arg(long)]
+        kid: Option<String>,
+        /// The device's public key as a JWK (JSON), carried in the `cnf` claim for device
+        /// identity.
+        #[arg(long, value_name = "JSON")]
+        cnf_jwk: Option<String>,
+    },
+    /// Signing keys for development: `generate` writes a private key and prints its public
+    /// JWKS (for `auth.public_keys`); `jwks` prints the JWKS of an existing private key.
+    Keys {
+        /// What to do.
+        #[command(subcommand)]
+        action: KeysAction,
     },
     /// Exit 0 when kinlink answers 200 (default: this configuration's /readyz on loopback);
     /// for container HEALTHCHECKs and `helm test`.
@@ -86,6 +106,32 @@ pub enum Command {
         /// What to do with the configuration.
         #[command(subcommand)]
         action: ConfigAction,
+    },
+}
+
+/// `kinlink keys ...`
+#[derive(Debug, Subcommand)]
+pub enum KeysAction {
+    /// Write a new private key (mode 0600) and print the JWKS with its public key.
+    Generate {
+        /// ES256 (P-256) or EdDSA (Ed25519).
+        #[arg(long, default_value = "ES256")]
+        alg: String,
+        /// The key id.
+        #[arg(long)]
+        kid: String,
+        /// Where to write the private key (PKCS#8 PEM); refuses to overwrite.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Print the JWKS with the public key of a private key file.
+    Jwks {
+        /// PKCS#8 PEM private key.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The key id.
+        #[arg(long)]
+        kid: String,
     },
 }
 

@@ -369,17 +369,77 @@ impl MetricsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// HS256 key for device tokens. Generated into `data_dir` when unset.
+    /// HS256 key for device tokens. Generated into `data_dir` when unset (and then, with
+    /// public keys configured, used only for kinlink's own self-check tokens).
     pub token_secret: Option<Secret>,
-    /// Clock skew tolerated on `exp`/`nbf`, in seconds.
+    /// HS256 secrets, one a line, instead of `token_secret`: the first mints, every one is
+    /// accepted (rotation without logging anyone out). Reloaded on change or SIGHUP.
+    pub token_secrets_file: Option<PathBuf>,
+    /// JWKS file of the backend's public keys (ES256 P-256, EdDSA Ed25519): tokens kinlink can
+    /// verify but not mint. Reloaded on change or SIGHUP.
+    pub public_keys: Option<PathBuf>,
+    /// An https URL serving the backend's JWKS, fetched every `public_keys_refresh_secs`.
+    pub public_keys_url: String,
+    /// Extra CA certificates (PEM) trusted for `public_keys_url`.
+    pub public_keys_ca_file: Option<PathBuf>,
+    /// Seconds between fetches of `public_keys_url`.
+    pub public_keys_refresh_secs: u64,
+    /// How long keys from `public_keys_url` stay usable after its last good answer.
+    pub public_keys_max_stale_secs: u64,
+    /// Accepted token algorithms (HS256, ES256, EdDSA, RS256). Empty: HS256 without public
+    /// keys; ES256 and EdDSA with them (HS256 is then off for devices unless listed).
+    pub algorithms: Vec<String>,
+    /// Longest token lifetime accepted (`exp` from now and from `iat`); revocations are kept
+    /// this long.
+    pub max_token_ttl_secs: u64,
+    /// Clock skew tolerated on `exp`/`nbf`/`iat`, in seconds.
     pub token_leeway_secs: u64,
+    /// Seconds between checks of the key and secret files for changes (SIGHUP reloads at once).
+    pub reload_poll_secs: u64,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { token_secret: None, token_leeway_secs: 60 }
+        AuthConfig {
+            token_secret: None,
+            token_secrets_file: None,
+            public_keys: None,
+            public_keys_url: String::new(),
+            public_keys_ca_file: None,
+            public_keys_refresh_secs: 300,
+            public_keys_max_stale_secs: 86_400,
+            algorithms: Vec::new(),
+            max_token_ttl_secs: crate::auth::token::DEFAULT_MAX_TTL_SECS,
+            token_leeway_secs: 60,
+            reload_poll_secs: 10,
+        }
     }
 }
+
+impl AuthConfig {
+    /// Whether backend public keys are configured.
+    pub fn has_public_keys(&self) -> bool {
+        self.public_keys.is_some() || !self.public_keys_url.is_empty()
+    }
+
+    /// The token policy these settings describe (`algorithms` validated at load).
+    pub fn policy(&self) -> crate::auth::TokenPolicy {
+        let listed = |a: &str| self.algorithms.iter().any(|x| x == a);
+        let derived = self.algorithms.is_empty();
+        let public = self.has_public_keys();
+        crate::auth::TokenPolicy {
+            leeway_secs: self.token_leeway_secs,
+            max_ttl_secs: self.max_token_ttl_secs,
+            hs256: if derived { !public } else { listed("HS256") },
+            es256: if derived { public } else { listed("ES256") },
+            eddsa: if derived { public } else { listed("EdDSA") },
+            rs256: listed("RS256"),
+        }
+    }
+}
+
+/// Algorithms `auth.algorithms` may list.
+pub const TOKEN_ALGORITHMS: [&str; 4] = ["HS256", "ES256", "EdDSA", "RS256"];
 
 /// `turn.*`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -389,6 +449,9 @@ pub struct TurnConfig {
     pub enabled: bool,
     /// Shared secret for TURN REST credentials (coturn's `static-auth-secret`).
     pub secret: Option<Secret>,
+    /// TURN secrets, one a line, instead of `secret`: credentials are minted with the first
+    /// and accepted with any (eturnal's rotation model). Reloaded on change or SIGHUP.
+    pub secrets_file: Option<PathBuf>,
     /// TURN realm.
     pub realm: String,
     /// Host name or IP put in the ICE URLs; empty means the Host header of the request.
@@ -511,6 +574,7 @@ impl Default for TurnConfig {
         TurnConfig {
             enabled: true,
             secret: None,
+            secrets_file: None,
             realm: "kinlink".into(),
             public_host: String::new(),
             credential_ttl_secs: 86_400,
@@ -729,7 +793,7 @@ impl ClusterConfig {
 }
 
 /// Keys whose environment-variable form is a comma-separated list.
-const LIST_KEYS: &[&str] = &["turn.urls", "turn.allowed_peers", "turn.denied_peers", "http.cors_origins", "acme.domains", "acme.contact"];
+const LIST_KEYS: &[&str] = &["auth.algorithms", "turn.urls", "turn.allowed_peers", "turn.denied_peers", "http.cors_origins", "acme.domains", "acme.contact"];
 
 /// Loads the configuration: defaults, then `file`, then the process environment, then
 /// `overrides` (`key`, `value`) pairs from the command line.
@@ -846,6 +910,10 @@ pub fn known_keys() -> std::collections::HashSet<String> {
     full.auth.token_secret = Some(Secret::new("x"));
     full.turn.secret = Some(Secret::new("x"));
     full.turn.tls_cert = Some("x".into());
+    full.turn.secrets_file = Some("x".into());
+    full.auth.token_secrets_file = Some("x".into());
+    full.auth.public_keys = Some("x".into());
+    full.auth.public_keys_ca_file = Some("x".into());
     full.http.tls_cert = Some("x".into());
     full.http.tls_key = Some("x".into());
     full.turn.tls_key = Some("x".into());
@@ -939,6 +1007,10 @@ impl Config {
             ("http.max_unupgraded_per_ip", h.max_unupgraded_per_ip as u64, 1, 10_000_000),
             ("http.max_connections_per_ip", h.max_connections_per_ip as u64, 1, 10_000_000),
             ("auth.token_leeway_secs", self.auth.token_leeway_secs, 0, DAY),
+            ("auth.max_token_ttl_secs", self.auth.max_token_ttl_secs, 60, 365 * DAY),
+            ("auth.public_keys_refresh_secs", self.auth.public_keys_refresh_secs, 1, DAY),
+            ("auth.public_keys_max_stale_secs", self.auth.public_keys_max_stale_secs, 1, 30 * DAY),
+            ("auth.reload_poll_secs", self.auth.reload_poll_secs, 1, DAY),
             ("check.token_ttl_secs", c.token_ttl_secs, 1, DAY),
             ("check.tokens_per_minute", c.tokens_per_minute as u64, 1, 1_000_000),
             ("check.mints_per_token_per_hour", c.mints_per_token_per_hour as u64, 1, 1_000_000),
@@ -1039,6 +1111,28 @@ impl Config {
                     return Err(ConfigError::invalid(key, "must be at least 16 characters"));
                 }
             }
+        }
+        let a = &self.auth;
+        for alg in &a.algorithms {
+            if !TOKEN_ALGORITHMS.contains(&alg.as_str()) {
+                return Err(ConfigError::invalid("auth.algorithms", format!("`{alg}` is not one of {}", TOKEN_ALGORITHMS.join(", "))));
+            }
+        }
+        let p = a.policy();
+        if (p.es256 || p.eddsa || p.rs256) && !a.has_public_keys() {
+            return Err(ConfigError::invalid("auth.algorithms", "lists a public-key algorithm but neither auth.public_keys nor auth.public_keys_url is set"));
+        }
+        if !(p.hs256 || p.es256 || p.eddsa || p.rs256) {
+            return Err(ConfigError::invalid("auth.algorithms", "accepts no algorithm: no device could register"));
+        }
+        if !a.public_keys_url.is_empty() {
+            crate::auth::keys::parse_https_url(&a.public_keys_url).map_err(|e| ConfigError::invalid("auth.public_keys_url", e.to_string()))?;
+        }
+        if a.token_secret.is_some() && a.token_secrets_file.is_some() {
+            return Err(ConfigError::invalid("auth.token_secrets_file", "set either auth.token_secret or auth.token_secrets_file, not both"));
+        }
+        if self.turn.secret.is_some() && self.turn.secrets_file.is_some() {
+            return Err(ConfigError::invalid("turn.secrets_file", "set either turn.secret or turn.secrets_file, not both"));
         }
         for url in &self.turn.urls {
             if !(url.starts_with("stun:") || url.starts_with("turn:") || url.starts_with("turns:")) {

@@ -9,14 +9,20 @@ use crate::signal::protocol::IceServer;
 #[derive(Debug, Clone)]
 pub struct IceConfig {
     turn: TurnConfig,
-    secret: Secret,
+    /// The secret credentials are minted with: the first of `turn.secrets_file` (replaced
+    /// when it is reloaded; clones share it) or `turn.secret`.
+    secret: std::sync::Arc<std::sync::RwLock<Secret>>,
 }
 
 impl IceConfig {
-    /// From the TURN section; `turn.secret` must have been resolved.
-    pub fn new(turn: &TurnConfig) -> Self {
-        let secret = turn.secret.clone().expect("turn.secret is resolved before start-up");
-        IceConfig { turn: turn.clone(), secret }
+    /// From the TURN section, minting with `secret`.
+    pub fn new(turn: &TurnConfig, secret: Secret) -> Self {
+        IceConfig { turn: turn.clone(), secret: std::sync::Arc::new(std::sync::RwLock::new(secret)) }
+    }
+
+    /// Mints with `secret` from now on (a rotation).
+    pub fn set_secret(&self, secret: Secret) {
+        *self.secret.write().unwrap_or_else(|e| e.into_inner()) = secret;
     }
 
     /// Lifetime of the credentials in a block for a token expiring at `token_exp` (unix
@@ -37,7 +43,8 @@ impl IceConfig {
     /// `myhost:8080` then gets `turn:myhost:3478`).
     /// The credential is valid for `ttl_secs` (see [`Self::ttl_secs`]).
     pub fn block(&self, family: &str, device: &str, request_host: Option<&str>, now_unix: u64, ttl_secs: u64) -> Vec<IceServer> {
-        let cred = auth::turn_credential(&self.secret, family, device, ttl_secs, now_unix);
+        let secret = self.secret.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let cred = auth::turn_credential(&secret, family, device, ttl_secs, now_unix);
         if !self.turn.urls.is_empty() {
             return self.explicit_block(cred);
         }
@@ -111,7 +118,7 @@ mod tests {
 
     #[test]
     fn derived_urls_use_public_host_or_request_host() {
-        let ice = IceConfig::new(&cfg());
+        let ice = IceConfig::new(&cfg(), Secret::new("turn-secret-0123456789"));
         let b = ice.block("f", "d", Some("example.org:8080"), 1000, 86_400);
         assert_eq!(b[0].urls, vec!["stun:example.org:3478"]);
         assert_eq!(b[1].urls, vec!["turn:example.org:3478?transport=udp", "turn:example.org:3478?transport=tcp"]);
@@ -129,7 +136,7 @@ mod tests {
         c.public_host = "turn.example.org".into();
         c.tls_cert = Some("c.pem".into());
         c.tls_key = Some("k.pem".into());
-        let b = IceConfig::new(&c).block("f", "d", Some("ignored"), 1000, 600);
+        let b = IceConfig::new(&c, Secret::new("turn-secret-0123456789")).block("f", "d", Some("ignored"), 1000, 600);
         assert_eq!(b[1].urls[2], "turns:turn.example.org:5349?transport=tcp");
     }
 
@@ -137,15 +144,15 @@ mod tests {
     fn explicit_urls_and_disabled() {
         let mut c = cfg();
         c.urls = vec!["stun:s:1".into(), "turn:t:2?transport=udp".into()];
-        let b = IceConfig::new(&c).block("f", "d", None, 0, 600);
+        let b = IceConfig::new(&c, Secret::new("turn-secret-0123456789")).block("f", "d", None, 0, 600);
         assert_eq!(b.len(), 2);
         assert!(b[0].username.is_none() && b[1].username.is_some());
         let mut c = cfg();
         c.enabled = false;
-        assert!(IceConfig::new(&c).block("f", "d", None, 0, 600).is_empty());
+        assert!(IceConfig::new(&c, Secret::new("turn-secret-0123456789")).block("f", "d", None, 0, 600).is_empty());
         let mut c = cfg();
         c.udp_listen = crate::config::Listen::default();
-        let b = IceConfig::new(&c).block("f", "d", Some("h"), 0, 600);
+        let b = IceConfig::new(&c, Secret::new("turn-secret-0123456789")).block("f", "d", Some("h"), 0, 600);
         assert_eq!(b.len(), 1, "no STUN without UDP");
         assert_eq!(b[0].urls, vec!["turn:h:3478?transport=tcp"]);
     }

@@ -44,6 +44,7 @@ pub mod metrics;
 pub mod probe;
 pub mod queue;
 pub mod ratelimit;
+pub mod reload;
 pub mod secrets;
 pub mod server;
 pub mod signal;

@@ -5,7 +5,7 @@ use kinlink::cli::{init_logging, Cli, Command, ConfigAction};
 
 fn main() -> ExitCode {
     let cli = Cli::parse_all();
-    let mut config = match cli.load_config() {
+    let config = match cli.load_config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("kinlink: configuration error: {e}");
@@ -14,21 +14,8 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Config { action: ConfigAction::Check }) => config_check(&config),
-        Some(Command::Token { family, user, device, ttl }) => {
-            for (name, id) in [("--family", &family), ("--user", &user), ("--device", &device)] {
-                if !kinlink::auth::valid_id(id) {
-                    eprintln!("kinlink: {name}: ids are 1-{} printable ASCII characters without spaces or ':'", kinlink::auth::MAX_ID_BYTES);
-                    return ExitCode::from(2);
-                }
-            }
-            if let Err(e) = kinlink::secrets::resolve_existing(&mut config) {
-                eprintln!("kinlink: token: {e}");
-                return ExitCode::FAILURE;
-            }
-            let secret = config.auth.token_secret.as_ref().expect("resolved above");
-            println!("{}", kinlink::auth::mint_token(secret, &family, &user, &device, ttl, kinlink::auth::unix_now()));
-            ExitCode::SUCCESS
-        }
+        Some(Command::Token { family, user, device, ttl, key, kid, cnf_jwk }) => token(config, &family, &user, &device, ttl, key, kid, cnf_jwk),
+        Some(Command::Keys { action }) => keys(action),
         Some(Command::Healthcheck { urls, timeout }) => {
             let urls = if urls.is_empty() { vec![kinlink::probe::default_url(&config)] } else { urls };
             for url in &urls {
@@ -81,6 +68,108 @@ fn serve(config: kinlink::Config) -> ExitCode {
     }
 }
 
+/// `kinlink token`.
+#[allow(clippy::too_many_arguments)]
+fn token(
+    mut config: kinlink::Config,
+    family: &str,
+    user: &str,
+    device: &str,
+    ttl: u64,
+    key: Option<std::path::PathBuf>,
+    kid: Option<String>,
+    cnf_jwk: Option<String>,
+) -> ExitCode {
+    for (name, id) in [("--family", family), ("--user", user), ("--device", device)] {
+        if !kinlink::auth::valid_id(id) {
+            eprintln!("kinlink: {name}: ids are 1-{} printable ASCII characters without spaces or ':'", kinlink::auth::MAX_ID_BYTES);
+            return ExitCode::from(2);
+        }
+    }
+    let max = config.auth.max_token_ttl_secs;
+    if ttl > max {
+        eprintln!("kinlink: --ttl: {ttl} s is longer than auth.max_token_ttl_secs ({max} s): the server would refuse the token");
+        return ExitCode::from(2);
+    }
+    let cnf_jwk = match cnf_jwk.map(|j| serde_json::from_str::<serde_json::Value>(&j)) {
+        None => None,
+        Some(Ok(v)) if v.is_object() && v.get("d").is_none() => Some(v),
+        Some(_) => {
+            eprintln!("kinlink: --cnf-jwk: not a public JWK (a JSON object without \"d\")");
+            return ExitCode::from(2);
+        }
+    };
+    let minted = kinlink::auth::Minted { fam: family, user, dev: device, ttl_secs: ttl, now_unix: kinlink::auth::unix_now(), cnf_jwk };
+    if let Some(path) = key {
+        let signing = std::fs::read(&path).map_err(|e| e.to_string()).and_then(|pem| kinlink::auth::jwks::signing_key(&pem, kid).map_err(|e| e.to_string()));
+        return match signing.and_then(|k| minted.with_key(&k).map_err(|e| e.to_string())) {
+            Ok(t) => {
+                println!("{t}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("kinlink: token: --key {}: {e}", path.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Err(e) = kinlink::secrets::resolve_existing(&mut config) {
+        eprintln!("kinlink: token: {e}");
+        return ExitCode::FAILURE;
+    }
+    match kinlink::secrets::token_secrets(&config.auth) {
+        Ok(secrets) => {
+            println!("{}", minted.hs256(&secrets[0]));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kinlink: token: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `kinlink keys`.
+fn keys(action: kinlink::cli::KeysAction) -> ExitCode {
+    use kinlink::auth::jwks;
+    use kinlink::cli::KeysAction;
+    let result = match action {
+        KeysAction::Generate { alg, kid, out } => (|| {
+            let alg = match alg.as_str() {
+                "ES256" => jsonwebtoken::Algorithm::ES256,
+                "EdDSA" => jsonwebtoken::Algorithm::EdDSA,
+                other => return Err(format!("--alg {other}: use ES256 or EdDSA")),
+            };
+            let pem = jwks::generate(alg).map_err(|e| e.to_string())?;
+            write_private(&out, &pem).map_err(|e| format!("--out {}: {e}", out.display()))?;
+            jwks::signing_key(pem.as_bytes(), Some(kid)).map_err(|e| e.to_string())
+        })(),
+        KeysAction::Jwks { key, kid } => std::fs::read(&key)
+            .map_err(|e| format!("--key {}: {e}", key.display()))
+            .and_then(|pem| jwks::signing_key(&pem, Some(kid)).map_err(|e| e.to_string())),
+    };
+    match result {
+        Ok(k) => {
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "keys": [k.public_jwk] })).expect("JSON"));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kinlink: keys: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Creates `path` with mode 0600, refusing to overwrite.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(path)?.write_all(text.as_bytes())
+}
+
 /// `kinlink config check`: the effective configuration, then what devices will be handed and
 /// where each secret comes from; files the configuration names must exist.
 fn config_check(config: &kinlink::Config) -> ExitCode {
@@ -92,11 +181,21 @@ fn config_check(config: &kinlink::Config) -> ExitCode {
     for line in kinlink::turn::advertised(config) {
         println!("#   {line}");
     }
+    let p = config.auth.policy();
+    let algorithms: Vec<&str> = [("HS256", p.hs256), ("ES256", p.es256), ("EdDSA", p.eddsa), ("RS256", p.rs256)].iter().filter(|(_, on)| *on).map(|(a, _)| *a).collect();
+    println!("#   device tokens: {} (longest lifetime {} s)", algorithms.join(", "), p.max_ttl_secs);
+    if config.auth.has_public_keys() && !p.hs256 {
+        println!("#   kinlink's own HS256 secret signs only its self-check families: it cannot mint a device token");
+    }
     for key in ["auth.token_secret", "turn.secret"] {
         println!("#   {key}: {}", kinlink::secrets::source(config, key, &env));
     }
     let mut missing = false;
     let files = [
+        ("auth.token_secrets_file", &config.auth.token_secrets_file),
+        ("auth.public_keys", &config.auth.public_keys),
+        ("auth.public_keys_ca_file", &config.auth.public_keys_ca_file),
+        ("turn.secrets_file", &config.turn.secrets_file),
         ("turn.tls_cert", &config.turn.tls_cert),
         ("turn.tls_key", &config.turn.tls_key),
         ("http.tls_cert", &config.http.tls_cert),

@@ -81,6 +81,13 @@ pub struct Metrics {
     pub check_tokens: IntCounterVec,
     /// `kinlink_turn_tls_reloads_total{listener,result}`: certificate reloads (turn, http, redis; ok, error).
     pub turn_tls_reloads: IntCounterVec,
+    /// `kinlink_auth_key_reloads_total{source,result}`: token keys and secrets reloaded
+    /// (jwks_file, token_secrets, turn_secrets; ok, error).
+    pub auth_key_reloads: IntCounterVec,
+    /// `kinlink_auth_jwks_url_fetches_total{result}`: fetches of `auth.public_keys_url`.
+    pub auth_jwks_url_fetches: IntCounterVec,
+    /// `kinlink_auth_jwks_url_last_success_timestamp_seconds`: last good fetch (0: never).
+    pub auth_jwks_url_last_success: IntGauge,
     /// `kinlink_panics_total`: panics anywhere in the process (each one is a bug).
     pub panics: IntCounter,
     /// `kinlink_listener_restarts_total{listener}`: listener tasks that ended and were restarted.
@@ -159,8 +166,8 @@ pub fn count_panics() {
 }
 
 /// `kinlink_turn_auth_failures_total` reasons.
-pub const TURN_AUTH_REASONS: [&str; 8] =
-    ["malformed", "bad_nonce", "stale_nonce", "wrong_realm", "bad_integrity", "expired", "wrong_credentials", "missing"];
+pub const TURN_AUTH_REASONS: [&str; 9] =
+    ["malformed", "bad_nonce", "stale_nonce", "wrong_realm", "bad_integrity", "expired", "wrong_credentials", "missing", "revoked"];
 /// `kinlink_turn_dropped_packets_total` reasons (the TURN core's `DropReason`s, checked by a test).
 pub const TURN_DROP_REASONS: [&str; 10] = [
     "malformed",
@@ -340,6 +347,22 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            auth_key_reloads: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "kinlink_auth_key_reloads_total",
+                        "Token keys and shared secrets reloaded (file change or SIGHUP), by source (jwks_file, token_secrets, turn_secrets) and result (ok, error).",
+                    ),
+                    &["source", "result"],
+                )
+                .expect("valid metric"),
+            ),
+            auth_jwks_url_fetches: counter_vec("kinlink_auth_jwks_url_fetches_total", "Fetches of auth.public_keys_url, by result (ok, error).", "result"),
+            auth_jwks_url_last_success: gauge(
+                "kinlink_auth_jwks_url_last_success_timestamp_seconds",
+                "Unix time of the last good fetch of auth.public_keys_url (0: never fetched).",
+            ),
             panics: reg(&registry, PANICS.clone()),
             listener_restarts: counter_vec(
                 "kinlink_listener_restarts_total",
@@ -444,6 +467,10 @@ impl Metrics {
         for r in ["ok", "error"] {
             m.turn_tls_reloads.with_label_values(&["turn", r]);
             m.turn_tls_reloads.with_label_values(&["http", r]);
+            m.auth_jwks_url_fetches.with_label_values(&[r]);
+            for source in ["jwks_file", "token_secrets", "turn_secrets"] {
+                m.auth_key_reloads.with_label_values(&[source, r]);
+            }
         }
         for op in ["join", "leave", "publish", "subscribe", "heartbeat", "sweep", "connection", "cluster_slots"] {
             m.cluster_redis_errors.with_label_values(&[op]);

@@ -23,11 +23,14 @@ pub struct SecretError {
 /// generating them on first use. Returns the keys that were taken from the data directory.
 pub fn resolve(cfg: &mut Config) -> Result<Vec<&'static str>, SecretError> {
     let mut generated = Vec::new();
-    if cfg.auth.token_secret.is_none() {
+    if cfg.auth.token_secret.is_none() && cfg.auth.token_secrets_file.is_none() {
         cfg.auth.token_secret = Some(load_or_create(&cfg.data_dir, "token_secret", "auth.token_secret")?);
-        generated.push("auth.token_secret");
+        // With public keys, this secret only signs kinlink's own self-check tokens.
+        if !cfg.auth.has_public_keys() {
+            generated.push("auth.token_secret");
+        }
     }
-    if cfg.turn.secret.is_none() {
+    if cfg.turn.secret.is_none() && cfg.turn.secrets_file.is_none() {
         cfg.turn.secret = Some(load_or_create(&cfg.data_dir, "turn_secret", "turn.secret")?);
         generated.push("turn.secret");
     }
@@ -58,6 +61,25 @@ pub fn resolve_existing(cfg: &mut Config) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The HS256 secrets for device tokens: `auth.token_secrets_file`'s, else `auth.token_secret`
+/// (resolved). The first mints.
+pub fn token_secrets(cfg: &crate::config::AuthConfig) -> Result<Vec<Secret>, String> {
+    match (&cfg.token_secrets_file, &cfg.token_secret) {
+        (Some(path), _) => crate::auth::keys::read_secrets(path).map_err(|e| format!("auth.token_secrets_file: {e}")),
+        (None, Some(s)) => Ok(vec![s.clone()]),
+        (None, None) => Err("auth.token_secret is not resolved".into()),
+    }
+}
+
+/// The TURN REST secrets: `turn.secrets_file`'s, else `turn.secret` (resolved). The first mints.
+pub fn turn_secrets(cfg: &crate::config::TurnConfig) -> Result<Vec<Secret>, String> {
+    match (&cfg.secrets_file, &cfg.secret) {
+        (Some(path), _) => crate::auth::keys::read_secrets(path).map_err(|e| format!("turn.secrets_file: {e}")),
+        (None, Some(s)) => Ok(vec![s.clone()]),
+        (None, None) => Err("turn.secret is not resolved".into()),
+    }
 }
 
 /// Where a secret comes from, for `kinlink config check`.

@@ -34,6 +34,8 @@ pub struct Server {
     http_limits: http::listener::HttpLimits,
     /// Certificate files to reload (`http`, `turn`), watched once each.
     key_files: Vec<Arc<crate::tls::KeyFiles>>,
+    /// Key and secret files to reload (`auth.public_keys`, the secrets files).
+    reloadable: Vec<Arc<dyn crate::reload::Reloadable>>,
     /// The ACME client (`acme.domains`), running while the server does.
     acme: Option<crate::acme::Acme>,
 }
@@ -127,12 +129,25 @@ impl Server {
         } else {
             None
         };
-        let token_secret = config.auth.token_secret.as_ref().context("auth.token_secret is resolved")?;
+        let (verifier, mut reloadable) = token_verifier(&config.auth)?;
+        let turn_secrets = crate::secrets::turn_secrets(&config.turn).map_err(anyhow::Error::msg)?;
+        let ice = IceConfig::new(&config.turn, turn_secrets[0].clone());
+        if let Some(path) = &config.turn.secrets_file {
+            // A rotation: new credentials are minted with the new first secret, and the TURN
+            // server accepts every listed one.
+            let (ice, turn_core) = (ice.clone(), turn.as_ref().map(TurnService::handle));
+            reloadable.push(crate::auth::keys::SecretsFile::load(path.clone(), "turn_secrets", move |secrets| {
+                ice.set_secret(secrets[0].clone());
+                if let Some(core) = &turn_core {
+                    core.set_secrets(secrets);
+                }
+            }).map_err(anyhow::Error::msg)?);
+        }
         let env = Arc::new(SessionEnv {
             limits: config.signal.clone(),
-            verifier: TokenVerifier::new(token_secret, config.auth.token_leeway_secs),
+            verifier,
             token_leeway: Duration::from_secs(config.auth.token_leeway_secs),
-            ice: IceConfig::new(&config.turn),
+            ice,
             hub,
             metrics,
             negotiations: std::sync::Mutex::new(crate::signal::negotiation::Negotiations::new(
@@ -145,7 +160,7 @@ impl Server {
         if config.check.enabled && config.check.demo {
             tracing::warn!("check.demo is on: anyone reaching this server can mint throw-away devices and use TURN");
         }
-        let minter = crate::check::Minter::new(config.check.clone(), token_secret.clone(), std::time::Instant::now());
+        let minter = crate::check::Minter::new(config.check.clone(), std::time::Instant::now());
         if let Some(cluster) = &cluster {
             // Reports other nodes forward land in this node's negotiations (weakly held: the
             // hub lives inside the environment).
@@ -183,7 +198,7 @@ impl Server {
         let tls = (!sources.is_empty()).then(|| crate::tls::Acceptor::with_sources(sources, alpn, "http"));
         let http_limits = http::listener::HttpLimits::new(&config.http, tls, https, share);
         let key_files = http_files.into_iter().chain(turn_files).chain(redis_identity).collect();
-        Ok(Server { config, http, metrics: metrics_listener, state, drain, turn, http_limits, key_files, acme })
+        Ok(Server { config, http, metrics: metrics_listener, state, drain, turn, http_limits, key_files, reloadable, acme })
     }
 
     /// The bound public address (useful with port 0).
@@ -213,7 +228,7 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let Server { config, http, metrics, state, drain, turn, http_limits, key_files, acme } = self;
+        let Server { config, http, metrics, state, drain, turn, http_limits, key_files, reloadable, acme } = self;
         let _acme = acme;
         let separate_metrics = metrics.is_some();
         let http_addr = http.local_addr()?;
@@ -223,7 +238,31 @@ impl Server {
         let poll = Duration::from_secs(config.turn.tls_reload_poll_secs);
         let tls_watch = (!key_files.is_empty()).then(|| {
             let metrics = state.shared().env.metrics.clone();
-            tokio::spawn(futures_util::future::join_all(key_files.into_iter().map(move |f| f.watch(poll, metrics.clone()))))
+            let counter = metrics.turn_tls_reloads.clone();
+            tokio::spawn(futures_util::future::join_all(
+                key_files.into_iter().map(move |f| crate::reload::watch(f as Arc<dyn crate::reload::Reloadable>, poll, counter.clone())),
+            ))
+        });
+        // SIGHUP reloads: install the handler before anything can send one (the default
+        // action ends the process), not when the watcher tasks first run.
+        #[cfg(unix)]
+        let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        let key_watch = {
+            let poll = Duration::from_secs(config.auth.reload_poll_secs);
+            let counter = state.shared().env.metrics.auth_key_reloads.clone();
+            tokio::spawn(futures_util::future::join_all(reloadable.into_iter().map(move |r| crate::reload::watch(r, poll, counter.clone()))))
+        };
+        let url_poll = url_source(&config.auth).map(|source| {
+            let env = state.shared().env.clone();
+            let metrics = env.metrics.clone();
+            tokio::spawn(crate::auth::keys::poll_jwks_url(
+                source,
+                env.verifier.clone(),
+                Box::new(move |ok, last_good| {
+                    metrics.auth_jwks_url_fetches.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
+                    metrics.auth_jwks_url_last_success.set(i64::try_from(last_good).unwrap_or(0));
+                }),
+            ))
         });
         let scheme = if http_limits.https { "https" } else { "http" };
         let public = http::listener::serve(http, http::app(state.clone(), !separate_metrics), http_limits, state.shared().env.metrics.clone(), drain.subscribe());
@@ -294,12 +333,47 @@ impl Server {
         if let Some(w) = tls_watch {
             w.abort();
         }
+        key_watch.abort();
+        if let Some(p) = url_poll {
+            p.abort();
+        }
         let _ = metrics_stop.send(());
         if let Some(task) = metrics_task {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
         }
         Ok(())
     }
+}
+
+/// The device token verifier `auth.*` describes, and the files to reload into it.
+fn token_verifier(auth: &crate::config::AuthConfig) -> anyhow::Result<(TokenVerifier, Vec<Arc<dyn crate::reload::Reloadable>>)> {
+    let secrets = crate::secrets::token_secrets(auth).map_err(anyhow::Error::msg)?;
+    let keys = crate::auth::token::KeySet { hs256: secrets, url_configured: !auth.public_keys_url.is_empty(), ..Default::default() };
+    let verifier = TokenVerifier::new(auth.policy(), keys);
+    let mut reloadable: Vec<Arc<dyn crate::reload::Reloadable>> = Vec::new();
+    if let Some(path) = &auth.token_secrets_file {
+        let v = verifier.clone();
+        reloadable.push(
+            crate::auth::keys::SecretsFile::load(path.clone(), "token_secrets", move |secrets| v.update_keys(|k| k.hs256 = secrets))
+                .map_err(anyhow::Error::msg)?,
+        );
+    }
+    if let Some(path) = &auth.public_keys {
+        reloadable.push(crate::auth::keys::JwksFile::load(path.clone(), verifier.clone()).map_err(|e| anyhow::anyhow!("auth.public_keys: {e}"))?);
+    }
+    let p = auth.policy();
+    let algorithms: Vec<&str> = [("HS256", p.hs256), ("ES256", p.es256), ("EdDSA", p.eddsa), ("RS256", p.rs256)].iter().filter(|(_, on)| *on).map(|(a, _)| *a).collect();
+    tracing::info!(algorithms = %algorithms.join(","), public_keys = auth.public_keys.is_some(), public_keys_url = !auth.public_keys_url.is_empty(), "device tokens");
+    Ok((verifier, reloadable))
+}
+
+fn url_source(auth: &crate::config::AuthConfig) -> Option<crate::auth::keys::UrlSource> {
+    (!auth.public_keys_url.is_empty()).then(|| crate::auth::keys::UrlSource {
+        url: auth.public_keys_url.clone(),
+        ca_file: auth.public_keys_ca_file.clone(),
+        refresh: Duration::from_secs(auth.public_keys_refresh_secs),
+        max_stale_secs: auth.public_keys_max_stale_secs,
+    })
 }
 
 /// Descriptors the configuration can use at its limits: one per WebSocket, per TURN stream

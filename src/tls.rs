@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -155,49 +154,21 @@ impl KeyFiles {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
         Ok(())
     }
+}
 
-    fn modified(&self) -> Option<(SystemTime, SystemTime)> {
-        let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        Some((m(&self.cert)?, m(&self.key)?))
+/// Reloaded on change or SIGHUP by [`crate::reload::watch`]; counted in
+/// `kinlink_turn_tls_reloads_total{listener}`.
+impl crate::reload::Reloadable for KeyFiles {
+    fn label(&self) -> &'static str {
+        self.section
     }
 
-    /// Reloads on SIGHUP and when the files' modification times change (checked every `poll`).
-    pub async fn watch(self: Arc<Self>, poll: Duration, metrics: Arc<crate::metrics::Metrics>) {
-        let mut last = self.modified();
-        #[cfg(unix)]
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        loop {
-            #[cfg(unix)]
-            let signalled = match hup.as_mut() {
-                Some(h) => tokio::select! {
-                    _ = h.recv() => true,
-                    _ = tokio::time::sleep(poll) => false,
-                },
-                None => {
-                    tokio::time::sleep(poll).await;
-                    false
-                }
-            };
-            #[cfg(not(unix))]
-            let signalled = {
-                tokio::time::sleep(poll).await;
-                false
-            };
-            let now = self.modified();
-            if signalled || now != last {
-                last = now;
-                match self.reload() {
-                    Ok(()) => {
-                        metrics.turn_tls_reloads.with_label_values(&[self.section, "ok"]).inc();
-                        tracing::info!(signalled, listener = self.section, "TLS certificate reloaded")
-                    }
-                    Err(e) => {
-                        metrics.turn_tls_reloads.with_label_values(&[self.section, "error"]).inc();
-                        tracing::error!(error = %e, listener = self.section, "TLS certificate reload failed; keeping the previous one")
-                    }
-                }
-            }
-        }
+    fn paths(&self) -> Vec<PathBuf> {
+        vec![self.cert.clone(), self.key.clone()]
+    }
+
+    fn reload(&self) -> Result<(), String> {
+        KeyFiles::reload(self).map_err(|e| e.to_string())
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::auth::{self, AuthError, TokenVerifier};
-use crate::config::{CheckConfig, Secret};
+use crate::config::CheckConfig;
 use crate::ratelimit::{KeyedBuckets, TokenBucket};
 
 /// Every self-check family id starts with this: the TURN core counts their allocations
@@ -84,7 +84,6 @@ impl MintError {
 /// source address.
 pub struct Minter {
     config: CheckConfig,
-    secret: Secret,
     /// `check.tokens_per_minute`, server-wide.
     bucket: Mutex<TokenBucket>,
     /// `check.mints_per_token_per_hour`, by (family, device) of the minting token.
@@ -98,12 +97,13 @@ pub struct Minter {
 const MAX_TRACKED: usize = 10_000;
 
 impl Minter {
-    /// From `check.*` and the token secret.
-    pub fn new(config: CheckConfig, secret: Secret, now: Instant) -> Self {
+    /// From `check.*`. Tokens are signed with the verifier's first HS256 secret (kinlink's
+    /// own when public keys are configured, which then vouches for self-check families only).
+    pub fn new(config: CheckConfig, now: Instant) -> Self {
         let bucket = TokenBucket::new(config.tokens_per_minute as f64 / 60.0, config.tokens_per_minute, now);
         let per_token = KeyedBuckets::new(config.mints_per_token_per_hour as f64 / 3600.0, config.mints_per_token_per_hour, MAX_TRACKED);
         let per_ip = KeyedBuckets::new(config.mints_per_ip_per_minute as f64 / 60.0, config.mints_per_ip_per_minute, MAX_TRACKED);
-        Minter { config, secret, bucket: Mutex::new(bucket), per_token: Mutex::new(per_token), per_ip: Mutex::new(per_ip) }
+        Minter { config, bucket: Mutex::new(bucket), per_token: Mutex::new(per_token), per_ip: Mutex::new(per_ip) }
     }
 
     /// Whether `/check` is served.
@@ -115,7 +115,7 @@ impl Minter {
     /// no token is given), within the rate limits. `ip` is the requester's address.
     pub fn mint(&self, verifier: &TokenVerifier, bearer: Option<&str>, ip: Option<IpAddr>, now: Instant) -> Result<CheckTokens, MintError> {
         let minter = match bearer {
-            Some(token) => Some(verifier.verify(token).map_err(MintError::Unauthorized)?),
+            Some(token) => Some(verifier.verify(token, auth::unix_now()).map_err(MintError::Unauthorized)?),
             None if self.config.demo => None,
             None => return Err(MintError::Unauthorized(AuthError::Missing)),
         };
@@ -137,6 +137,7 @@ impl Minter {
         if !self.bucket.lock().unwrap_or_else(|e| e.into_inner()).take(now) {
             return Err(MintError::RateLimited);
         }
+        let secret = verifier.minting_secret().ok_or(MintError::Unauthorized(AuthError::BadAlgorithm))?;
         let family_id = format!("{FAMILY_PREFIX}{:016x}", rand::random::<u64>());
         let unix = auth::unix_now();
         let ttl = self.config.token_ttl_secs;
@@ -145,7 +146,7 @@ impl Minter {
             .map(|d| CheckDevice {
                 device_id: d.into(),
                 user_id: "check".into(),
-                token: auth::mint_token(&self.secret, &family_id, "check", d, ttl, unix),
+                token: auth::mint_token(&secret, &family_id, "check", d, ttl, unix),
             })
             .collect();
         Ok(CheckTokens { family_id, devices, ttl })
@@ -155,12 +156,13 @@ impl Minter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Secret;
     use std::time::Duration;
 
     fn minter(demo: bool, per_minute: u32) -> (Minter, TokenVerifier, Secret) {
         let secret = Secret::new("check-test-secret-0123456789");
         let cfg = CheckConfig { demo, tokens_per_minute: per_minute, ..CheckConfig::default() };
-        (Minter::new(cfg, secret.clone(), Instant::now()), TokenVerifier::new(&secret, 0), secret)
+        (Minter::new(cfg, Instant::now()), TokenVerifier::hs256(&secret, 0), secret)
     }
 
     #[test]
@@ -173,7 +175,7 @@ mod tests {
         let t = m.mint(&v, Some(&good), None, now).unwrap();
         assert!(t.family_id.starts_with("check-") && t.family_id != "fam");
         assert_eq!(t.devices.len(), 2);
-        let c = v.verify(&t.devices[1].token).unwrap();
+        let c = v.verify(&t.devices[1].token, auth::unix_now()).unwrap();
         assert_eq!((c.fam.as_str(), c.dev.as_str(), c.sub.as_str()), (t.family_id.as_str(), "check-b", "check"));
         let (demo, v, _) = minter(true, 10);
         assert!(demo.mint(&v, None, None, now).is_ok());
@@ -183,8 +185,8 @@ mod tests {
     fn check_tokens_cannot_mint_and_limits_hold_per_token_and_per_ip() {
         let secret = Secret::new("check-test-secret-0123456789");
         let cfg = CheckConfig { tokens_per_minute: 1000, mints_per_token_per_hour: 3, mints_per_ip_per_minute: 5, ..CheckConfig::default() };
-        let m = Minter::new(cfg, secret.clone(), Instant::now());
-        let v = TokenVerifier::new(&secret, 0);
+        let m = Minter::new(cfg, Instant::now());
+        let v = TokenVerifier::hs256(&secret, 0);
         let now = Instant::now();
         let device = auth::mint_token(&secret, "fam", "u", "d", 600, auth::unix_now());
         let minted = m.mint(&v, Some(&device), None, now).unwrap();

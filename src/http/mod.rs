@@ -297,7 +297,7 @@ async fn ice_servers(State(st): State<AppState>, headers: HeaderMap) -> Response
     let env = &st.shared().env;
     let verified = match bearer(&headers) {
         None => Err(auth::AuthError::Missing),
-        Some(token) => env.verifier.verify(token),
+        Some(token) => env.verifier.verify(token, auth::unix_now()),
     };
     let claims = match verified {
         Ok(claims) => claims,

@@ -368,7 +368,8 @@ impl Session {
             return self.error(ErrorCode::AlreadyRegistered, "this connection is already registered", None);
         }
         let token = token.or(self.upgrade_token.as_deref()).unwrap_or("");
-        let claims = match self.env.verifier.verify(token) {
+        let unix = auth::unix_now();
+        let claims = match self.env.verifier.verify(token, unix) {
             Ok(c) => c,
             Err(e) => return self.auth_failed(now, e),
         };
@@ -384,7 +385,9 @@ impl Session {
             family: member.family.clone(),
             device: member.device.clone(),
             user: member.user.clone(),
-            token_expires: now + Duration::from_secs((claims.exp + self.env.token_leeway.as_secs()).saturating_sub(auth::unix_now())),
+            // `exp` is bounded by auth.max_token_ttl_secs (the verifier refuses more), and the
+            // sum saturates besides: no claim can overflow the deadline.
+            token_expires: deadline(now, claims.exp.saturating_add(self.env.token_leeway.as_secs()).saturating_sub(unix)),
             token_exp: claims.exp,
             ice_refresh: now,
         };
@@ -522,6 +525,11 @@ impl Session {
     }
 }
 
+/// `now + secs`, or far in the future where that does not fit an `Instant`.
+fn deadline(now: Instant, secs: u64) -> Instant {
+    now.checked_add(Duration::from_secs(secs)).unwrap_or_else(|| now + Duration::from_secs(365 * 86_400))
+}
+
 /// Push fresh credentials once three quarters of their lifetime has passed.
 fn refresh_after(ttl_secs: u64) -> Duration {
     Duration::from_secs(ttl_secs * 3 / 4)
@@ -553,9 +561,9 @@ mod tests {
         ));
         let turn = TurnConfig { secret: Some(Secret::new("turn-secret-0123456789")), ..TurnConfig::default() };
         Arc::new(SessionEnv {
-            verifier: TokenVerifier::new(&Secret::new(SECRET), 0),
+            verifier: TokenVerifier::hs256(&Secret::new(SECRET), 0),
             token_leeway: Duration::ZERO,
-            ice: IceConfig::new(&turn),
+            ice: IceConfig::new(&turn, Secret::new("turn-secret-0123456789")),
             hub,
             metrics,
             negotiations: std::sync::Mutex::new(Negotiations::new(

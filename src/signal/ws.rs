@@ -26,7 +26,9 @@ pub async fn drive(
     mut draining: watch::Receiver<bool>,
 ) {
     let metrics = env.metrics.clone();
-    metrics.signal_connections.inc();
+    // Decremented on drop, so the gauge cannot drift whatever ends this task (a panic once
+    // left it 68 high with no connection open).
+    let _open = GaugeGuard::inc(&metrics.signal_connections);
     metrics.signal_connections_accepted.inc();
     tracing::debug!(session = id, "connection opened");
     let write_timeout = Duration::from_secs(env.limits.write_timeout_secs);
@@ -104,9 +106,24 @@ pub async fn drive(
         }
     };
     session.finish();
-    metrics.signal_connections.dec();
     metrics.signal_connections_closed.with_label_values(&[reason]).inc();
     tracing::debug!(session = id, reason, "connection closed");
+}
+
+/// One unit of a gauge, held for as long as the guard lives.
+struct GaugeGuard(prometheus::IntGauge);
+
+impl GaugeGuard {
+    fn inc(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl WriteError {

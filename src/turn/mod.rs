@@ -107,6 +107,33 @@ impl Control {
 /// Counter sets TCP/TLS connections spread over (see `stream::Ctx::counters`).
 const STREAM_COUNTER_SETS: usize = 16;
 
+/// The control plane, for what reaches TURN from outside its listeners: revocations and
+/// secret rotation.
+#[derive(Clone)]
+pub struct TurnHandle {
+    core: Core,
+}
+
+impl TurnHandle {
+    /// A revocation: the device's (or family's) allocations close now and its credentials are
+    /// refused. Returns how many allocations closed.
+    pub fn revoke(&self, entry: &crate::auth::revocation::Entry) -> usize {
+        let mut core = lock(&self.core);
+        let closed = core.revoke(Instant::now(), entry);
+        let released = core.take_released();
+        drop(core);
+        // Relay sockets close outside the lock.
+        drop(released);
+        closed
+    }
+
+    /// Replaces the accepted REST secrets (`turn.secrets_file` reloaded).
+    pub fn set_secrets(&self, secrets: Vec<crate::config::Secret>) {
+        lock(&self.core).set_secrets(secrets);
+    }
+
+}
+
 /// The running TURN server.
 pub struct TurnService {
     /// Bound UDP listeners.
@@ -161,9 +188,7 @@ pub fn advertised(cfg: &crate::Config) -> Vec<String> {
     if !t.enabled {
         return vec!["TURN/STUN: off (turn.enabled = false): devices get no ICE servers".into()];
     }
-    let mut with_secret = t.clone();
-    with_secret.secret.get_or_insert_with(|| crate::config::Secret::new("-"));
-    let ice = crate::ice::IceConfig::new(&with_secret);
+    let ice = crate::ice::IceConfig::new(t, crate::config::Secret::new("-"));
     let urls: Vec<String> = ice.block("f", "d", Some("HOST"), 0, 60).into_iter().flat_map(|s| s.urls).collect();
     let host = if t.public_host.is_empty() {
         "HOST is the Host header of each device's request (set turn.public_host when devices reach signaling through a proxy or another name)".to_string()
@@ -251,7 +276,7 @@ impl TurnService {
     /// also serve it on the HTTP port); `cfg`'s TCP/TLS addresses are the dedicated ones (an
     /// address shared with `http.listen` is served through [`TurnService::stream_entry`]).
     pub async fn start(cfg: &TurnConfig, tls_files: Option<Arc<crate::tls::KeyFiles>>, metrics: Arc<Metrics>, health: Arc<Health>, other_own: &[SocketAddr]) -> anyhow::Result<TurnService> {
-        let secret = cfg.secret.clone().context("turn.secret is resolved")?;
+        let secrets = crate::secrets::turn_secrets(cfg).map_err(anyhow::Error::msg)?;
         let tls_files = tls_files
             .filter(|_| !cfg.tls_listen.0.is_empty())
             .map(|f| crate::tls::Acceptor::with_sources(vec![crate::tls::Source::Files(f)], Vec::new(), "turn"));
@@ -320,7 +345,8 @@ impl TurnService {
             own,
         );
         let settings = Settings {
-            secret,
+            secrets,
+            credential_ttl_secs: cfg.credential_ttl_secs,
             realm: cfg.realm.clone(),
             public_ip,
             max_lifetime: Duration::from_secs(cfg.max_lifetime_secs),
@@ -405,6 +431,11 @@ impl TurnService {
     /// Where another listener (the HTTP port, when TURN shares it) hands TCP/TLS connections.
     pub fn stream_entry(&self) -> stream::StreamEntry {
         self.entry.clone()
+    }
+
+    /// A handle on the control plane for revocation and secret rotation.
+    pub fn handle(&self) -> TurnHandle {
+        TurnHandle { core: self.core.clone() }
     }
 
     /// Stops granting allocations; existing ones keep relaying until the process exits.

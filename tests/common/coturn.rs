@@ -41,9 +41,14 @@ pub async fn coturn_peer() -> (Peer, u16) {
 
 /// Runs turnutils_uclient with REST secret auth; returns (messages received, packets lost).
 pub fn uclient(extra: &[&str], turn_port: u16, peer_port: u16, clients: u32, messages: u32) -> (u64, u64, String) {
+    uclient_with_secret(TURN_SECRET, extra, turn_port, peer_port, clients, messages)
+}
+
+/// [`uclient`] with credentials made from `secret`.
+pub fn uclient_with_secret(secret: &str, extra: &[&str], turn_port: u16, peer_port: u16, clients: u32, messages: u32) -> (u64, u64, String) {
     let out = Command::new("turnutils_uclient")
         .args(extra)
-        .args(["-W", TURN_SECRET, "-u", "fam:dev", "-e", "127.0.0.1", "-r", &peer_port.to_string()])
+        .args(["-W", secret, "-u", "fam:dev", "-e", "127.0.0.1", "-r", &peer_port.to_string()])
         .args(["-p", &turn_port.to_string(), "-n", &messages.to_string(), "-m", &clients.to_string(), "-l", "500", "-z", "5", "-X"])
         .arg("127.0.0.1")
         .output()

@@ -1,6 +1,7 @@
 //! Test harness: a kinlink server on 127.0.0.1:0 in this process, and WebSocket clients.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod coturn;
 pub mod js;
 

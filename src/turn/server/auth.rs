@@ -103,15 +103,21 @@ impl<R: Clone> TurnServer<R> {
         if !valid_id(family) || !valid_id(device) {
             return Err(self.auth_failure(now, tuple, msg, "malformed"));
         }
-        let password = turn_password(&self.settings.secret, username);
-        let key = long_term_key(username, &self.settings.realm, &password, sha256);
-        let ok = if sha256 { msg.verify_integrity_sha256(&key) } else { msg.verify_integrity(&key) };
-        if !ok {
+        // Any accepted secret (a rotation keeps the old one for a while); the first usually.
+        let key = self.settings.secrets.iter().find_map(|secret| {
+            let key = long_term_key(username, &self.settings.realm, &turn_password(secret, username), sha256);
+            let ok = if sha256 { msg.verify_integrity_sha256(&key) } else { msg.verify_integrity(&key) };
+            ok.then_some(key)
+        });
+        let Some(key) = key else {
             return Err(self.auth_failure(now, tuple, msg, "bad_integrity"));
-        }
+        };
         // Checked after the MAC so a forged username learns nothing from the answer.
         if expiry <= self.unix(now) {
             return Err(self.auth_failure(now, tuple, msg, "expired"));
+        }
+        if self.revoked.covers_credential(family, device, expiry, self.settings.credential_ttl_secs) {
+            return Err(self.auth_failure(now, tuple, msg, "revoked"));
         }
         Ok(Authed { username: username.to_string(), family: family.into(), device: device.into(), key, sha256 })
     }

@@ -22,6 +22,7 @@ use hmac::{Hmac, Mac};
 use md5::Digest;
 
 use super::policy::{Denied, PeerPolicy};
+use crate::auth::revocation::{DenyList, Entry};
 use crate::auth::{turn_password, valid_id};
 use crate::config::{Secret, TurnQuota};
 use crate::ratelimit::{KeyedBuckets, LogLimiter};
@@ -75,8 +76,11 @@ pub struct FiveTuple {
 /// Settings of the core, from `turn.*`.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// REST shared secret.
-    pub secret: Secret,
+    /// REST shared secrets: credentials made with any of them are accepted (rotation).
+    pub secrets: Vec<Secret>,
+    /// Longest credential lifetime handed out (`turn.credential_ttl_secs`): how long a
+    /// revocation must refuse credentials minted before it.
+    pub credential_ttl_secs: u64,
     /// Realm.
     pub realm: String,
     /// The IP put into XOR-RELAYED-ADDRESS (NAT, Kubernetes); `None` uses the relay socket's.
@@ -246,6 +250,9 @@ pub struct TurnServer<R> {
     /// Relays let go of, for the driver to drop after unlocking (closing a socket is a
     /// system call, and none is made under the core's lock).
     released: Released<R>,
+    /// Revoked devices and families: their credentials are refused, from the signaling
+    /// side's deny list ([`TurnServer::revoke`]).
+    revoked: DenyList,
 }
 
 /// Relay handles and paths the core no longer holds; see [`TurnServer::take_released`].
@@ -271,7 +278,9 @@ impl<R: Clone> TurnServer<R> {
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce_key);
         let rate = settings.unauthenticated_per_ip_per_sec;
         let unauthenticated = (rate > 0).then(|| KeyedBuckets::new(rate as f64, rate.saturating_mul(2), MAX_TRACKED_SOURCES));
+        let revoked = DenyList::new(settings.credential_ttl_secs);
         TurnServer {
+            revoked,
             settings,
             gate: Arc::new(PeerGate::new(policy)),
             stats: Stats::default(),
@@ -374,10 +383,34 @@ impl<R: Clone> TurnServer<R> {
         ClientAction::None
     }
 
+    /// Replaces the accepted REST secrets (a rotation): live allocations are untouched, new
+    /// requests are checked against the new list.
+    pub fn set_secrets(&mut self, secrets: Vec<Secret>) {
+        self.settings.secrets = secrets;
+    }
+
+    /// A device or family was revoked: its allocations end now (with their reservations),
+    /// and its credentials minted up to `entry.revoked_at` are refused from now on. Returns
+    /// how many allocations were closed.
+    pub fn revoke(&mut self, now: Instant, entry: &Entry) -> usize {
+        self.revoked.apply(entry);
+        let hit = |family: &str, device: &str| family == entry.family_id && entry.device_id.as_deref().is_none_or(|d| d == device);
+        let doomed: Vec<FiveTuple> = self.allocations.iter().filter(|(_, a)| hit(&a.family, &a.device)).map(|(t, _)| *t).collect();
+        let pending: Vec<FiveTuple> = self.pending.iter().filter(|(_, p)| hit(&p.authed.family, &p.authed.device)).map(|(t, _)| *t).collect();
+        for t in pending {
+            self.abandon(&t);
+        }
+        for t in &doomed {
+            self.remove(now, t, "revoked");
+        }
+        doomed.len()
+    }
+
     /// Expires allocations, permissions and channels; call about once a second.
     /// `unix` is the wall clock read with `now`: the core follows it (see `sync_wall_clock`).
     pub fn handle_timeout(&mut self, now: Instant, unix: u64) {
         self.sync_wall_clock(now, unix);
+        self.revoked.expire(unix);
         if let Some(buckets) = &mut self.unauthenticated {
             buckets.prune(now);
         }

@@ -16,7 +16,8 @@ const UNIX0: u64 = 1_800_000_000;
 
 fn settings() -> Settings {
     Settings {
-        secret: Secret::new(SECRET),
+        secrets: vec![Secret::new(SECRET)],
+        credential_ttl_secs: 86_400,
         realm: "kinlink".into(),
         public_ip: Some("203.0.113.10".parse().unwrap()),
         max_lifetime: Duration::from_secs(3600),
