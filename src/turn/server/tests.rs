@@ -733,3 +733,47 @@ fn requests_without_credentials_are_rate_limited_per_source() {
         assert_eq!(Message::parse(&h.reply(h.t0, flooder, &ok)).unwrap().class, Class::Success);
     }
 }
+
+#[test]
+fn revocation_closes_the_device_s_allocations_and_refuses_its_credentials() {
+    use crate::auth::revocation::Entry;
+    let mut h = harness();
+    let (ta, tb, tx) = (tuple(4100), tuple(4101), tuple(4102));
+    let (mut a, mut b) = (creds_for("fam", "a", 3600, SECRET), creds_for("fam", "b", 3600, SECRET));
+    let mut x = creds_for("other", "a", 3600, SECRET);
+    for (t, c, id) in [(ta, &mut a, 1), (tb, &mut b, 3), (tx, &mut x, 5)] {
+        assert_eq!(Message::parse(&h.allocate(h.t0, t, c, id)).unwrap().class, Class::Success);
+    }
+    let path = h.s.path(&ta).unwrap();
+    let entry = Entry { family_id: "fam".into(), device_id: Some("a".into()), revoked_at: UNIX0 };
+    assert_eq!(h.s.revoke(h.t0, &entry), 1);
+    assert!(path.is_closed() && h.s.path(&ta).is_none(), "the relay stops at once");
+    assert_eq!(h.s.allocation_count(), 2, "the family's other device and another family's same id keep theirs");
+    // Its credentials (minted up to the revocation) are refused, with the reason counted.
+    let first = h.reply(h.t0, ta, &request(method::ALLOCATE, tid(7), &[(attr::REQUESTED_TRANSPORT, UDP)], None, &[]));
+    a.nonce = Message::parse(&first).unwrap().get(attr::NONCE).unwrap().to_vec();
+    let again = h.reply(h.t0, ta, &request(method::ALLOCATE, tid(8), &[(attr::REQUESTED_TRANSPORT, UDP)], Some(&a), &[]));
+    assert_eq!(code_of(&again), Some(401));
+    assert_eq!(h.s.stats().auth_failures.get("revoked"), 1);
+    // Credentials minted after the revocation (a new token) work.
+    let mut later = creds_for("fam", "a", 86_400 + 10, SECRET);
+    assert_eq!(Message::parse(&h.allocate(h.t0, tuple(4103), &mut later, 9)).unwrap().class, Class::Success);
+    // A family revocation takes every device of it.
+    assert_eq!(h.s.revoke(h.t0, &Entry { family_id: "fam".into(), device_id: None, revoked_at: UNIX0 + 1 }), 2);
+    assert_eq!(h.s.allocation_count(), 1);
+}
+
+#[test]
+fn rotated_secrets_accept_old_and_new_until_the_old_is_removed() {
+    let mut h = harness();
+    let next = "turn-unit-secret-next-012345";
+    h.s.set_secrets(vec![Secret::new(next), Secret::new(SECRET)]);
+    let mut old = creds_for("fam", "a", 3600, SECRET);
+    let mut new = creds_for("fam", "b", 3600, next);
+    assert_eq!(Message::parse(&h.allocate(h.t0, tuple(4200), &mut old, 1)).unwrap().class, Class::Success);
+    assert_eq!(Message::parse(&h.allocate(h.t0, tuple(4201), &mut new, 3)).unwrap().class, Class::Success);
+    h.s.set_secrets(vec![Secret::new(next)]);
+    let mut stale = creds_for("fam", "c", 3600, SECRET);
+    assert_eq!(code_of(&h.allocate(h.t0, tuple(4202), &mut stale, 5)), Some(401));
+    assert_eq!(h.s.allocation_count(), 2, "allocations made with the removed secret live on");
+}
