@@ -182,8 +182,7 @@ fn config_check(config: &kinlink::Config) -> ExitCode {
         println!("#   {line}");
     }
     let p = config.auth.policy();
-    let algorithms: Vec<&str> = [("HS256", p.hs256), ("ES256", p.es256), ("EdDSA", p.eddsa), ("RS256", p.rs256)].iter().filter(|(_, on)| *on).map(|(a, _)| *a).collect();
-    println!("#   device tokens: {} (longest lifetime {} s)", algorithms.join(", "), p.max_ttl_secs);
+    println!("#   device tokens: {} (longest lifetime {} s)", p.algorithms().join(", "), p.max_ttl_secs);
     if config.auth.has_public_keys() && !p.hs256 {
         println!("#   kinlink's own HS256 secret signs only its self-check families: it cannot mint a device token");
     }

@@ -361,9 +361,7 @@ fn token_verifier(auth: &crate::config::AuthConfig) -> anyhow::Result<(TokenVeri
     if let Some(path) = &auth.public_keys {
         reloadable.push(crate::auth::keys::JwksFile::load(path.clone(), verifier.clone()).map_err(|e| anyhow::anyhow!("auth.public_keys: {e}"))?);
     }
-    let p = auth.policy();
-    let algorithms: Vec<&str> = [("HS256", p.hs256), ("ES256", p.es256), ("EdDSA", p.eddsa), ("RS256", p.rs256)].iter().filter(|(_, on)| *on).map(|(a, _)| *a).collect();
-    tracing::info!(algorithms = %algorithms.join(","), public_keys = auth.public_keys.is_some(), public_keys_url = !auth.public_keys_url.is_empty(), "device tokens");
+    tracing::info!(algorithms = %auth.policy().algorithms().join(","), public_keys = auth.public_keys.is_some(), public_keys_url = !auth.public_keys_url.is_empty(), "device tokens");
     Ok((verifier, reloadable))
 }
 

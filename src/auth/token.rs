@@ -38,6 +38,11 @@ pub struct TokenPolicy {
 }
 
 impl TokenPolicy {
+    /// The names of the accepted algorithms, for logs and `config check`.
+    pub fn algorithms(&self) -> Vec<&'static str> {
+        [("HS256", self.hs256), ("ES256", self.es256), ("EdDSA", self.eddsa), ("RS256", self.rs256)].iter().filter(|(_, on)| *on).map(|(a, _)| *a).collect()
+    }
+
     fn accepts(&self, alg: Algorithm) -> bool {
         match alg {
             Algorithm::HS256 => self.hs256,
