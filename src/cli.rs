@@ -101,6 +101,20 @@ pub enum Command {
         #[arg(long)]
         skip_turn: bool,
     },
+    /// Drive the admin API of a running kinlink (admin.listen): list a family's devices,
+    /// disconnect a device, revoke a device or family. The token is this configuration's
+    /// admin.token (or admin.token_file), or --token-file; the answer is printed as JSON.
+    Admin {
+        /// Base URL of the admin listener (default: this configuration's admin.listen).
+        #[arg(long)]
+        url: Option<String>,
+        /// A file holding the admin token.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// What to do.
+        #[command(subcommand)]
+        action: AdminAction,
+    },
     /// Configuration tools.
     Config {
         /// What to do with the configuration.
@@ -133,6 +147,50 @@ pub enum KeysAction {
         #[arg(long)]
         kid: String,
     },
+}
+
+/// `kinlink admin ...`
+#[derive(Debug, Subcommand)]
+pub enum AdminAction {
+    /// The family's online devices (node, since) and the route of each pair.
+    Devices {
+        /// Family id.
+        family: String,
+    },
+    /// Close a device's connection (close code 4001); it may reconnect.
+    Disconnect {
+        /// Family id.
+        family: String,
+        /// Device id.
+        device: String,
+    },
+    /// Revoke every token of a device issued until now (closed with 4410 on every node).
+    RevokeDevice {
+        /// Family id.
+        family: String,
+        /// Device id.
+        device: String,
+    },
+    /// Revoke every token of a family issued until now.
+    RevokeFamily {
+        /// Family id.
+        family: String,
+    },
+    /// The revocations in force.
+    Revocations,
+}
+
+impl AdminAction {
+    /// The API request: method and path.
+    pub fn request(&self) -> (&'static str, String) {
+        match self {
+            AdminAction::Devices { family } => ("GET", format!("/v1/families/{family}/devices")),
+            AdminAction::Disconnect { family, device } => ("POST", format!("/v1/families/{family}/devices/{device}/disconnect")),
+            AdminAction::RevokeDevice { family, device } => ("POST", format!("/v1/families/{family}/devices/{device}/revoke")),
+            AdminAction::RevokeFamily { family } => ("POST", format!("/v1/families/{family}/revoke")),
+            AdminAction::Revocations => ("GET", "/v1/revocations".to_string()),
+        }
+    }
 }
 
 /// `kinlink config ...`

@@ -214,6 +214,8 @@ pub struct Config {
     pub check: CheckConfig,
     /// `[acme]`: certificates obtained and renewed automatically.
     pub acme: AcmeConfig,
+    /// `[admin]`: the session API (list, disconnect, revoke) on its own listener.
+    pub admin: AdminConfig,
     /// `KINLINK_*` environment variables that were not configuration but Kubernetes
     /// service links (logged at debug once logging is up). Not a key.
     #[serde(skip)]
@@ -291,6 +293,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             check: CheckConfig::default(),
             acme: AcmeConfig::default(),
+            admin: AdminConfig::default(),
             ignored_env: Vec::new(),
         }
     }
@@ -336,6 +339,39 @@ impl Default for HttpConfig {
             tls_key: None,
             cors_origins: Vec::new(),
         }
+    }
+}
+
+/// `admin.*`: the operators' session API, off unless `listen` is set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin listener ("" = off). Plain HTTP, so loopback unless
+    /// `allow_remote`.
+    pub listen: String,
+    /// The bearer token the API asks for (at least 32 characters); or `token_file`.
+    pub token: Option<Secret>,
+    /// A file holding the token (a mounted Kubernetes Secret), read at start.
+    pub token_file: Option<PathBuf>,
+    /// Serve a non-loopback `listen` in plain HTTP: only behind a TLS-terminating proxy or
+    /// inside a network policy.
+    pub allow_remote: bool,
+}
+
+impl AdminConfig {
+    /// The admin listener's address, when the API is on.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        (!self.listen.is_empty()).then(|| self.listen.parse().ok()).flatten()
+    }
+
+    /// The token: `token`, or the first line of `token_file`.
+    pub fn token(&self) -> Result<Option<Secret>, String> {
+        if let Some(t) = &self.token {
+            return Ok(Some(t.clone()));
+        }
+        let Some(path) = &self.token_file else { return Ok(None) };
+        let text = std::fs::read_to_string(path).map_err(|e| format!("admin.token_file {}: {e}", path.display()))?;
+        Ok(text.lines().next().map(|l| Secret::new(l.trim())).filter(|s| !s.expose().is_empty()))
     }
 }
 
@@ -987,6 +1023,25 @@ impl Config {
     /// Cross-field and range checks that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.signal;
+        if !self.admin.listen.is_empty() {
+            let Ok(addr) = self.admin.listen.parse::<SocketAddr>() else {
+                return Err(ConfigError::invalid("admin.listen", format!("`{}` is not an address like 127.0.0.1:9091 (or \"\" for off)", self.admin.listen)));
+            };
+            if !addr.ip().is_loopback() && !self.admin.allow_remote {
+                return Err(ConfigError::invalid(
+                    "admin.listen",
+                    format!("{addr} is not loopback and the admin API is plain HTTP: bind 127.0.0.1 (kubectl exec or port-forward reach it), or set admin.allow_remote behind a TLS proxy"),
+                ));
+            }
+            match self.admin.token() {
+                Err(e) => return Err(ConfigError::invalid("admin.token_file", e)),
+                Ok(None) => return Err(ConfigError::invalid("admin.token", "the admin API needs admin.token or admin.token_file".to_string())),
+                Ok(Some(t)) if t.expose().len() < 32 => {
+                    return Err(ConfigError::invalid("admin.token", "at least 32 characters (e.g. `openssl rand -hex 32`)".to_string()))
+                }
+                Ok(Some(_)) => {}
+            }
+        }
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
             return Err(ConfigError::invalid(
                 "metrics.listen",

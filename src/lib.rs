@@ -29,6 +29,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod acme;
+pub mod admin;
 pub mod auth;
 pub mod check;
 pub mod cluster;

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Some(Command::Config { action: ConfigAction::Check }) => config_check(&config),
         Some(Command::Token { family, user, device, ttl, key, kid, cnf_jwk }) => token(config, &family, &user, &device, ttl, key, kid, cnf_jwk),
         Some(Command::Keys { action }) => keys(action),
+        Some(Command::Admin { url, token_file, action }) => admin(&config, url, token_file, &action),
         Some(Command::Healthcheck { urls, timeout }) => {
             let urls = if urls.is_empty() { vec![kinlink::probe::default_url(&config)] } else { urls };
             for url in &urls {
@@ -31,6 +32,52 @@ fn main() -> ExitCode {
         }
         Some(Command::Check { url, token, ca_file, timeout, skip_turn }) => check(config, url, token, ca_file, timeout, skip_turn),
         Some(Command::Serve { .. }) | None => serve(config),
+    }
+}
+
+fn admin(config: &kinlink::Config, url: Option<String>, token_file: Option<std::path::PathBuf>, action: &kinlink::cli::AdminAction) -> ExitCode {
+    let url = url.unwrap_or_else(|| format!("http://{}", config.admin.listen));
+    let token = match token_file {
+        Some(path) => kinlink::config::AdminConfig { token_file: Some(path), ..Default::default() }.token(),
+        None => config.admin.token(),
+    };
+    let token = match token {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            eprintln!("kinlink: admin: no token: set admin.token or admin.token_file, or pass --token-file");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("kinlink: admin: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if url == "http://" {
+        eprintln!("kinlink: admin: admin.listen is not set: pass --url");
+        return ExitCode::from(2);
+    }
+    let (method, path) = action.request();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kinlink: admin: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(kinlink::admin::client::request(&url, token.expose(), method, &path)) {
+        Ok((status, body)) => {
+            println!("{body}");
+            if (200..300).contains(&status) {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("kinlink: admin: HTTP {status}");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("kinlink: admin: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

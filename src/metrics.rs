@@ -88,6 +88,14 @@ pub struct Metrics {
     pub auth_jwks_url_fetches: IntCounterVec,
     /// `kinlink_auth_jwks_url_last_success_timestamp_seconds`: last good fetch (0: never).
     pub auth_jwks_url_last_success: IntGauge,
+    /// `kinlink_auth_deny_list_entries`: revocations in force.
+    pub auth_deny_list_entries: IntGauge,
+    /// `kinlink_admin_revocations_total{kind}`: revocations made through this node's admin API.
+    pub admin_revocations: IntCounterVec,
+    /// `kinlink_admin_disconnects_total`: disconnects made through this node's admin API.
+    pub admin_disconnects: IntCounter,
+    /// `kinlink_admin_requests_total{result}`: admin API requests by authorization (ok, missing, wrong).
+    pub admin_requests: IntCounterVec,
     /// `kinlink_panics_total`: panics anywhere in the process (each one is a bug).
     pub panics: IntCounter,
     /// `kinlink_listener_restarts_total{listener}`: listener tasks that ended and were restarted.
@@ -363,6 +371,10 @@ impl Metrics {
                 "kinlink_auth_jwks_url_last_success_timestamp_seconds",
                 "Unix time of the last good fetch of auth.public_keys_url (0: never fetched).",
             ),
+            auth_deny_list_entries: gauge("kinlink_auth_deny_list_entries", "Revocations in force (devices and families whose earlier tokens are refused)."),
+            admin_revocations: counter_vec("kinlink_admin_revocations_total", "Revocations made through this node's admin API, by kind (device, family).", "kind"),
+            admin_disconnects: counter("kinlink_admin_disconnects_total", "Device disconnects made through this node's admin API."),
+            admin_requests: counter_vec("kinlink_admin_requests_total", "Admin API requests, by authorization result (ok, missing, wrong).", "result"),
             panics: reg(&registry, PANICS.clone()),
             listener_restarts: counter_vec(
                 "kinlink_listener_restarts_total",
@@ -505,6 +517,12 @@ impl Metrics {
         }
         for reason in ["server_full", "shutting_down"] {
             m.signal_upgrades_rejected.with_label_values(&[reason]);
+        }
+        for kind in ["device", "family"] {
+            m.admin_revocations.with_label_values(&[kind]);
+        }
+        for result in ["ok", "missing", "wrong"] {
+            m.admin_requests.with_label_values(&[result]);
         }
         for reason in CloseCode::ALL.iter().map(|c| c.reason()).chain(EXTRA_CLOSE_REASONS) {
             m.signal_connections_closed.with_label_values(&[reason]);

@@ -38,6 +38,10 @@ pub struct Server {
     reloadable: Vec<Arc<dyn crate::reload::Reloadable>>,
     /// The ACME client (`acme.domains`), running while the server does.
     acme: Option<crate::acme::Acme>,
+    /// The admin API's listener (`admin.listen`) and router.
+    admin: Option<(TcpListener, axum::Router)>,
+    /// Revocations and disconnects.
+    control: Arc<crate::admin::Control>,
 }
 
 impl Server {
@@ -71,7 +75,7 @@ impl Server {
             _ => None,
         };
         let hub: Arc<dyn Hub> = match &config.cluster.redis_url {
-            None => Arc::new(LocalHub::new(limits, metrics.clone())),
+            None => Arc::new(LocalHub::new(limits, metrics.clone(), &config.cluster.node())),
             Some(_) => {
                 let hub = Arc::new(crate::cluster::RedisHub::connect(&config.cluster, redis_identity.clone(), limits, metrics.clone()).await?);
                 cluster = Some(hub.clone());
@@ -171,6 +175,35 @@ impl Server {
                 }
             }));
         }
+        // The deny list: from the data directory on one node, from Redis with several, and
+        // applied to TURN too.
+        let store = match &cluster {
+            Some(c) => crate::admin::Store::Cluster(c.clone()),
+            None => crate::admin::Store::File(config.data_dir.join("revocations.json")),
+        };
+        let control = crate::admin::Control::new(env.verifier.clone(), env.hub.clone(), turn.as_ref().map(TurnService::handle), store, env.metrics.clone());
+        let in_force = control.load(crate::auth::unix_now()).await.context("revocations")?;
+        if in_force > 0 {
+            tracing::info!(revocations = in_force, "revocations in force");
+        }
+        if let Some(cluster) = &cluster {
+            let control = Arc::downgrade(&control);
+            cluster.set_control_sink(Box::new(move |incoming| {
+                let Some(control) = control.upgrade() else { return };
+                match incoming {
+                    crate::cluster::Incoming::Command(cmd) => drop(control.apply(&cmd)),
+                    crate::cluster::Incoming::Revocations(all) => control.apply_all(&all, crate::auth::unix_now()),
+                }
+            }));
+        }
+        let admin = match config.admin.listen_addr() {
+            Some(addr) => {
+                let token = config.admin.token().map_err(anyhow::Error::msg)?.context("admin.token")?;
+                let listener = TcpListener::bind(addr).await.with_context(|| format!("admin.listen: cannot bind {addr}"))?;
+                Some((listener, crate::admin::api::router(control.clone(), &token, env.metrics.clone())))
+            }
+            None => None,
+        };
         let state = AppState::new(env, draining, minter, health, config.http.cors_origins.clone());
         let share = turn.as_ref().filter(|_| shares_tcp || shares_tls).map(|t| http::listener::Share { turn: t.stream_entry(), tcp: shares_tcp, tls: shares_tls });
         // This port's TLS: the HTTPS certificate, and on a shared port the `turns:` one too,
@@ -198,7 +231,12 @@ impl Server {
         let tls = (!sources.is_empty()).then(|| crate::tls::Acceptor::with_sources(sources, alpn, "http"));
         let http_limits = http::listener::HttpLimits::new(&config.http, tls, https, share);
         let key_files = http_files.into_iter().chain(turn_files).chain(redis_identity).collect();
-        Ok(Server { config, http, metrics: metrics_listener, state, drain, turn, http_limits, key_files, reloadable, acme })
+        Ok(Server { config, http, metrics: metrics_listener, state, drain, turn, http_limits, key_files, reloadable, acme, admin, control })
+    }
+
+    /// The bound admin address, when the admin API is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(l, _)| l.local_addr().expect("bound listener has an address"))
     }
 
     /// The bound public address (useful with port 0).
@@ -228,7 +266,7 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let Server { config, http, metrics, state, drain, turn, http_limits, key_files, reloadable, acme } = self;
+        let Server { config, http, metrics, state, drain, turn, http_limits, key_files, reloadable, acme, admin, control } = self;
         let _acme = acme;
         let separate_metrics = metrics.is_some();
         let http_addr = http.local_addr()?;
@@ -274,14 +312,27 @@ impl Server {
             });
             tokio::spawn(async move { serve.await })
         });
+        // The admin API, with the public listener's deadlines and caps; it keeps serving
+        // through the drain (an operator may still revoke), and stops with the process.
+        let (admin_stop, admin_stopped) = watch::channel(false);
+        let admin_addr = admin.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
+        let admin_task = admin.map(|(listener, router)| {
+            let limits = http::listener::HttpLimits::new(&config.http, None, false, None);
+            tokio::spawn(http::listener::serve(listener, router, limits, state.shared().env.metrics.clone(), admin_stopped))
+        });
         let shared = state.shared();
         let sweeper = {
             let env = shared.env.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut n: u64 = 0;
                 loop {
                     tick.tick().await;
                     env.expire_negotiations(std::time::Instant::now());
+                    if n.is_multiple_of(60) {
+                        control.expire(crate::auth::unix_now());
+                    }
+                    n += 1;
                 }
             })
         };
@@ -295,6 +346,7 @@ impl Server {
             http = %http_addr,
             scheme,
             metrics = %metrics_addr.map_or_else(|| "on http".to_string(), |a| a.to_string()),
+            admin = %admin_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
             version = env!("CARGO_PKG_VERSION"),
             "kinlink serving"
         );
@@ -338,6 +390,10 @@ impl Server {
             p.abort();
         }
         let _ = metrics_stop.send(());
+        let _ = admin_stop.send(true);
+        if let Some(task) = admin_task {
+            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+        }
         if let Some(task) = metrics_task {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
         }

@@ -119,7 +119,7 @@ async fn metrics_pass_promtool_and_cover_every_dashboard_query() {
 
     // Bounded labels only: never a family, device, user or IP (`shard` is bounded by
     // turn.data_threads, at most 256).
-    let allowed = ["reason", "code", "type", "direction", "transport", "scope", "outcome", "status", "version", "result", "listener", "stage", "le", "shard", "op", "protocol", "event", "source"];
+    let allowed = ["reason", "code", "type", "direction", "transport", "scope", "outcome", "status", "version", "result", "listener", "stage", "le", "shard", "op", "protocol", "event", "source", "kind"];
     let exported: BTreeSet<String> = scrape
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

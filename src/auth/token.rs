@@ -129,6 +129,11 @@ impl TokenVerifier {
         self.inner.deny.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether a token of `device` of `family` issued at `iat` is revoked now.
+    pub fn is_revoked(&self, family: &str, device: &str, iat: u64) -> bool {
+        self.inner.deny.read().unwrap_or_else(|e| e.into_inner()).covers(family, device, iat)
+    }
+
     /// Checks algorithm, key, signature, time claims, ids and the deny list at `now_unix`.
     pub fn verify(&self, token: &str, now_unix: u64) -> Result<Claims, AuthError> {
         if token.is_empty() {

@@ -12,10 +12,12 @@ use crate::signal::hub::SessionId;
 use crate::signal::negotiation::Report;
 
 /// Registers a device unless the family is full: `{0}`, or `{1, previous value or '', HGETALL}`.
+/// KEYS[2] (`since_key`) records when it registered (ARGV[4]), for the admin API.
 pub(super) const JOIN: &str = r"
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if not old and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return {0} end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if KEYS[2] then redis.call('HSET', KEYS[2], ARGV[1], ARGV[4]) end
 return {1, old or '', redis.call('HGETALL', KEYS[1])}
 ";
 
@@ -23,6 +25,7 @@ return {1, old or '', redis.call('HGETALL', KEYS[1])}
 pub(super) const LEAVE: &str = r"
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   redis.call('HDEL', KEYS[1], ARGV[1])
+  if KEYS[2] then redis.call('HDEL', KEYS[2], ARGV[1]) end
   return 1
 end
 return 0
@@ -35,6 +38,7 @@ local gone = {}
 for i = 1, #all, 2 do
   if string.sub(all[i + 1], 1, #ARGV[1] + 1) == ARGV[1] .. '|' then
     redis.call('HDEL', KEYS[1], all[i])
+    if KEYS[2] then redis.call('HDEL', KEYS[2], all[i]) end
     table.insert(gone, all[i])
     table.insert(gone, all[i + 1])
   end
@@ -66,6 +70,59 @@ pub(super) enum Event {
 
 pub(super) fn devices_key(family: &str) -> String {
     format!("kl:{{{family}}}:dev")
+}
+
+/// When each online device of the family registered: device → unix seconds.
+pub(super) fn since_key(family: &str) -> String {
+    format!("kl:{{{family}}}:since")
+}
+
+/// The last route of each pair of the family: `a b` → `route unix`; expires a day after the
+/// last report.
+pub(super) fn routes_key(family: &str) -> String {
+    format!("kl:{{{family}}}:route")
+}
+
+/// How long a family's routes are kept after the last report.
+pub(super) const ROUTES_TTL_SECS: i64 = 86_400;
+
+/// Revocations every node applies: a sorted set of `family` or `family device`, scored by
+/// the unix second of the revocation. One key (one slot on a Redis Cluster).
+pub(super) const REVOKED: &str = "kl:revoked";
+
+/// Admin commands (revocations, disconnects) for every node, as JSON.
+pub(super) const CONTROL: &str = "kl:{control}:cmd";
+
+/// Records a revocation (ARGV[1] score, ARGV[2] member; a later one wins), drops those older
+/// than ARGV[3], and keeps at most ARGV[4] entries (the newest).
+pub(super) const REVOKE: &str = r"
+redis.call('ZADD', KEYS[1], 'GT', ARGV[1], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -1 - tonumber(ARGV[4]))
+return redis.call('ZCARD', KEYS[1])
+";
+
+/// Every revocation newer than ARGV[1]: member, score, member, score...
+pub(super) const REVOCATIONS: &str = r"
+return redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'WITHSCORES')
+";
+
+/// The sorted-set member of a revocation.
+pub(super) fn revoked_member(e: &crate::auth::revocation::Entry) -> String {
+    match &e.device_id {
+        Some(d) => format!("{} {d}", e.family_id),
+        None => e.family_id.clone(),
+    }
+}
+
+/// The entry of a sorted-set member and score.
+pub(super) fn parse_revoked(member: &str, score: &str) -> Option<crate::auth::revocation::Entry> {
+    let revoked_at = score.parse::<f64>().ok().filter(|s| *s >= 0.0)? as u64;
+    let (family_id, device_id) = match member.split_once(' ') {
+        Some((f, d)) => (f.to_string(), Some(d.to_string())),
+        None => (member.to_string(), None),
+    };
+    Some(crate::auth::revocation::Entry { family_id, device_id, revoked_at })
 }
 
 pub(super) fn channel(family: &str) -> String {
@@ -160,6 +217,16 @@ mod tests {
         assert_eq!(parse_inbox_frame(&f), Some(("fam-1", "dev-b", text)));
         assert_eq!(parse_inbox_frame("no header"), None);
         assert_eq!(inbox("node-a"), "kl:node:{node-a}:in");
+    }
+
+    #[test]
+    fn revocations_round_trip() {
+        use crate::auth::revocation::Entry;
+        for e in [Entry { family_id: "f".into(), device_id: Some("d".into()), revoked_at: 1_765_000_000 }, Entry { family_id: "f".into(), device_id: None, revoked_at: 7 }] {
+            assert_eq!(parse_revoked(&revoked_member(&e), &e.revoked_at.to_string()), Some(e));
+        }
+        assert_eq!(parse_revoked("f", "x"), None);
+        assert_eq!(family_of(CONTROL), None, "the control channel is not a family's");
     }
 
     #[test]

@@ -60,7 +60,7 @@ impl Inner {
             }
             let families: Vec<String> = self.client.smembers(families_key(dead)).await?;
             for f in &families {
-                let gone: Vec<String> = self.client.eval(SWEEP, vec![devices_key(f)], vec![dead]).await?;
+                let gone: Vec<String> = self.client.eval(SWEEP, vec![devices_key(f), since_key(f)], vec![dead]).await?;
                 for pair in gone.chunks(2) {
                     let Some(r) = pair.get(1).and_then(|v| parse_record(v)) else { continue };
                     let off = Event::Off { d: pair[0].clone(), n: dead.to_string(), s: r.session };

@@ -25,8 +25,11 @@
 //! the names, value formats and Lua scripts; `liveness` the heartbeat, the sweeping of dead
 //! nodes and the recovery after Redis comes back.
 
+mod control;
 mod keys;
 mod liveness;
+
+pub use control::{ControlSink, Incoming};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -41,9 +44,9 @@ use self::keys::*;
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 use crate::ratelimit::LogLimiter;
-use crate::signal::hub::{DeliverError, Hub, HubLimits, JoinError, JoinFuture, LocalHub, Member, SessionId};
-use crate::signal::negotiation::Report;
-use crate::signal::protocol::{DeviceInfo, ServerMsg};
+use crate::signal::hub::{DeliverError, FamilyFuture, Hub, HubLimits, JoinError, JoinFuture, LocalHub, Member, SessionId};
+use crate::signal::negotiation::{Outcome, Report};
+use crate::signal::protocol::{CloseCode, DeviceInfo, ServerMsg};
 use crate::tls::{client_config_with_identity, KeyFiles};
 
 /// Where reports forwarded by other nodes go: `(family, reporter, peer, report)`.
@@ -69,6 +72,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     errors_log: LogLimiter,
     reports: std::sync::OnceLock<ReportSink>,
+    /// Where admin commands from the control channel go.
+    control: std::sync::OnceLock<ControlSink>,
     /// Shutting down: devices that leave are expected to reconnect on another node.
     draining: std::sync::atomic::AtomicBool,
     /// A Redis Cluster (`redis-cluster://`): family channels are sharded (`SSUBSCRIBE` and
@@ -124,8 +129,8 @@ impl RedisHub {
         subscriber.init().await.map_err(|e| anyhow::anyhow!("cluster.redis_url: cannot connect the subscriber: {e}"))?;
         let (outgoing, mut out_rx) = mpsc::channel::<(String, String)>(OUTGOING_QUEUE);
         let inner = Arc::new(Inner {
+            local: LocalHub::new(limits, metrics.clone(), &node),
             node: node.into(),
-            local: LocalHub::new(limits, metrics.clone()),
             limits,
             ttl,
             client,
@@ -135,6 +140,7 @@ impl RedisHub {
             metrics,
             errors_log: LogLimiter::new(Instant::now(), Duration::from_secs(5)),
             reports: std::sync::OnceLock::new(),
+            control: std::sync::OnceLock::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
             sharded,
         });
@@ -163,6 +169,8 @@ impl RedisHub {
         // channels: only the node holding the target reads them.
         let own_inbox = inbox(&inner.node);
         inner.subscribe(own_inbox.clone()).await.map_err(|e| anyhow::anyhow!("cluster: cannot subscribe to this node's inbox: {e}"))?;
+        // Revocations and disconnects from every node's admin API.
+        inner.subscribe(CONTROL.to_string()).await.map_err(|e| anyhow::anyhow!("cluster: cannot subscribe to the control channel: {e}"))?;
         let i = inner.clone();
         let mut messages = inner.subscriber.message_rx();
         tasks.push(tokio::spawn(async move {
@@ -172,6 +180,11 @@ impl RedisHub {
                         let Some(frame) = m.value.as_str() else { continue };
                         if let Some((family, to, text)) = parse_inbox_frame(&frame) {
                             let _ = i.local.deliver_now(family, to, text.to_string().into(), Instant::now());
+                        }
+                    }
+                    Ok(m) if *m.channel == *CONTROL => {
+                        if let Some(text) = m.value.as_str() {
+                            i.on_control(&text);
                         }
                     }
                     Ok(m) => {
@@ -194,6 +207,7 @@ impl RedisHub {
                 i.metrics.cluster_connected.set(1);
                 tracing::info!(node = %i.node, "cluster: Redis reachable again; re-announcing this node's devices");
                 i.reannounce().await;
+                i.reload_revocations().await;
                 // The other nodes re-announce as they reconnect, possibly while this node's
                 // subscription is not back yet: re-read the rosters each heartbeat period for
                 // a TTL, then drop what is still missing (it left while Redis was away).
@@ -362,7 +376,13 @@ impl Inner {
             }
         }
         let answer: Result<Value, Error> =
-            self.client.eval(JOIN, vec![devices_key(&family)], vec![device.to_string(), value.clone(), self.limits.max_devices_per_family.to_string()]).await;
+            self.client
+                .eval(
+                    JOIN,
+                    vec![devices_key(&family), since_key(&family)],
+                    vec![device.to_string(), value.clone(), self.limits.max_devices_per_family.to_string(), member.since.to_string()],
+                )
+                .await;
         let all = match answer {
             Ok(v) => match parse_join(v) {
                 Some(JoinAnswer::Full) => return Err(JoinError::FamilyFull),
@@ -383,7 +403,7 @@ impl Inner {
         // A device moving here from another node is already online for this family.
         let moved = self.remote.lock().unwrap_or_else(|e| e.into_inner()).get(&family).is_some_and(|r| r.contains_key(&device));
         if let Err(e) = self.local.join_announced(member, !moved) {
-            let _: Result<i64, Error> = self.client.eval(LEAVE, vec![devices_key(&family)], vec![device.to_string(), value]).await;
+            let _: Result<i64, Error> = self.client.eval(LEAVE, vec![devices_key(&family), since_key(&family)], vec![device.to_string(), value]).await;
             return Err(e);
         }
         if let Err(e) = self.client.sadd::<(), _, _>(families_key(&self.node), family.to_string()).await {
@@ -416,7 +436,7 @@ impl Inner {
 
     async fn leave(self: Arc<Self>, family: Arc<str>, device: Arc<str>, session: SessionId, user: Arc<str>) {
         let value = record(&self.node, session, &user);
-        let removed: Result<i64, Error> = self.client.eval(LEAVE, vec![devices_key(&family)], vec![device.to_string(), value]).await;
+        let removed: Result<i64, Error> = self.client.eval(LEAVE, vec![devices_key(&family), since_key(&family)], vec![device.to_string(), value]).await;
         match removed {
             Ok(1) => {
                 let off = Event::Off { d: device.to_string(), n: self.node.to_string(), s: session };
@@ -487,6 +507,24 @@ impl Hub for RedisHub {
 
     fn drain(&self) {
         self.inner.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn kick(&self, family: &str, device: Option<&str>, code: CloseCode) -> usize {
+        let gone = self.inner.local.kick_now(family, device, code);
+        for m in &gone {
+            // Off the record and announced offline on the other nodes, as a leave.
+            tokio::spawn(self.inner.clone().leave(m.family.clone(), m.device.clone(), m.session, m.user.clone()));
+        }
+        gone.len()
+    }
+
+    fn family(&self, family: &str) -> FamilyFuture {
+        let (inner, family) = (self.inner.clone(), family.to_string());
+        Box::pin(async move { inner.family_view(&family).await })
+    }
+
+    fn note_route(&self, family: &str, a: &str, b: &str, outcome: Outcome, at: u64) {
+        self.inner.note_route(family, a, b, outcome, at);
     }
 
     fn deliver(&self, family: &str, to_device: &str, text: Utf8Bytes, relayed_at: Instant) -> Result<(), DeliverError> {

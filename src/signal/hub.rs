@@ -12,6 +12,7 @@ use std::time::Instant;
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
 
+use super::negotiation::Outcome;
 use super::protocol::{CloseCode, DeviceInfo, ServerMsg};
 use crate::metrics::Metrics;
 
@@ -65,9 +66,50 @@ pub struct Member {
     pub user: Arc<str>,
     /// The connection.
     pub session: SessionId,
+    /// When it registered (unix seconds), for the admin API.
+    pub since: u64,
     /// Its outbound queue.
     pub tx: OutboundTx,
 }
+
+/// An online device, as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OnlineDevice {
+    /// Device id.
+    pub device_id: String,
+    /// User id.
+    pub user_id: String,
+    /// The node holding its connection.
+    pub node: String,
+    /// When it registered (unix seconds); none when the node did not record it.
+    pub since: Option<u64>,
+}
+
+/// How a pair of devices last connected, from their `p2p-status` reports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PairRoute {
+    /// The two devices, in order.
+    pub devices: [String; 2],
+    /// `direct`, `relay`, `http_fallback` or `abandoned`.
+    pub route: String,
+    /// When it was reported (unix seconds).
+    pub at: u64,
+}
+
+/// A family's online devices on every node, and the last route of each pair.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FamilyView {
+    /// Online devices, by id.
+    pub devices: Vec<OnlineDevice>,
+    /// Routes of pairs with at least one device online.
+    pub routes: Vec<PairRoute>,
+}
+
+/// What [`Hub::family`] resolves to (with several nodes, a round trip to Redis).
+pub type FamilyFuture = std::pin::Pin<Box<dyn std::future::Future<Output = FamilyView> + Send>>;
 
 /// Why a device could not join.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -117,6 +159,13 @@ pub trait Hub: Send + Sync + 'static {
     fn forward_report(&self, _family: &str, _reporter: &str, _peer: &str, _report: super::negotiation::Report) -> bool {
         false
     }
+    /// Closes this node's connection of `device` (of every device when none) of `family`
+    /// with `code`; the family is told they went offline. Returns how many closed.
+    fn kick(&self, family: &str, device: Option<&str>, code: CloseCode) -> usize;
+    /// The family's online devices and pair routes (on every node).
+    fn family(&self, family: &str) -> FamilyFuture;
+    /// The negotiation between `a` and `b` ended as `outcome`, at unix second `at`.
+    fn note_route(&self, family: &str, a: &str, b: &str, outcome: Outcome, at: u64);
 }
 
 /// Limits the hub enforces.
@@ -132,6 +181,7 @@ pub struct HubLimits {
 pub struct LocalHub {
     limits: HubLimits,
     metrics: Arc<Metrics>,
+    node: Arc<str>,
     state: Mutex<State>,
 }
 
@@ -140,12 +190,15 @@ struct State {
     // Families are small (tens of devices), so a Vec scan beats a map per family.
     families: HashMap<Arc<str>, Vec<Member>>,
     devices: usize,
+    /// The last route of each pair, for families with devices here: at most a family's
+    /// devices squared, dropped with the family.
+    routes: HashMap<Arc<str>, Vec<PairRoute>>,
 }
 
 impl LocalHub {
-    /// An empty hub.
-    pub fn new(limits: HubLimits, metrics: Arc<Metrics>) -> Self {
-        LocalHub { limits, metrics, state: Mutex::new(State::default()) }
+    /// An empty hub, on a node named `node` (as the admin API shows it).
+    pub fn new(limits: HubLimits, metrics: Arc<Metrics>, node: &str) -> Self {
+        LocalHub { limits, metrics, node: node.into(), state: Mutex::new(State::default()) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -181,6 +234,19 @@ impl Hub for LocalHub {
 
     fn deliver(&self, family: &str, to_device: &str, text: Utf8Bytes, relayed_at: Instant) -> Result<(), DeliverError> {
         self.deliver_now(family, to_device, text, relayed_at)
+    }
+
+    fn kick(&self, family: &str, device: Option<&str>, code: CloseCode) -> usize {
+        self.kick_now(family, device, code).len()
+    }
+
+    fn family(&self, family: &str) -> FamilyFuture {
+        let view = FamilyView { devices: self.online(family), routes: self.routes(family) };
+        Box::pin(std::future::ready(view))
+    }
+
+    fn note_route(&self, family: &str, a: &str, b: &str, outcome: Outcome, at: u64) {
+        self.note_route_now(family, a, b, outcome, at);
     }
 }
 
@@ -237,6 +303,7 @@ impl LocalHub {
         let gone = family.swap_remove(i);
         if family.is_empty() {
             state.families.remove(family_id);
+            state.routes.remove(family_id);
         } else {
             let offline: Utf8Bytes = ServerMsg::DeviceOffline { family_id, device_id: device }.to_text().into();
             notify(family, device, &offline);
@@ -256,9 +323,65 @@ impl LocalHub {
         let _ = old.tx.try_send(Outbound::Close(CloseCode::Replaced));
         if family.is_empty() {
             state.families.remove(family_id);
+            state.routes.remove(family_id);
         }
         state.devices -= 1;
         self.publish_gauges(&state);
+    }
+
+    /// Closes the connections of `device` (every device when none) of `family` here with
+    /// `code` and tells the family's other devices here they went offline. The members closed.
+    pub fn kick_now(&self, family_id: &str, device: Option<&str>, code: CloseCode) -> Vec<Member> {
+        let mut state = self.lock();
+        let Some(family) = state.families.get_mut(family_id) else { return Vec::new() };
+        let (gone, stay): (Vec<Member>, Vec<Member>) = std::mem::take(family).into_iter().partition(|m| device.is_none_or(|d| *m.device == *d));
+        *family = stay;
+        for m in &gone {
+            // A close has slots of its own in the queue, however full it is.
+            let _ = m.tx.try_send(Outbound::Close(code));
+            let offline: Utf8Bytes = ServerMsg::DeviceOffline { family_id, device_id: &m.device }.to_text().into();
+            notify(family, &m.device, &offline);
+        }
+        if family.is_empty() {
+            state.families.remove(family_id);
+            state.routes.remove(family_id);
+        }
+        state.devices -= gone.len();
+        self.publish_gauges(&state);
+        gone
+    }
+
+    /// The family's devices on this node.
+    pub fn online(&self, family_id: &str) -> Vec<OnlineDevice> {
+        let state = self.lock();
+        let mut all: Vec<OnlineDevice> = state
+            .families
+            .get(family_id)
+            .into_iter()
+            .flatten()
+            .map(|m| OnlineDevice { device_id: m.device.to_string(), user_id: m.user.to_string(), node: self.node.to_string(), since: Some(m.since) })
+            .collect();
+        all.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        all
+    }
+
+    /// The last route of each pair of the family seen here.
+    pub fn routes(&self, family_id: &str) -> Vec<PairRoute> {
+        self.lock().routes.get(family_id).cloned().unwrap_or_default()
+    }
+
+    /// Records how `a` and `b` last connected, while the family has devices here.
+    pub fn note_route_now(&self, family_id: &str, a: &str, b: &str, outcome: Outcome, at: u64) {
+        let mut state = self.lock();
+        let Some((key, _)) = state.families.get_key_value(family_id) else { return };
+        let key = key.clone();
+        let devices = if a <= b { [a.to_string(), b.to_string()] } else { [b.to_string(), a.to_string()] };
+        let routes = state.routes.entry(key).or_default();
+        let route = PairRoute { devices, route: outcome.as_str().to_string(), at };
+        match routes.iter_mut().find(|r| r.devices == route.devices) {
+            Some(r) => *r = route,
+            None => routes.push(route),
+        }
     }
 
     /// Tells the family's devices on this node (but `skip`) `text`: presence from other nodes.
@@ -296,12 +419,12 @@ mod tests {
     use super::*;
 
     fn hub(per_family: usize, total: usize) -> LocalHub {
-        LocalHub::new(HubLimits { max_devices_per_family: per_family, max_devices: total }, Arc::new(Metrics::new()))
+        LocalHub::new(HubLimits { max_devices_per_family: per_family, max_devices: total }, Arc::new(Metrics::new()), "n1")
     }
 
     fn member(f: &str, d: &str, session: SessionId) -> (Member, OutboundRx) {
         let (tx, rx) = outbound(4, usize::MAX);
-        (Member { family: f.into(), device: d.into(), user: format!("u-{d}").into(), session, tx }, rx)
+        (Member { family: f.into(), device: d.into(), user: format!("u-{d}").into(), session, since: 1000 + session, tx }, rx)
     }
 
     fn text(rx: &mut OutboundRx) -> String {
@@ -367,6 +490,38 @@ mod tests {
             h.deliver_now("g", "d", "x".into(), Instant::now()).unwrap();
         }
         assert_eq!(h.deliver_now("g", "d", "x".into(), Instant::now()), Err(DeliverError::QueueFull));
+    }
+
+    #[test]
+    fn a_kick_reaches_a_device_with_a_full_queue_and_its_family_sees_it_go() {
+        let h = hub(8, 100);
+        let (a, mut ra) = member("f", "a", 1);
+        let (b, mut rb) = member("f", "b", 2);
+        let (c, _rc) = member("f", "c", 3);
+        h.join_now(a).unwrap();
+        h.join_now(b).unwrap();
+        h.join_now(c).unwrap();
+        while ra.try_recv().is_ok() {}
+        // b stopped reading: its queue is full of data.
+        while h.deliver_now("f", "b", "x".into(), Instant::now()).is_ok() {}
+        h.note_route_now("f", "b", "a", Outcome::Relay, 77);
+        let view = futures_util::FutureExt::now_or_never(Hub::family(&h, "f")).unwrap();
+        assert_eq!(view.devices.iter().map(|d| (d.device_id.as_str(), d.since, d.node.as_str())).collect::<Vec<_>>(), [("a", Some(1001), "n1"), ("b", Some(1002), "n1"), ("c", Some(1003), "n1")]);
+        assert_eq!(view.routes, [PairRoute { devices: ["a".into(), "b".into()], route: "relay".into(), at: 77 }]);
+        assert_eq!(h.kick_now("f", Some("b"), CloseCode::Revoked).len(), 1);
+        let mut last = None;
+        while let Ok(m) = rb.try_recv() {
+            last = Some(m);
+        }
+        assert!(matches!(last, Some(Outbound::Close(CloseCode::Revoked))), "the close fits behind a full queue");
+        assert!(text(&mut ra).contains(r#""type":"device-offline","familyId":"f","deviceId":"b""#));
+        assert_eq!(h.deliver_now("f", "b", "x".into(), Instant::now()), Err(DeliverError::Offline));
+        // A late leave of the kicked connection changes nothing.
+        assert!(h.leave_now("f", "b", 2).is_none());
+        assert_eq!(h.kick_now("f", None, CloseCode::Revoked).len(), 2, "a whole family");
+        assert_eq!(h.local_devices("f"), 0);
+        assert!(h.routes("f").is_empty(), "routes go with the family");
+        assert_eq!(h.kick_now("f", None, CloseCode::Revoked).len(), 0);
     }
 
     #[test]

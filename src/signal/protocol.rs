@@ -108,11 +108,15 @@ pub enum CloseCode {
     RateLimited,
     /// 4000: pings went unanswered (the peer is most likely gone and never sees this).
     HeartbeatTimeout,
+    /// 4001: an operator ended the session (admin API); the device may reconnect.
+    Disconnected,
+    /// 4410: the device or its family was revoked: its tokens are refused from now on.
+    Revoked,
 }
 
 impl CloseCode {
     /// Every code, for pre-registering metrics.
-    pub const ALL: [CloseCode; 10] = [
+    pub const ALL: [CloseCode; 12] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::TooBig,
@@ -123,6 +127,8 @@ impl CloseCode {
         CloseCode::Replaced,
         CloseCode::RateLimited,
         CloseCode::HeartbeatTimeout,
+        CloseCode::Disconnected,
+        CloseCode::Revoked,
     ];
 
     /// The numeric code.
@@ -138,6 +144,8 @@ impl CloseCode {
             CloseCode::Replaced => 4409,
             CloseCode::RateLimited => 4429,
             CloseCode::HeartbeatTimeout => 4000,
+            CloseCode::Disconnected => 4001,
+            CloseCode::Revoked => 4410,
         }
     }
 
@@ -154,6 +162,8 @@ impl CloseCode {
             CloseCode::Replaced => "replaced",
             CloseCode::RateLimited => "rate_limited",
             CloseCode::HeartbeatTimeout => "heartbeat_timeout",
+            CloseCode::Disconnected => "disconnected",
+            CloseCode::Revoked => "revoked",
         }
     }
 }

@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use super::hub::{DeliverError, Hub, JoinError, Member, OutboundTx, SessionId};
 #[cfg(test)]
 use super::hub::{Outbound, OutboundRx};
-use super::negotiation::{Negotiations, Report, ReportError, Reported, Route, State};
+use super::negotiation::{Negotiations, Outcome, Report, ReportError, Reported, Route, State};
 use super::protocol::{self, ClientMsg, CloseCode, DeviceInfo, ErrorCode, RelayKind, ServerMsg};
 use crate::auth::{self, AuthError, TokenVerifier};
 use crate::config::SignalConfig;
@@ -56,6 +56,11 @@ impl SessionEnv {
         let result = n.report(family, reporter, peer, report.state, report.route, report.remote, now);
         self.metrics.p2p_negotiations_open.set(n.open() as i64);
         drop(n);
+        match &result {
+            Ok(Reported::Closed { outcome, .. }) => self.hub.note_route(family, reporter, peer, *outcome, auth::unix_now()),
+            Ok(Reported::Settling) => self.hub.note_route(family, reporter, peer, Outcome::Direct, auth::unix_now()),
+            _ => {}
+        }
         match &result {
             Ok(Reported::Closed { outcome, connect }) => {
                 self.metrics.p2p_negotiations.with_label_values(&[outcome.as_str()]).inc();
@@ -119,6 +124,8 @@ struct Registered {
     token_expires: Instant,
     /// The token's `exp` (unix seconds): TURN credentials never outlive it.
     token_exp: u64,
+    /// The token's `iat`: a revocation made while the join was in flight still applies.
+    token_iat: u64,
     /// When to push fresh ICE credentials.
     ice_refresh: Instant,
 }
@@ -380,7 +387,7 @@ impl Session {
             return self.auth_failed(now, AuthError::ClaimsMismatch);
         }
         let Some(tx) = self.tx.take() else { return };
-        let member = Member { family: family.into(), device: device.into(), user: user.into(), session: self.id, tx };
+        let member = Member { family: family.into(), device: device.into(), user: user.into(), session: self.id, since: unix, tx };
         let reg = Registered {
             family: member.family.clone(),
             device: member.device.clone(),
@@ -389,6 +396,7 @@ impl Session {
             // sum saturates besides: no claim can overflow the deadline.
             token_expires: deadline(now, claims.exp.saturating_add(self.env.token_leeway.as_secs()).saturating_sub(unix)),
             token_exp: claims.exp,
+            token_iat: claims.iat,
             ice_refresh: now,
         };
         self.joining = Some(reg);
@@ -400,6 +408,12 @@ impl Session {
         let Some(reg) = self.joining.take() else { return };
         let (family, device) = (reg.family.clone(), reg.device.clone());
         match result {
+            // Revoked between the token check and the join (the admin's kick found nothing to
+            // close yet): out again at once.
+            Ok(_) if self.env.verifier.is_revoked(&family, &device, reg.token_iat) => {
+                self.env.hub.leave(&family, &device, self.id);
+                self.auth_failed(now, AuthError::Revoked);
+            }
             Ok(devices) => {
                 self.env.metrics.signal_registrations.inc();
                 let unix = auth::unix_now();
@@ -432,6 +446,9 @@ impl Session {
         }
         let (code, close) = match e {
             AuthError::FamilyMismatch => (ErrorCode::FamilyMismatch, CloseCode::FamilyMismatch),
+            // Not 4401: a fresh token for a revoked device is refused too, until the backend
+            // issues one after the revocation.
+            AuthError::Revoked => (ErrorCode::Unauthorized, CloseCode::Revoked),
             _ => (ErrorCode::Unauthorized, CloseCode::Unauthorized),
         };
         self.error(code, &e.to_string(), None);
@@ -558,6 +575,7 @@ mod tests {
         let hub = Arc::new(LocalHub::new(
             HubLimits { max_devices_per_family: limits.max_devices_per_family, max_devices: limits.max_devices },
             metrics.clone(),
+            "test",
         ));
         let turn = TurnConfig { secret: Some(Secret::new("turn-secret-0123456789")), ..TurnConfig::default() };
         Arc::new(SessionEnv {

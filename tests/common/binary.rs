@@ -21,6 +21,8 @@ pub struct Running {
     pub child: Child,
     pub http: SocketAddr,
     pub metrics: SocketAddr,
+    /// The admin listener, when `admin.listen` is set.
+    pub admin: Option<SocketAddr>,
     pub log: std::sync::mpsc::Receiver<String>,
     /// Lines logged up to and including "kinlink serving".
     pub startup: Vec<String>,
@@ -52,7 +54,8 @@ pub fn serve(data_dir: &Path, extra: &[&str]) -> Running {
         if v["fields"]["message"] == "kinlink serving" {
             let http = v["fields"]["http"].as_str().unwrap().parse().unwrap();
             let metrics = v["fields"]["metrics"].as_str().unwrap().parse().unwrap();
-            return Running { child, http, metrics, log: rx, startup };
+            let admin = v["fields"]["admin"].as_str().and_then(|a| a.parse().ok());
+            return Running { child, http, metrics, admin, log: rx, startup };
         }
     }
 }

@@ -79,7 +79,9 @@ export function onClose(code: number, backoff: Backoff): CloseDecision {
       return { action: 'stop', reason: 'register named another family than the token (an app bug)' };
     case 4409:
       return { action: 'stop', reason: 'replaced by a newer connection of this device' };
-    default: // 1000 idle, 1006 network, 1009 too large, 4000 heartbeat, 4408 register timeout, others
+    case 4410: // a new token would come from the backend only after the user signs in again
+      return { action: 'stop', reason: 'revoked: this device (or its family) was signed out by an operator' };
+    default: // 1000 idle, 1006 network, 1009 too large, 4000 heartbeat, 4001 disconnected by an operator, 4408 register timeout, others
       return { action: 'reconnect', delayMs: backoff.next(), reason: `closed ${code}` };
   }
 }

@@ -19,6 +19,8 @@ test('backoff doubles up to the ceiling with full jitter, and resets after a lon
 test('close codes map to the documented decisions', () => {
   const b = () => new Backoff({ initialMs: 1000, busyMs: 30_000 }, fixed(0.5));
   assert.deepEqual(onClose(4409, b()).action, 'stop', 'replaced: never loop');
+  assert.deepEqual(onClose(4410, b()).action, 'stop', 'revoked: a new token must come from signing in again');
+  assert.deepEqual(onClose(4001, b()).action, 'reconnect', 'disconnected by an operator: may come back');
   assert.deepEqual(onClose(4403, b()).action, 'stop');
   const refresh = onClose(4401, b());
   assert.equal(refresh.action, 'refresh-token');
