@@ -8,7 +8,10 @@ use common::*;
 use serde_json::Value;
 
 fn spec() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml");
+    spec_at(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml"))
+}
+
+fn spec_at(path: &str) -> Value {
     let out = std::process::Command::new("python3")
         .args(["-c", "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))", path])
         .output()
@@ -19,7 +22,59 @@ fn spec() -> Value {
 
 #[test]
 fn openapi_document_is_valid() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml");
+    validate(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml"));
+    validate(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi-admin.yaml"));
+}
+
+const ADMIN_TOKEN: &str = "openapi-admin-token-0123456789abcdef";
+
+/// docs/openapi-admin.yaml against the admin listener: every operation without a token, with
+/// a wrong one, and with the right one answers a documented status; none is on `http.listen`.
+#[tokio::test]
+async fn every_documented_admin_operation_answers_as_documented() {
+    let dir = temp_dir("openapi-admin");
+    let server = TestServer::with(|c| {
+        c.admin.listen = "127.0.0.1:0".into();
+        c.admin.token = Some(kinlink::config::Secret::new(ADMIN_TOKEN));
+        c.data_dir = dir.clone();
+    })
+    .await;
+    let admin = server.admin.expect("admin listener");
+    let http = reqwest::Client::new();
+    let spec = spec_at(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi-admin.yaml"));
+    let mut checked = 0;
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        let concrete = path.replace("{family}", "fam").replace("{device}", "dev");
+        for (method, op) in ops.as_object().unwrap() {
+            let documented: Vec<u16> = op["responses"].as_object().unwrap().keys().map(|k| k.parse().unwrap()).collect();
+            let req = |base: std::net::SocketAddr, p: &str| match method.as_str() {
+                "get" => http.get(format!("http://{base}{p}")),
+                "post" => http.post(format!("http://{base}{p}")),
+                other => panic!("{other}"),
+            };
+            for (r, want) in [
+                (req(admin, &concrete), Some(401)),
+                (req(admin, &concrete).bearer_auth("wrong-token-wrong-token-wrong-token"), Some(401)),
+                (req(admin, &concrete).bearer_auth(ADMIN_TOKEN), Some(200)),
+                (req(admin, &path.replace("{family}", "bad:id").replace("{device}", "dev")).bearer_auth(ADMIN_TOKEN), None),
+                (req(server.http, &concrete).bearer_auth(ADMIN_TOKEN), Some(404)),
+            ] {
+                let status = r.send().await.unwrap().status().as_u16();
+                if let Some(want) = want {
+                    assert_eq!(status, want, "{method} {path}");
+                }
+                if want != Some(404) {
+                    assert!(documented.contains(&status), "{method} {path} answered {status}, documented {documented:?}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 25, "{checked}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn validate(path: &str) {
     let out = std::process::Command::new("python3")
         .args(["-c", "import sys; from openapi_spec_validator import validate; from openapi_spec_validator.readers import read_from_filename; validate(read_from_filename(sys.argv[1])[0])", path])
         .output()

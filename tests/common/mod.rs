@@ -27,6 +27,8 @@ pub struct TestServer {
     pub turn_udp: Option<SocketAddr>,
     pub turn_tcp: Option<SocketAddr>,
     pub turn_tls: Option<SocketAddr>,
+    /// The admin listener, when `admin.listen` is set.
+    pub admin: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     pub task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -59,11 +61,12 @@ impl TestServer {
         let http = server.http_addr();
         let metrics = server.metrics_addr().expect("separate metrics listener");
         let (turn_udp, turn_tcp, turn_tls) = (server.turn_udp_addr(), server.turn_tcp_addr(), server.turn_tls_addr());
+        let admin = server.admin_addr();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(server.run(async move {
             let _ = rx.await;
         }));
-        TestServer { http, metrics, turn_udp, turn_tcp, turn_tls, shutdown: Some(tx), task: Some(task) }
+        TestServer { http, metrics, turn_udp, turn_tcp, turn_tls, admin, shutdown: Some(tx), task: Some(task) }
     }
 
     pub fn ws_url(&self) -> String {
