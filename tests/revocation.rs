@@ -271,7 +271,7 @@ impl Drop for Redis {
 }
 
 fn cluster_node(dir: &Path, redis: &Redis, id: &str) -> Running {
-    start(dir, &["--set", &format!("cluster.redis_url=redis://127.0.0.1:{}", redis.1), "--set", &format!("cluster.node_id={id}"), "--set", "turn.enabled=false"])
+    start(dir, &["--set", &format!("cluster.redis_url=redis://127.0.0.1:{}", redis.1), "--set", &format!("cluster.node_id={id}")])
 }
 
 #[tokio::test]
@@ -293,6 +293,16 @@ async fn a_device_revoked_through_one_node_is_closed_on_another_and_refused_ever
         view["devices"].as_array().unwrap().iter().map(|d| (d["deviceId"].as_str().unwrap().to_string(), d["node"].as_str().unwrap().to_string())).collect();
     assert_eq!(listed, [("p".into(), "node-a".into()), ("q".into(), "node-b".into()), ("r".into(), "node-c".into())], "{view}");
 
+    // q relays through node B's TURN.
+    let turn_b: SocketAddr = format!("127.0.0.1:{}", turn_udp_port(&nodes[1])).parse().unwrap();
+    let (peer, seen) = echo_peer().await;
+    let (user, pass) = rest_credentials("fam", "q", 600);
+    let client = turn_client(turn_b, user.clone(), pass.clone()).await;
+    let relay = tokio::time::timeout(WAIT, client.allocate()).await.unwrap().expect("allocate");
+    use webrtc_util::Conn;
+    relay.send_to(b"before", peer).await.unwrap();
+    wait_until(|| seen.load(std::sync::atomic::Ordering::Relaxed) >= 1, "relayed before the revocation").await;
+
     // q (on B) revoked through A: closed within a second, the others see it go.
     let t0 = Instant::now();
     let (status, body) = admin(&nodes[0], "POST", "/v1/families/fam/devices/q/revoke").await;
@@ -304,6 +314,15 @@ async fn a_device_revoked_through_one_node_is_closed_on_another_and_refused_ever
     for n in &nodes {
         refused_as_revoked(n, "fam", "q", &tokens[1]).await;
     }
+    // Its allocation on B is gone and its credentials are refused there.
+    let before = seen.load(std::sync::atomic::Ordering::Relaxed);
+    let _ = relay.send_to(b"after", peer).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(seen.load(std::sync::atomic::Ordering::Relaxed), before, "nothing relayed after the revocation");
+    let again = turn_client(turn_b, user, pass).await;
+    assert!(tokio::time::timeout(WAIT, again.allocate()).await.unwrap().is_err(), "its TURN credentials are refused on B");
+    let metrics = reqwest_metrics(nodes[1].metrics).await;
+    assert_eq!(metric_value(&metrics, "kinlink_auth_deny_list_entries"), Some(1.0), "B holds the entry A made");
     // Disconnect through C of a device on A.
     let (status, _) = admin(&nodes[2], "POST", "/v1/families/fam/devices/p/disconnect").await;
     assert_eq!(status, 200);
