@@ -130,12 +130,21 @@ impl Control {
     pub fn apply(&self, cmd: &Command) -> Applied {
         match cmd {
             Command::Revoke(e) => {
-                let changed = self.verifier.deny_list().apply(e);
+                // An entry already held (this node's own broadcast coming back, the whole list
+                // read again after Redis returned) was applied when it arrived: closing and
+                // scanning TURN again per entry would be 100,000 scans for nothing.
+                if !self.verifier.deny_list().apply(e) {
+                    return Applied::default();
+                }
                 let closed = self.hub.kick(&e.family_id, e.device_id.as_deref(), CloseCode::Revoked);
                 let allocations = self.turn.as_ref().map_or(0, |t| t.revoke(e));
                 self.metrics.auth_deny_list_entries.set(self.entries() as i64);
-                if changed || closed > 0 || allocations > 0 {
-                    tracing::info!(kind = kind(e), closed, allocations, "revocation applied");
+                // Loading the list at start applies every entry: only those that cut something
+                // off are news.
+                if closed > 0 || allocations > 0 {
+                    tracing::info!(kind = kind(e), closed, allocations, "revocation applied: connections closed");
+                } else {
+                    tracing::debug!(kind = kind(e), "revocation applied");
                 }
                 Applied { closed, allocations }
             }
