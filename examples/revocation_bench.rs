@@ -59,6 +59,7 @@ fn bin() -> String {
 fn start(name: &str, extra: &[String]) -> Node {
     let data = std::env::temp_dir().join(format!("kinlink-revocation-bench-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
+    #[allow(clippy::zombie_processes)] // waited for by Node's Drop
     let mut child = Command::new(bin())
         .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir"])
         .arg(&data)
@@ -136,6 +137,7 @@ impl Drop for Redis {
 
 async fn propagation(count: usize) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    #[allow(clippy::zombie_processes)] // waited for by Redis's Drop
     let _redis = Redis(
         Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
