@@ -364,14 +364,14 @@ impl AdminConfig {
         (!self.listen.is_empty()).then(|| self.listen.parse().ok()).flatten()
     }
 
-    /// The token: `token`, or the first line of `token_file`.
+    /// The token: `token`, or the first secret of `token_file` (read as the other secrets
+    /// files are: blank lines and `#` comments skipped).
     pub fn token(&self) -> Result<Option<Secret>, String> {
         if let Some(t) = &self.token {
             return Ok(Some(t.clone()));
         }
         let Some(path) = &self.token_file else { return Ok(None) };
-        let text = std::fs::read_to_string(path).map_err(|e| format!("admin.token_file {}: {e}", path.display()))?;
-        Ok(text.lines().next().map(|l| Secret::new(l.trim())).filter(|s| !s.expose().is_empty()))
+        Ok(crate::auth::keys::read_secrets(path)?.into_iter().next())
     }
 }
 

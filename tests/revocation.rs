@@ -8,10 +8,10 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::binary::{bin, serve, Running};
+use common::redis::Redis;
 use common::*;
 use serde_json::{json, Value};
 
@@ -141,14 +141,7 @@ async fn a_revoked_device_is_cut_off_its_tokens_and_turn_credentials_refused_acr
     assert!(!view["devices"][0]["node"].as_str().unwrap().is_empty(), "{view}");
 
     // b relays through TURN with its credentials.
-    let turn_addr: SocketAddr = format!("127.0.0.1:{}", turn_udp_port(&node)).parse().unwrap();
-    let (peer, seen) = echo_peer().await;
-    let (user, pass) = rest_credentials("fam", "b", 600);
-    let client = turn_client(turn_addr, user.clone(), pass.clone()).await;
-    let relay = tokio::time::timeout(WAIT, client.allocate()).await.unwrap().expect("allocate");
-    use webrtc_util::Conn;
-    relay.send_to(b"before", peer).await.unwrap();
-    wait_until(|| seen.load(std::sync::atomic::Ordering::Relaxed) >= 1, "relayed before the revocation").await;
+    let relaying = Relaying::start(&node, "fam", "b").await;
 
     // Disconnect: closed with 4001, and the same token registers again.
     let (status, body) = admin(&node, "POST", "/v1/families/fam/devices/a/disconnect").await;
@@ -168,12 +161,7 @@ async fn a_revoked_device_is_cut_off_its_tokens_and_turn_credentials_refused_acr
     assert!(t0.elapsed() < Duration::from_secs(1), "closed {:?} after the call", t0.elapsed());
     let off = next_of(&mut a, "device-offline").await;
     assert_eq!(off["deviceId"], "b");
-    let before = seen.load(std::sync::atomic::Ordering::Relaxed);
-    let _ = relay.send_to(b"after", peer).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(seen.load(std::sync::atomic::Ordering::Relaxed), before, "nothing relayed after the revocation");
-    let again = turn_client(turn_addr, user.clone(), pass.clone()).await;
-    assert!(tokio::time::timeout(WAIT, again.allocate()).await.unwrap().is_err(), "its TURN credentials are refused");
+    relaying.assert_cut_off().await;
     refused_as_revoked(&node, "fam", "b", &tok_b).await;
     // The revocation covers what was issued before it, not the backend's next token.
     let tok_b2 = fresh_token("fam", "b").await;
@@ -242,36 +230,8 @@ async fn revocation_entries_are_dropped_once_every_token_they_cover_has_expired(
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-struct Redis(Child, u16);
-
-impl Redis {
-    fn start() -> Redis {
-        let port = free_port();
-        #[allow(clippy::zombie_processes)] // waited for in Drop
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian package redis-server)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Redis(child, port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn cluster_node(dir: &Path, redis: &Redis, id: &str) -> Running {
-    start(dir, &["--set", &format!("cluster.redis_url=redis://127.0.0.1:{}", redis.1), "--set", &format!("cluster.node_id={id}")])
+    start(dir, &["--set", &format!("cluster.redis_url={}", redis.url()), "--set", &format!("cluster.node_id={id}")])
 }
 
 #[tokio::test]
@@ -294,14 +254,7 @@ async fn a_device_revoked_through_one_node_is_closed_on_another_and_refused_ever
     assert_eq!(listed, [("p".into(), "node-a".into()), ("q".into(), "node-b".into()), ("r".into(), "node-c".into())], "{view}");
 
     // q relays through node B's TURN.
-    let turn_b: SocketAddr = format!("127.0.0.1:{}", turn_udp_port(&nodes[1])).parse().unwrap();
-    let (peer, seen) = echo_peer().await;
-    let (user, pass) = rest_credentials("fam", "q", 600);
-    let client = turn_client(turn_b, user.clone(), pass.clone()).await;
-    let relay = tokio::time::timeout(WAIT, client.allocate()).await.unwrap().expect("allocate");
-    use webrtc_util::Conn;
-    relay.send_to(b"before", peer).await.unwrap();
-    wait_until(|| seen.load(std::sync::atomic::Ordering::Relaxed) >= 1, "relayed before the revocation").await;
+    let relaying = Relaying::start(&nodes[1], "fam", "q").await;
 
     // q (on B) revoked through A: closed within a second, the others see it go.
     let t0 = Instant::now();
@@ -315,12 +268,7 @@ async fn a_device_revoked_through_one_node_is_closed_on_another_and_refused_ever
         refused_as_revoked(n, "fam", "q", &tokens[1]).await;
     }
     // Its allocation on B is gone and its credentials are refused there.
-    let before = seen.load(std::sync::atomic::Ordering::Relaxed);
-    let _ = relay.send_to(b"after", peer).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(seen.load(std::sync::atomic::Ordering::Relaxed), before, "nothing relayed after the revocation");
-    let again = turn_client(turn_b, user, pass).await;
-    assert!(tokio::time::timeout(WAIT, again.allocate()).await.unwrap().is_err(), "its TURN credentials are refused on B");
+    relaying.assert_cut_off().await;
     let metrics = reqwest_metrics(nodes[1].metrics).await;
     assert_eq!(metric_value(&metrics, "kinlink_auth_deny_list_entries"), Some(1.0), "B holds the entry A made");
     // Disconnect through C of a device on A.
@@ -347,6 +295,43 @@ async fn a_device_revoked_through_one_node_is_closed_on_another_and_refused_ever
     refused_as_revoked(&nodes[1], "fam", "r", &tokens[2]).await;
     for d in dirs {
         let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+use webrtc_util::Conn;
+
+/// A device relaying to an echo peer through a node's TURN over UDP.
+struct Relaying {
+    turn: SocketAddr,
+    credentials: (String, String),
+    _client: turn::client::Client,
+    relay: Box<dyn webrtc_util::Conn + Send + Sync>,
+    peer: SocketAddr,
+    seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Relaying {
+    /// Allocates with `device`'s credentials on `node` and relays one datagram.
+    async fn start(node: &Running, family: &str, device: &str) -> Relaying {
+        let turn: SocketAddr = format!("127.0.0.1:{}", turn_udp_port(node)).parse().unwrap();
+        let (peer, seen) = echo_peer().await;
+        let (user, pass) = rest_credentials(family, device, 600);
+        let client = turn_client(turn, user.clone(), pass.clone()).await;
+        let relay = tokio::time::timeout(WAIT, client.allocate()).await.unwrap().expect("allocate");
+        relay.send_to(b"before", peer).await.unwrap();
+        wait_until(|| seen.load(std::sync::atomic::Ordering::Relaxed) >= 1, "relayed before the revocation").await;
+        Relaying { turn, credentials: (user, pass), _client: client, relay: Box::new(relay), peer, seen }
+    }
+
+    /// The allocation is gone (nothing more is relayed) and the credentials are refused.
+    async fn assert_cut_off(&self) {
+        let before = self.seen.load(std::sync::atomic::Ordering::Relaxed);
+        let _ = self.relay.send_to(b"after", self.peer).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(self.seen.load(std::sync::atomic::Ordering::Relaxed), before, "nothing relayed after the revocation");
+        let (user, pass) = self.credentials.clone();
+        let again = turn_client(self.turn, user, pass).await;
+        assert!(tokio::time::timeout(WAIT, again.allocate()).await.unwrap().is_err(), "its TURN credentials are refused on {}", self.turn);
     }
 }
 

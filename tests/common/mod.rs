@@ -4,6 +4,7 @@
 pub mod binary;
 pub mod coturn;
 pub mod js;
+pub mod redis;
 
 use std::net::SocketAddr;
 use std::time::Duration;
